@@ -1,0 +1,52 @@
+"""The Workload interface: everything the trainer needs to know about a model family.
+
+A workload owns its model, how raw shard samples become tensors, its loss, its eval
+metrics and its samples. The trainer owns steps, devices, checkpoints and logs. Adding a
+workload touches `models/` and `configs/` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+
+class Workload:
+    Config: ClassVar[type]  # keyword-only dataclass with a `name` field
+    best_metric: ClassVar[str] = "loss"  # eval metric minimised for the `best` export
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def decode(self, sample: dict) -> Any:
+        """Raw shard sample (bytes per extension, plus __key__/__url__) -> tensors.
+
+        Runs inside data-loader workers; keep it free of CUDA and of global state.
+        """
+        raise NotImplementedError
+
+    def collate(self, samples: list) -> Any:
+        return default_collate(samples)
+
+    def training_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar loss of one micro-batch; `model` is the backend-wrapped module."""
+        raise NotImplementedError
+
+    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Additive statistics of one eval batch (summed over batches and ranks)."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Metrics from the summed statistics; must contain `best_metric`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """n samples as images in [0, 1], shape (n, C, H, W), or None."""
+        return None

@@ -1,0 +1,227 @@
+"""Checkpoints: the explicit list of saved state, written atomically by all ranks.
+
+Layout of `<run.dir>/checkpoints/step-<N>/`:
+    model.safetensors      weights (backend-written)
+    optimizer.pt           optimizer state (backend-written; tensors and numbers only)
+    scheduler.pt           LR scheduler state
+    extra.pt               backend extras: the fp16 grad scaler
+    trainer_state.json     step, samples seen, training time, best metric, log window
+    rng-rank<R>.pt         python / numpy / torch (and CUDA) RNG states of rank R
+    data-rank<R>.json      rank R's position in the training stream
+    COMPLETE.json          written last: step, world size, sha256 of every file above
+
+A checkpoint is written into `.step-<N>.partial/`, completed by COMPLETE.json and then
+renamed; `latest` considers only complete folders whose checksums hold. Every file is
+loaded with weights-only semantics (no arbitrary pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from data_pipelines.shards import sha256_file
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    npy = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"keys": torch.from_numpy(npy[1].astype(np.int64)), "pos": int(npy[2]),
+                  "has_gauss": int(npy[3]), "cached_gaussian": float(npy[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_weights_only(path: Path, device: Any = "cpu") -> Any:
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def step_of(path: Path) -> Optional[int]:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if `path` is a complete checkpoint whose files match their checksums."""
+    marker = path / MARKER
+    if not marker.exists():
+        return f"{path}: no {MARKER} (half-written)"
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{path}: unreadable {MARKER} ({exc})"
+    for name, digest in meta["files"].items():
+        f = path / name
+        if not f.exists():
+            return f"{path}: {name} is missing"
+        if sha256_file(f) != digest:
+            return f"{path}: {name} does not match its checksum"
+    return None
+
+
+def complete_checkpoints(root: Path, *, check: bool = False) -> list[Path]:
+    """Complete step-N folders under root, oldest first; warns about the others."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.name.startswith(".step-") and p.name.endswith(".partial"):
+            log.warning("ignoring unfinished checkpoint %s", p)
+            continue
+        if step_of(p) is None or not p.is_dir():
+            continue
+        if not (p / MARKER).exists():
+            log.warning("ignoring checkpoint without %s (half-written): %s", MARKER, p)
+            continue
+        found.append(p)
+    return sorted(found, key=step_of)
+
+
+def latest(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint whose checksums hold; older ones are fallbacks."""
+    for p in reversed(complete_checkpoints(root)):
+        problem = verify(p)
+        if problem is None:
+            return p
+        log.warning("skipping damaged checkpoint: %s", problem)
+    return None
+
+
+class Checkpointer:
+    """Collective save/load of the listed state; every rank must call save and load."""
+
+    def __init__(self, root: Path, backend, keep_last_k: int):
+        self.root, self.backend, self.keep_last_k = root, backend, keep_last_k
+
+    def save(self, step: int, *, model, optimizer, scheduler, trainer_state: dict,
+             data_state: dict) -> Path:
+        b = self.backend
+        final = self.root / f"step-{step}"
+        tmp = self.root / f".step-{step}.partial"
+        if b.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        b.barrier()
+
+        torch.save(rng_state(), tmp / f"rng-rank{b.rank}.pt")
+        write_json(tmp / f"data-rank{b.rank}.json", data_state)
+        b.save_model_and_optimizer(tmp, model, optimizer)
+        if b.is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(b.extra_state(), tmp / "extra.pt")
+            write_json(tmp / "trainer_state.json", trainer_state)
+        b.barrier()  # every rank's files are on disk
+
+        if b.is_main:
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            expected = {f"rng-rank{r}.pt" for r in range(b.world_size)}
+            if not expected <= files.keys():
+                raise CheckpointError(f"{tmp}: missing rank files {sorted(expected - files.keys())}")
+            write_json(tmp / MARKER, {"step": step, "world_size": b.world_size,
+                                      "time": time.time(), "files": files})
+            _fsync_dir(tmp)
+            if final.exists():  # a stale copy of this step, e.g. from a resumed run
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self.prune()
+        b.barrier()
+        return final
+
+    def prune(self) -> None:
+        for old in complete_checkpoints(self.root)[:-self.keep_last_k]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resolve(self, resume: str) -> Optional[Path]:
+        """The checkpoint to resume from (chosen on rank 0, agreed by all)."""
+        choice = None
+        if self.backend.is_main and resume != "never":
+            if resume == "auto":
+                choice = latest(self.root)
+            else:
+                problem = verify(Path(resume))
+                if problem:
+                    choice = CheckpointError(f"trainer.resume: {problem}")
+                else:
+                    choice = Path(resume)
+        choice = self.backend.broadcast_object(str(choice) if isinstance(choice, Path) else choice)
+        if isinstance(choice, CheckpointError):
+            raise choice
+        return Path(choice) if choice else None
+
+    def load(self, path: Path, *, model, optimizer, scheduler) -> tuple[dict, dict]:
+        """Restore model, optimizer, scheduler and extras; returns (trainer_state, data_state).
+
+        RNG states are restored by `restore_rng`, last, once everything is built.
+        """
+        b = self.backend
+        meta = json.loads((path / MARKER).read_text())
+        if meta["world_size"] != b.world_size:
+            raise CheckpointError(
+                f"{path} was written by {meta['world_size']} ranks, this run has "
+                f"{b.world_size}; exact resume needs the same world size")
+        b.load_model_and_optimizer(path, model, optimizer)
+        scheduler.load_state_dict(load_weights_only(path / "scheduler.pt"))
+        b.load_extra_state(load_weights_only(path / "extra.pt"))
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        data_state = json.loads((path / f"data-rank{b.rank}.json").read_text())
+        return trainer_state, data_state
+
+    def restore_rng(self, path: Path) -> None:
+        set_rng_state(load_weights_only(path / f"rng-rank{self.backend.rank}.pt"))

@@ -1,0 +1,201 @@
+"""The run's config tree: small typed dataclasses, YAML recipes, dotted overrides.
+
+A recipe is a YAML file whose keys mirror `RunConfig`; `a.b=c` overrides are applied on
+top. The `model:` section is typed by the workload that `model.name` selects, so a typo
+in a model key fails just like a typo in a trainer key. Everything here runs before any
+process group exists: a bad config never costs a rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the offending key."""
+
+
+@dataclass(kw_only=True)
+class RunSection:
+    dir: str = MISSING
+    name: str = ""
+
+
+@dataclass(kw_only=True)
+class SplitConfig:
+    """One data split: WebDataset shard URLs (brace lists allowed)."""
+
+    urls: str = ""
+    manifest: str = ""  # default: manifest.json beside the first local shard, if present
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=SplitConfig)
+    test: SplitConfig = field(default_factory=SplitConfig)
+    batch_size: int = 64  # per rank, per micro step
+    eval_batch_size: int = 256
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    seed: int = 0  # shard and sample order; independent of trainer.seed
+    prefetch_factor: int = 4
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    backend: str = "accelerate"
+    max_steps: int = 1000
+    max_time: float = 0.0  # seconds of training wall time; 0 = no limit
+    seed: int = 0
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 0.0  # 0 = no clipping (the norm is still logged)
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    sample_every: int = 0  # 0 = only at the end; images go to TensorBoard
+    num_samples: int = 64
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_last_k: int = 3
+    resume: str = "auto"  # auto | never | PATH to a step-N checkpoint
+    progress_bar: bool = True
+    dist_timeout_s: int = 600
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    """Placeholder; replaced by the selected workload's own Config dataclass."""
+
+    name: str = MISSING
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = field(default_factory=ModelSection)
+
+
+BACKENDS = ("accelerate",)
+PRECISIONS = ("no", "bf16", "fp16")
+SCHEDULES = ("cosine", "constant")
+
+
+def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(f"config key '{key}': {first_line}")
+
+
+def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe, apply `a.b=c` overrides, type-check and validate.
+
+    Returns plain dataclass objects. Raises ConfigError naming the key at fault.
+    """
+    from models.registry import workload_config_class  # models never import trainer
+
+    try:
+        raw = OmegaConf.load(recipe) if recipe else OmegaConf.create({})
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key=value")
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc) from None
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file '{recipe}' does not exist") from None
+
+    name = OmegaConf.select(raw, "model.name")
+    if not name:
+        raise ConfigError("config key 'model.name' is missing: say which workload to train")
+    try:
+        model_cls = workload_config_class(name)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'model.name': {exc}") from None
+
+    schema = OmegaConf.structured(RunConfig)
+    schema.model = OmegaConf.structured(model_cls)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"config key '{missing[0]}' is required but not set")
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc) from None
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    t, o, d = cfg.trainer, cfg.optim, cfg.data
+    _check(t.backend in BACKENDS, "trainer.backend", f"'{t.backend}' is not one of {BACKENDS}")
+    _check(t.max_steps >= 1, "trainer.max_steps", "must be >= 1")
+    _check(t.max_time >= 0, "trainer.max_time", "must be >= 0 (0 = no limit)")
+    _check(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", "must be >= 1")
+    _check(t.clip_grad_norm >= 0, "trainer.clip_grad_norm", "must be >= 0 (0 = off)")
+    _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
+    for key in ("eval_every", "sample_every", "checkpoint_every"):
+        _check(getattr(t, key) >= 0, f"trainer.{key}", "must be >= 0 (0 = only at the end)")
+    _check(t.checkpoint_every % t.log_every == 0, "trainer.checkpoint_every",
+           f"must be a multiple of trainer.log_every={t.log_every} (a checkpoint closes a log window)")
+    _check(t.keep_last_k >= 1, "trainer.keep_last_k", "must be >= 1")
+    _check(t.mixed_precision in PRECISIONS, "trainer.mixed_precision",
+           f"'{t.mixed_precision}' is not one of {PRECISIONS}")
+    if t.mixed_precision == "fp16":
+        import torch
+
+        _check(torch.cuda.is_available(), "trainer.mixed_precision",
+               "fp16 needs a CUDA device (none is visible); use bf16 or no on CPU")
+    if t.resume not in ("auto", "never"):
+        _check(Path(t.resume).is_dir(), "trainer.resume",
+               f"'{t.resume}' is neither auto, never, nor an existing checkpoint folder")
+    _check(o.lr > 0, "optim.lr", "must be > 0")
+    _check(o.schedule in SCHEDULES, "optim.schedule", f"'{o.schedule}' is not one of {SCHEDULES}")
+    _check(0 <= o.warmup_steps < t.max_steps, "optim.warmup_steps",
+           f"must be in [0, trainer.max_steps={t.max_steps})")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+    _check(bool(d.train.urls), "data.train.urls", "no training shards given")
+    _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1 (1 = no sample shuffle)")
+    _check(d.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+    if t.eval_every > 0:
+        _check(bool(d.val.urls), "data.val.urls", "trainer.eval_every > 0 needs validation shards")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,262 @@
+"""The Trainer: the step loop and the few things that hang off it.
+
+Backend-agnostic: it talks to a `Backend` (devices, wrapping, collectives), a `Workload`
+(model, loss, metrics, samples), a `StreamLoader` (batches and their position), a
+`Checkpointer` and a `MetricsLogger`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import send_to_device
+from safetensors.torch import load_model, save_model
+
+from data_pipelines.stream import ShardStream, StreamLoader, eval_batches, resolve_shards
+from trainer.checkpoint import Checkpointer, write_json
+from trainer.config import RunConfig, to_yaml
+from trainer.metrics import MetricsLogger, summarize_line
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup, then cosine or flat."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
+    """AdamW; biases and norm gains (1-D tensors) get no weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr,
+                             betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    train_time_s: float = 0.0
+    best_value: float = math.inf
+    best_step: int = -1
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, workload, backend):
+        self.cfg, self.workload, self.backend = cfg, workload, backend
+        self.run_dir = Path(cfg.run.dir)
+        d = cfg.data
+        self.val_shards = resolve_shards(d.val.urls, d.val.manifest, key="data.val.urls") if d.val.urls else None
+        self.test_shards = resolve_shards(d.test.urls, d.test.manifest, key="data.test.urls") if d.test.urls else None
+
+    # ---------------------------------------------------------------- setup
+    def _build(self) -> None:
+        cfg, b, t = self.cfg, self.backend, self.cfg.trainer
+        seed_all(t.seed)  # identical initial weights on every rank
+        model = self.workload.build_model().to(b.device)
+        optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+            lr_factor, warmup=cfg.optim.warmup_steps, total=t.max_steps,
+            schedule=cfg.optim.schedule, min_ratio=cfg.optim.min_lr_ratio))
+        self.model, self.optimizer = b.prepare(model, optimizer)
+        seed_all(t.seed + 1000 * b.rank)  # per-rank randomness (dropout, noise)
+
+        d = cfg.data
+        stream = ShardStream(resolve_shards(d.train.urls, d.train.manifest, key="data.train.urls"),
+                             decode=self.workload.decode, collate=self.workload.collate,
+                             batch_size=d.batch_size, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
+                             rank=b.rank, world_size=b.world_size, num_workers=d.num_workers)
+        self.loader = StreamLoader(stream, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", b, t.keep_last_k)
+
+    def _resume(self) -> TrainState:
+        state = TrainState()
+        path = self.checkpointer.resolve(self.cfg.trainer.resume)
+        self.resumed_from = path
+        if path is not None:
+            trainer_state, data_state = self.checkpointer.load(
+                path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            state = TrainState(**trainer_state)
+            self.loader.load_state_dict(data_state)
+        return state
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        cfg, t, b = self.cfg, self.cfg.trainer, self.backend
+        if b.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self._build()
+        state = self._resume()
+        self.log = MetricsLogger(self.run_dir, enabled=b.is_main, resume_step=state.step,
+                                 total_steps=t.max_steps, progress_bar=t.progress_bar)
+        if self.resumed_from is not None:
+            self.log.text(f"resumed from {self.resumed_from} (step {state.step})")
+            self.checkpointer.restore_rng(self.resumed_from)  # last: nothing may draw after
+        last_saved = state.step if self.resumed_from is not None else -1
+        self._last_val: tuple[int, dict] = (-1, {})
+        if state.step >= t.max_steps:  # finished before: report again, log nothing new
+            self.log.enabled = False
+
+        accum = t.grad_accum_steps
+        samples_per_step = cfg.data.batch_size * accum * b.world_size
+        zero = torch.zeros((), device=b.device)
+        loss_sum, gnorm_sum, window_steps, data_wait = zero.clone(), zero.clone(), 0, 0.0
+        window_start = session_start = time.perf_counter()
+        self.model.train()
+        while state.step < t.max_steps:
+            lr = self.optimizer.param_groups[0]["lr"]
+            for micro in range(accum):
+                tw = time.perf_counter()
+                batch = send_to_device(next(self.loader), b.device)
+                data_wait += time.perf_counter() - tw
+                sync = contextlib.nullcontext() if micro == accum - 1 else b.no_sync(self.model)
+                with sync:
+                    loss = self.workload.training_loss(self.model, batch) / accum
+                    b.backward(loss)
+                loss_sum += loss.detach()
+            gnorm_sum += b.clip_grad_norm(self.model, t.clip_grad_norm).detach()
+            b.optimizer_step(self.optimizer)
+            self.scheduler.step()
+            state.step += 1
+            window_steps += 1
+            step = state.step
+
+            stop = False
+            if step % t.log_every == 0 or step == t.max_steps:
+                now = time.perf_counter()
+                elapsed = now - window_start
+                totals = b.reduce_sum(torch.stack([loss_sum, gnorm_sum]).double()).tolist()
+                record = {"train/loss": totals[0] / (b.world_size * window_steps),
+                          "train/lr": lr,
+                          "train/grad_norm": totals[1] / (b.world_size * window_steps),
+                          "train/samples_per_s": window_steps * samples_per_step / elapsed,
+                          "train/data_wait_frac": data_wait / elapsed,
+                          "train/samples_seen": self.loader.samples_seen}
+                if self.loader.epoch is not None:
+                    record["train/epoch"] = self.loader.epoch
+                self.log.log(step, record, bar_keys=("train/loss", "train/lr", "train/samples_per_s"))
+                loss_sum.zero_(), gnorm_sum.zero_()
+                window_steps, data_wait, window_start = 0, 0.0, now
+                if t.max_time > 0:  # agreed by all ranks, at a log step
+                    over = state.train_time_s + (now - session_start) >= t.max_time
+                    stop = b.reduce_sum(torch.tensor(float(over), device=b.device)).item() > 0
+            self.log.advance(step)
+
+            if t.eval_every and step % t.eval_every == 0 and self.val_shards:
+                self._eval_and_keep_best(state)
+            if t.sample_every and step % t.sample_every == 0:
+                self._log_samples(step)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 or stop:
+                self._save(state, session_start)
+                last_saved = step
+            if stop:
+                self.log.text(f"trainer.max_time={t.max_time}s reached at step {step}")
+                break
+
+        return self._finish(state, session_start, last_saved)
+
+    # ---------------------------------------------------------------- hangers-on
+    def _save(self, state: TrainState, session_start: float) -> None:
+        saved = TrainState(**asdict(state))
+        saved.train_time_s += time.perf_counter() - session_start
+        self.checkpointer.save(state.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, trainer_state=asdict(saved),
+                               data_state=self.loader.state_dict())
+
+    def evaluate(self, shards) -> dict[str, float]:
+        b = self.backend
+        net = b.unwrap(self.model)
+        net.eval()
+        sums: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for batch in eval_batches(shards, decode=self.workload.decode,
+                                      collate=self.workload.collate,
+                                      batch_size=self.cfg.data.eval_batch_size,
+                                      rank=b.rank, world_size=b.world_size):
+                for k, v in self.workload.eval_sums(net, send_to_device(batch, b.device)).items():
+                    sums[k] = sums.get(k, 0) + v.double()
+        net.train()
+        if not sums:
+            raise RuntimeError(f"rank {b.rank}: no eval samples in {shards.urls[:3]}...; an eval "
+                               f"split needs at least {b.world_size} samples")
+        keys = sorted(sums)
+        totals = b.reduce_sum(torch.stack([sums[k] for k in keys])).tolist()
+        return self.workload.eval_metrics(dict(zip(keys, totals)))
+
+    def _eval_and_keep_best(self, state: TrainState) -> dict[str, float]:
+        step = state.step
+        if self._last_val[0] == step:
+            return self._last_val[1]
+        metrics = self.evaluate(self.val_shards)
+        self._last_val = (step, metrics)
+        self.log.log(step, {f"val/{k}": v for k, v in metrics.items()})
+        value = metrics[self.workload.best_metric]
+        if value < state.best_value:
+            state.best_value, state.best_step = value, step
+            if self.backend.is_main:
+                self._export(self.run_dir / "best", {"step": step, f"val/{self.workload.best_metric}": value})
+        return metrics
+
+    def _export(self, out: Path, meta: dict) -> None:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(self.backend.unwrap(self.model), str(tmp / "model.safetensors"))
+        write_json(tmp / "meta.json", meta)
+        (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+
+    def _log_samples(self, step: int) -> None:
+        if not self.backend.is_main:
+            return
+        net = self.backend.unwrap(self.model)
+        net.eval()
+        images = self.workload.sample_images(net, self.cfg.trainer.num_samples,
+                                             torch.Generator().manual_seed(self.cfg.trainer.seed))
+        net.train()
+        if images is not None:
+            self.log.image("samples", images, step)
+
+    def _finish(self, state: TrainState, session_start: float, last_saved: int) -> dict:
+        b, step = self.backend, state.step
+        if last_saved != step:
+            self._save(state, session_start)
+        final: dict = {"step": step}
+        if self.val_shards is not None:
+            final.update({f"val/{k}": v for k, v in self._eval_and_keep_best(state).items()})
+        self._log_samples(step)
+        best = self.run_dir / "best" / "model.safetensors"
+        b.barrier()  # rank 0's best export is on disk
+        if self.val_shards is not None and best.exists():
+            load_model(b.unwrap(self.model), str(best), strict=True, device=str(b.device))
+            final["best_step"] = state.best_step
+        if self.test_shards is not None:
+            final.update({f"test/{k}": v for k, v in self.evaluate(self.test_shards).items()})
+        if b.is_main:
+            write_json(self.run_dir / "final_metrics.json", final)
+            self.log.log(step, {k: v for k, v in final.items() if k.startswith("test/")})
+            print(summarize_line(f"[{self.cfg.run.name or self.run_dir.name}] final", final), flush=True)
+        self.log.close()
+        return final

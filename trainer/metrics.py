@@ -1,0 +1,100 @@
+"""Where numbers go: TensorBoard, `metrics.jsonl`, the progress bar. Rank 0 only.
+
+`metrics.jsonl` holds one JSON object per logged step ({"step": N, "train/loss": ...}) and
+one per evaluation; scripts and CI read it. On resume from step N, records after N (made
+by the run that died) are dropped, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+import torch
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> one (C, H', W') grid image (torchvision is not available)."""
+    n, c, h, w = images.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), 0.5)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h,
+             pad + q * (w + pad): pad + q * (w + pad) + w] = images[i].float().cpu()
+    return grid
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int, total_steps: int,
+                 progress_bar: bool):
+        self.enabled = enabled
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events from a dead run past the resume point
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                purge_step=resume_step + 1 if resume_step else None)
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=resume_step, dynamic_ncols=True,
+                            desc=run_dir.name)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.jsonl.exists():
+            return
+        kept = [line for line in self.jsonl.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.jsonl.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.jsonl)
+
+    def log(self, step: int, values: dict[str, float], *, bar_keys: tuple[str, ...] = ()) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for k, v in values.items():
+            self.tb.add_scalar(k, v, step)
+        if self.bar is not None and bar_keys:
+            self.bar.set_postfix({k.split("/")[-1]: f"{values[k]:.4g}" for k in bar_keys if k in values},
+                                 refresh=False)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def image(self, tag: str, images: torch.Tensor, step: int) -> None:
+        if self.enabled:
+            self.tb.add_image(tag, image_grid(images), step)
+
+    def text(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summarize_line(prefix: str, metrics: dict[str, float]) -> str:
+    return prefix + " " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in metrics.items())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
