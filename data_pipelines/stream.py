@@ -10,7 +10,7 @@ order is ours and is a pure function of (seed, rank, world size, workers):
   then batches. Its stream runs through epoch after epoch without end, so every rank has
   a next batch at every step however uneven the shards are: no DDP hang, nothing dropped
   or padded. Within a reader's epoch each of its samples comes exactly once.
-* the DataLoader takes batches from its workers round-robin, so after n batches worker w
+* the DataLoader takes batches from its workers round-robin, so after n batches reader w
   has made ceil((n - w) / K) of them. The whole position is therefore the number of
   batches the trainer consumed; resuming regenerates each worker's stream and skips what
   it had already made (whole epochs skipped by manifest counts, the current epoch by
@@ -177,9 +177,12 @@ class ShardStream(IterableDataset):
         worker, nworkers = (info.id, info.num_workers) if info else (0, 1)
         if nworkers != self.num_workers:
             raise DataError(f"stream built for {self.num_workers} workers runs in {nworkers}")
-        done = _worker_batches_before(self.start_batch, worker, nworkers)
+        # The DataLoader restarts its round-robin at worker 0, so after n batches worker
+        # w plays the reader that owned global batch n + w in the uninterrupted order.
+        reader = (worker + self.start_batch) % nworkers
+        done = _worker_batches_before(self.start_batch, reader, nworkers)
         batch = []
-        for sample in self.reader_samples(worker, skip=done * self.batch_size):
+        for sample in self.reader_samples(reader, skip=done * self.batch_size):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self.collate(batch)

@@ -250,7 +250,7 @@ class Trainer:
         best = self.run_dir / "best" / "model.safetensors"
         b.barrier()  # rank 0's best export is on disk
         if self.val_shards is not None and best.exists():
-            load_model(b.unwrap(self.model), str(best), strict=True, device=str(b.device))
+            load_model(b.unwrap(self.model), str(best), strict=True, device="cpu")
             final["best_step"] = state.best_step
         if self.test_shards is not None:
             final.update({f"test/{k}": v for k, v in self.evaluate(self.test_shards).items()})

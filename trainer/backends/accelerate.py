@@ -26,7 +26,9 @@ class AccelerateBackend:
         state = self.accelerator.state
         self.rank, self.world_size = state.process_index, state.num_processes
         self.is_main = self.accelerator.is_main_process
-        self.device = self.accelerator.device
+        # Accelerate says "cpu:0", which torch.load and safetensors refuse as a location
+        device = self.accelerator.device
+        self.device = torch.device("cpu") if device.type == "cpu" else device
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         return self.accelerator.prepare(model, optimizer)
@@ -70,8 +72,9 @@ class AccelerateBackend:
 
     def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any) -> None:
         missing, unexpected = load_model(self.unwrap(model), str(path / "model.safetensors"),
-                                         strict=True, device=str(self.device))
-        state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+                                         strict=True, device="cpu")
+        # load_state_dict moves the state next to each parameter
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state)
 
     def extra_state(self) -> dict:

@@ -1,0 +1,41 @@
+# Tributary: `make train` runs the default job, `make test` the test suite.
+# Both create .venv and install requirements.txt when missing.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+
+NPROC  ?= 2
+RUNS   ?= runs/autoregressive
+MODELS := factorized fvsbn nade made
+# 2 CPU ranks over gloo. Without ACCELERATE_USE_CPU=1, --multi_gpu on a CPU machine starts
+# independent single-process runs, and --cpu starts only one process (FACTS.md).
+LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
+          --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
+
+.PHONY: venv data train test clean
+
+venv: $(STAMP)
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch==2.13.0 is in the same pip command as everything else (a CPU wheel here)
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+data: venv
+	$(PY) -m launch.make_shards digits --out data/digits
+
+train: data
+	@for m in $(MODELS); do \
+	  echo "== $$m"; \
+	  $(LAUNCH) --config configs/autoregressive/$$m.yaml run.dir=$(RUNS)/$$m || exit 1; \
+	done
+	$(PY) -m launch.report $(addprefix $(RUNS)/,$(MODELS))
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs data

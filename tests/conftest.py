@@ -1,0 +1,49 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The embedded digits dataset, written to shards once per test session."""
+    from data_pipelines.sources import digits
+
+    out = tmp_path_factory.mktemp("digits")
+    digits.build(out)
+    return out
+
+
+def write_numbered_shards(folder: Path, counts: list[int]) -> list[str]:
+    """Shards whose samples are numbered 0..N-1 (key and a `num` field)."""
+    from data_pipelines.shards import write_shards
+
+    folder.mkdir(parents=True, exist_ok=True)
+    urls, start = [], 0
+    for i, n in enumerate(counts):
+        samples = ({"__key__": f"s{j:06d}", "num": str(j).encode()} for j in range(start, start + n))
+        write_shards(samples, folder / f"part{i}", prefix=f"p{i}", maxcount=n)
+        urls.append(str(folder / f"part{i}" / f"p{i}-000000.tar"))
+        start += n
+    return urls
+
+
+def decode_num(sample: dict) -> int:
+    return int(sample["num"])
+
+
+def collate_list(samples: list) -> list:
+    return list(samples)
+
+
+@pytest.fixture
+def cpu_env():
+    """Environment for subprocess runs: CPU ranks, no stray GPU, quiet."""
+    env = dict(os.environ)
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               CUDA_VISIBLE_DEVICES="")
+    return env

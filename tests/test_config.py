@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, load_config
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "autoregressive" / "made.yaml"
+
+
+def test_recipe_loads_with_overrides():
+    cfg = load_config(RECIPE, ["run.dir=/tmp/x", "trainer.max_steps=70", "model.hidden=[16,16]",
+                               "trainer.resume=never"])
+    assert cfg.trainer.max_steps == 70
+    assert cfg.model.hidden == [16, 16]
+    assert cfg.data.train.urls == "data/digits/train"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.max_stpes=5", "trainer.max_stpes"),        # unknown key
+    ("model.hiden=[3]", "model.hiden"),                    # unknown key in the workload's section
+    ("trainer.max_steps=many", "trainer.max_steps"),       # wrong type
+    ("trainer.max_steps=0", "trainer.max_steps"),          # out of range
+    ("optim.warmup_steps=5000", "optim.warmup_steps"),     # longer than the run
+    ("trainer.mixed_precision=fp8", "trainer.mixed_precision"),
+    ("trainer.checkpoint_every=30", "trainer.checkpoint_every"),  # not a multiple of log_every
+    ("trainer.resume=/no/such/checkpoint", "trainer.resume"),
+    ("model.name=gpt9", "model.name"),                     # unknown workload
+    ("data.train.urls=", "data.train.urls"),
+])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(RECIPE, [override])
+
+
+def test_missing_run_dir_is_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: fvsbn}\ndata: {train: {urls: x.tar}}\n")
+    with pytest.raises(ConfigError, match=r"run\.dir"):
+        load_config(recipe, [])
+
+
+def test_eval_without_val_shards_is_refused():
+    with pytest.raises(ConfigError, match=r"data\.val\.urls"):
+        load_config(RECIPE, ["data.val.urls=", "trainer.eval_every=10"])
+
+
+def test_fp16_on_cpu_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid where CUDA is present")
+    with pytest.raises(ConfigError, match="fp16"):
+        load_config(RECIPE, ["trainer.mixed_precision=fp16"])
+
+
+def test_bad_config_fails_before_any_process_group(tmp_path, cpu_env):
+    """launch.train exits 2 with the key, fast, and writes nothing."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(RECIPE),
+                          f"run.dir={tmp_path/'run'}", "trainer.lr=0.1"],
+                         cwd=root, env=cpu_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "trainer.lr" in out.stderr
+    assert not (tmp_path / "run").exists()
