@@ -121,6 +121,15 @@ def shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator
     yield from buf
 
 
+def check_readers(num_shards: int, world_size: int, num_workers: int, *, key: str) -> None:
+    """Every (rank, worker) reader needs a shard of its own in every epoch."""
+    readers = world_size * max(1, num_workers)
+    if num_shards < readers:
+        raise DataError(f"{key}: {num_shards} shard(s) cannot feed {world_size} rank(s) x "
+                        f"{max(1, num_workers)} worker(s) = {readers} readers; write more, "
+                        "smaller shards or lower data.num_workers")
+
+
 def _worker_batches_before(n_batches: int, worker: int, num_workers: int) -> int:
     """Batches worker `worker` made among the first `n_batches` (round-robin order)."""
     return max(0, -(-(n_batches - worker) // num_workers))
@@ -133,12 +142,7 @@ class ShardStream(IterableDataset):
                  collate: Callable[[list], Any], batch_size: int, seed: int,
                  shuffle_buffer: int, rank: int, world_size: int, num_workers: int,
                  key: str = "data.train.urls"):
-        readers = world_size * max(1, num_workers)
-        if len(shards.urls) < readers:
-            raise DataError(
-                f"{key}: {len(shards.urls)} shard(s) cannot feed {world_size} rank(s) x "
-                f"{max(1, num_workers)} worker(s) = {readers} readers; write more, smaller "
-                "shards or lower data.num_workers")
+        check_readers(len(shards.urls), world_size, num_workers, key=key)
         self.shards = shards
         self.decode, self.collate = decode, collate
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from data_pipelines.stream import DataError, resolve_shards
+from data_pipelines.stream import DataError, check_readers, resolve_shards
 from trainer.config import ConfigError, load_config
 
 
@@ -22,12 +22,8 @@ def preflight(cfg) -> None:
     """Checks that need no process group: shards exist and can feed every reader."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = cfg.data
-    readers = world * max(1, d.num_workers)
     train = resolve_shards(d.train.urls, d.train.manifest, key="data.train.urls")
-    if len(train.urls) < readers:
-        raise DataError(f"data.train.urls: {len(train.urls)} shard(s) cannot feed {world} rank(s) x "
-                        f"{max(1, d.num_workers)} worker(s) = {readers} readers; write more, smaller "
-                        "shards or lower data.num_workers")
+    check_readers(len(train.urls), world, d.num_workers, key="data.train.urls")
     for split in ("val", "test"):
         s = getattr(d, split)
         if s.urls:

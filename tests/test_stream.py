@@ -108,3 +108,30 @@ def test_eval_split_covers_everything_once(shards, world):
                                   rank=rank, world_size=world):
             seen += batch
     assert sorted(seen) == list(range(sum(COUNTS)))
+
+
+def test_pipe_urls_are_read(shards):
+    """`pipe:` URLs (any command writing a tar to stdout) read like local files."""
+    piped = ShardList([f"pipe:cat {u}" for u in shards.urls], list(COUNTS))
+    seen = []
+    for batch in eval_batches(piped, decode=decode_num, collate=collate_list, batch_size=50,
+                              rank=0, world_size=1):
+        seen += batch
+    assert seen == list(range(sum(COUNTS)))
+
+
+def test_too_few_shards_fails_before_launch(tmp_path, digits_dir, cpu_env):
+    """The preflight refuses 8 shards for 4 ranks x 4 workers without starting anything."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(cpu_env, WORLD_SIZE="4")
+    out = subprocess.run([sys.executable, "-m", "launch.train", "--config",
+                          str(root / "configs/autoregressive/made.yaml"), f"run.dir={tmp_path}/r",
+                          f"data.train.urls={digits_dir}/train", f"data.val.urls={digits_dir}/val",
+                          f"data.test.urls={digits_dir}/test", "data.num_workers=4"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "data.train.urls: 8 shard(s) cannot feed 4 rank(s) x 4 worker(s)" in out.stderr

@@ -246,7 +246,8 @@ class Trainer:
         final: dict = {"step": step}
         if self.val_shards is not None:
             final.update({f"val/{k}": v for k, v in self._eval_and_keep_best(state).items()})
-        self._log_samples(step)
+        if not (self.cfg.trainer.sample_every and step % self.cfg.trainer.sample_every == 0):
+            self._log_samples(step)
         best = self.run_dir / "best" / "model.safetensors"
         b.barrier()  # rank 0's best export is on disk
         if self.val_shards is not None and best.exists():

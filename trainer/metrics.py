@@ -38,9 +38,8 @@ class MetricsLogger:
         self._truncate_after(resume_step)
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step hides events from a dead run past the resume point
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"),
-                                purge_step=resume_step + 1 if resume_step else None)
+        # purge_step hides events that an earlier run wrote past the resume point
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
         if progress_bar:
             from tqdm.auto import tqdm
 
@@ -50,8 +49,13 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.jsonl.exists():
             return
-        kept = [line for line in self.jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError):  # a line cut short by the kill that ended the last run
+                continue
         tmp = self.jsonl.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.jsonl)
