@@ -163,6 +163,7 @@ class Trainer:
                     stop = b.reduce_sum(torch.tensor(float(over), device=b.device)).item() > 0
             self.log.advance(step)
 
+            hangers_on = time.perf_counter()
             if t.eval_every and step % t.eval_every == 0 and self.val_shards:
                 self._eval_and_keep_best(state)
             if t.sample_every and step % t.sample_every == 0:
@@ -173,6 +174,7 @@ class Trainer:
             if stop:
                 self.log.text(f"trainer.max_time={t.max_time}s reached at step {step}")
                 break
+            window_start += time.perf_counter() - hangers_on  # throughput counts steps only
 
         return self._finish(state, session_start, last_saved)
 
