@@ -19,8 +19,12 @@ from models.base import Workload
 from models.registry import register
 
 
+IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
+
+
 class BinaryImageDensity(Workload):
-    """Shared workload for every net here: samples carry a binarized image as `png`."""
+    """Shared workload for every net here: a grayscale image per sample (png, jpg or webp),
+    `model.image_size` square; a pixel is on above 127."""
 
     best_metric = "nll"
 
@@ -35,9 +39,11 @@ class BinaryImageDensity(Workload):
         return self.build_net()
 
     def decode(self, sample: dict) -> torch.Tensor:
-        if "png" not in sample:
-            raise KeyError(f"no 'png' field (fields: {sorted(k for k in sample if not k.startswith('__'))})")
-        img = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L"))
+        field = next((f for f in IMAGE_FIELDS if f in sample), None)
+        if field is None:
+            raise KeyError(f"no image field ({'/'.join(IMAGE_FIELDS)}); the sample has "
+                           f"{sorted(k for k in sample if not k.startswith('__'))}")
+        img = np.asarray(Image.open(io.BytesIO(sample[field])).convert("L"))
         size = self.cfg.image_size
         if img.shape != (size, size):
             raise ValueError(f"image is {img.shape}, model.image_size is {size}")
