@@ -1,43 +1,63 @@
-"""The resumable sample stream over WebDataset shards.
+"""The resumable, elastic sample stream over WebDataset shards.
 
 webdataset reads the tars (URL opening, `pipe:`, grouping files into samples); what it
 lacks is a position that survives a restart (FACTS.md: no state_dict in 1.0.2), so the
-order is ours and is a pure function of (seed, rank, world size, workers):
+order and the position are ours.
 
-* epoch e permutes all shards with rng(seed, e); rank r reads perm[r::W]; loader worker w
-  of that rank reads those[w::K]. Every shard of an epoch goes to exactly one reader.
-* each reader shuffles samples through a buffer seeded by (seed, e, r, w), then decodes,
-  then batches. Its stream runs through epoch after epoch without end, so every rank has
-  a next batch at every step however uneven the shards are: no DDP hang, nothing dropped
-  or padded. Within a reader's epoch each of its samples comes exactly once.
-* the DataLoader takes batches from its workers round-robin, so after n batches reader w
-  has made ceil((n - w) / K) of them. The whole position is therefore the number of
-  batches the trainer consumed; resuming regenerates each worker's stream and skips what
-  it had already made (whole epochs skipped by manifest counts, the current epoch by
-  reading without decoding).
+Readers. A rank with K loader workers runs K readers; reader (r, w) of W ranks reads, in
+epoch e, the shards perm_e[r::W][w::K] where perm_e permutes all shards from (seed, e).
+Samples of the shard being read go through a seeded shuffle buffer; a reader's epoch ends
+by draining its buffer, so its samples of epoch e all come before any of e+1. A reader's
+stream runs on from epoch to epoch without end: every rank has a next batch at every step
+however uneven its shards (no DDP hang, nothing dropped or padded).
+
+Position. A sample is named by (epoch, shard, offset-in-shard). A reader's state is its
+queue of shard segments still to read ([epoch, shard, start, picks]), the names of the
+samples in its buffer, its RNG state and the next epoch to plan: a few hundred integers,
+whatever has been read before. Each batch carries its reader's state, so the rank keeps,
+per reader, the state after the last batch it consumed; batches prefetched but not
+consumed are simply made again.
+
+Resume with the same ranks, workers, seed and shards restores every reader and restarts
+the DataLoader's round-robin where it was: the same batches in the same order. Resume
+with other ranks or workers pools what the old readers had left of the epochs in flight
+(buffers, queues, and the epochs they had not reached yet) and deals it to the new
+readers: every remaining sample of those epochs comes exactly once, in a different order;
+after that, epochs are planned for the new layout. Partially read shards are re-read up
+to their offset (bounded by one shard per reader); consumed shards are never rescanned.
 """
 
 from __future__ import annotations
 
-import itertools
+import json
+import logging
 import os
-from dataclasses import dataclass
+import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlparse
 
 import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_pipelines.shards import MANIFEST, read_manifest
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("skip", "fail")
+UNKNOWN_SHARD_SIZE = 1000  # for balancing work when a shard list has no manifest
 
 
 class DataError(RuntimeError):
     """A data problem, naming the shard and sample at fault."""
 
 
+# ------------------------------------------------------------------ shard lists
 @dataclass
 class ShardList:
     urls: list[str]
@@ -48,8 +68,17 @@ class ShardList:
         return sum(self.samples_per_shard) if self.samples_per_shard is not None else None
 
 
+@dataclass
+class Source:
+    """One training dataset of a mixture."""
+
+    shards: ShardList
+    weight: float = 1.0
+    name: str = "train"
+
+
 def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+    return urlparse(url).scheme in ("", "file") and not url.startswith("pipe:")
 
 
 def resolve_shards(spec: str, manifest: str = "", *, key: str = "data.urls") -> ShardList:
@@ -67,10 +96,12 @@ def resolve_shards(spec: str, manifest: str = "", *, key: str = "data.urls") -> 
             raise DataError(f"{key}: folder '{spec}' has no {MANIFEST}; give a brace list of "
                             "shards instead, or write the folder with launch.make_shards")
         m = read_manifest(mpath)
+        if not m["shards"]:
+            raise DataError(f"{key}: manifest {mpath} lists no shards")
         return ShardList([str(Path(spec) / s["url"]) for s in m["shards"]],
                          [s["samples"] for s in m["shards"]])
 
-    urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part)]
+    urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part) if u]
     if not urls:
         raise DataError(f"{key}: '{spec}' expands to no URLs")
     counts = None
@@ -90,37 +121,6 @@ def resolve_shards(spec: str, manifest: str = "", *, key: str = "data.urls") -> 
     return ShardList(urls, counts)
 
 
-def iter_raw_samples(urls: list[str]) -> Iterator[dict]:
-    """Raw samples (undecoded bytes per extension) of `urls`, in order."""
-    for url in urls:
-        try:
-            yield from tarfile_samples([{"url": url}])
-        except Exception as exc:
-            raise DataError(f"shard '{url}': cannot read ({type(exc).__name__}: {exc})") from exc
-
-
-def decode_or_explain(decode: Callable[[dict], Any], sample: dict) -> Any:
-    try:
-        return decode(sample)
-    except Exception as exc:
-        raise DataError(f"sample '{sample.get('__key__')}' in shard '{sample.get('__url__')}': "
-                        f"cannot decode ({type(exc).__name__}: {exc})") from exc
-
-
-def shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Deterministic shuffle buffer: fill, then emit a random slot and refill it."""
-    buf: list[dict] = []
-    for sample in samples:
-        if len(buf) < buffer_size:
-            buf.append(sample)
-            continue
-        j = int(rng.integers(len(buf)))
-        buf[j], sample = sample, buf[j]
-        yield sample
-    rng.shuffle(buf)
-    yield from buf
-
-
 def check_readers(num_shards: int, world_size: int, num_workers: int, *, key: str) -> None:
     """Every (rank, worker) reader needs a shard of its own in every epoch."""
     readers = world_size * max(1, num_workers)
@@ -130,79 +130,369 @@ def check_readers(num_shards: int, world_size: int, num_workers: int, *, key: st
                         "smaller shards or lower data.num_workers")
 
 
-def _worker_batches_before(n_batches: int, worker: int, num_workers: int) -> int:
-    """Batches worker `worker` made among the first `n_batches` (round-robin order)."""
-    return max(0, -(-(n_batches - worker) // num_workers))
+# ------------------------------------------------------------------ reading tars
+class ErrorPolicy:
+    """`skip`: count, warn with shard and key, go on. `fail`: raise DataError."""
+
+    def __init__(self, policy: str, stats: dict[str, int]):
+        if policy not in POLICIES:
+            raise ValueError(f"data.on_error must be one of {POLICIES}, not '{policy}'")
+        self.policy, self.stats = policy, stats
+
+    def __call__(self, kind: str, message: str) -> None:
+        if self.policy == "fail":
+            raise DataError(message)
+        self.stats[kind] = self.stats.get(kind, 0) + 1
+        log.warning("skipped (%s): %s", kind, message)
+
+
+def open_url(url: str):
+    """Local paths, file://, pipe: and http(s) through webdataset's gopen; other schemes
+    (s3://, gs://, ...) through fsspec when its filesystem package is installed."""
+    scheme = urlparse(url).scheme
+    if url.startswith("pipe:") or scheme in ("", "file", "http", "https"):
+        return gopen(url, "rb")
+    try:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    except (ImportError, ValueError):
+        return gopen(url, "rb")  # webdataset's own handlers (gsutil, hf, ais)
+
+
+def shard_samples(url: str, on_error: ErrorPolicy) -> Iterator[dict]:
+    """Raw samples (bytes per extension, plus __key__/__url__) of one shard, in order."""
+    try:
+        stream = open_url(url)
+    except Exception as exc:
+        on_error("missing_shards", f"shard '{url}': cannot open ({type(exc).__name__}: {exc})")
+        return
+    n = 0
+    try:
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            n += 1
+            yield sample
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        on_error("bad_shards", f"shard '{url}': unreadable after {n} samples "
+                               f"({type(exc).__name__}: {exc})")
+    finally:
+        try:
+            stream.close()
+        except Exception:  # a pipe whose command failed; already reported above
+            pass
+
+
+def decode_or_explain(decode: Callable[[dict], Any], sample: dict) -> Any:
+    try:
+        return decode(sample)
+    except KeyError as exc:
+        raise DataError(f"sample '{sample.get('__key__')}' in shard '{sample.get('__url__')}': "
+                        f"missing key {exc}") from exc
+    except Exception as exc:
+        raise DataError(f"sample '{sample.get('__key__')}' in shard '{sample.get('__url__')}': "
+                        f"cannot decode ({type(exc).__name__}: {exc})") from exc
+
+
+def iter_raw_samples(urls: list[str], on_error: str = "fail") -> Iterator[dict]:
+    """Raw samples of `urls`, in order (eval splits, tools)."""
+    policy = ErrorPolicy(on_error, {})
+    for url in urls:
+        yield from shard_samples(url, policy)
+
+
+# ------------------------------------------------------------------ one reader
+def plan_epoch(num_shards: int, epoch: int, seed: int, rank: int, world: int, role: int,
+               workers: int, resampled: bool) -> list[int]:
+    if resampled:  # shards drawn with replacement; every reader gets an equal share
+        n = max(1, num_shards // (world * workers))
+        rng = np.random.default_rng([seed, epoch, rank * workers + role, 1])
+        return [int(i) for i in rng.integers(num_shards, size=n)]
+    perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
+    return [int(i) for i in perm[rank::world][role::workers]]
+
+
+def fresh_reader_state(next_epoch: int = 0) -> dict:
+    return {"queue": [], "buffer": [], "next_epoch": next_epoch, "rng": None, "stats": {}}
+
+
+class SourceReader:
+    """One reader of one source: its queue of shard segments and its shuffle buffer."""
+
+    def __init__(self, source: Source, state: Optional[dict], *, seed: int, rank: int,
+                 world: int, role: int, workers: int, buffer_size: int, on_error: str,
+                 resampled: bool):
+        self.source, self.seed = source, seed
+        self.rank, self.world, self.role, self.workers = rank, world, role, workers
+        self.buffer_size, self.resampled = buffer_size, resampled
+        state = state or fresh_reader_state()
+        self.queue = [[e, sh, st, list(p) if p is not None else None] for e, sh, st, p in state["queue"]]
+        self.next_epoch = state["next_epoch"]
+        self.stats = dict(state["stats"])
+        self.policy = ErrorPolicy(on_error, self.stats)
+        self.rng = np.random.default_rng()
+        if state["rng"] is not None:
+            self.rng.bit_generator.state = state["rng"]
+        self.buffer: list[tuple[list[int], dict]] = self._refetch(state["buffer"])
+        self._open: Optional[Iterator] = None  # samples of queue[0] from its start
+
+    def state_dict(self) -> dict:
+        return {"queue": [[e, sh, st, list(p) if p is not None else None] for e, sh, st, p in self.queue],
+                "buffer": [name for name, _ in self.buffer],
+                "next_epoch": self.next_epoch, "rng": self.rng.bit_generator.state,
+                "stats": dict(self.stats)}
+
+    def _segment(self, item: list) -> Iterator[tuple[int, dict]]:
+        """(offset, sample) of one queue item: from `start`, or only the `picks`."""
+        _, shard, start, picks = item
+        wanted = set(picks) if picks is not None else None
+        last = max(picks) if picks else None
+        for offset, sample in enumerate(shard_samples(self.source.shards.urls[shard], self.policy)):
+            if offset < start or (wanted is not None and offset not in wanted):
+                continue
+            yield offset, sample
+            if last is not None and offset >= last:
+                return
+
+    def _refetch(self, names: list[list[int]]) -> list[tuple[list[int], dict]]:
+        """Read back the samples a saved buffer held (re-reading their shards' prefixes)."""
+        found: dict[tuple, dict] = {}
+        by_shard: dict[tuple[int, int], list[int]] = {}
+        for epoch, shard, offset in names:
+            by_shard.setdefault((epoch, shard), []).append(offset)
+        for (epoch, shard), offsets in by_shard.items():
+            for offset, sample in self._segment([epoch, shard, 0, sorted(offsets)]):
+                found[(epoch, shard, offset)] = sample
+        return [(list(n), found[tuple(n)]) for n in names if tuple(n) in found]
+
+    def _plan_next_epoch(self) -> None:
+        e = self.next_epoch
+        shards = plan_epoch(len(self.source.shards.urls), e, self.seed, self.rank, self.world,
+                            self.role, self.workers, self.resampled)
+        self.queue = [[e, s, 0, None] for s in shards]
+        self.rng = np.random.default_rng([self.seed, e, self.rank * self.workers + self.role])
+        self.next_epoch = e + 1
+
+    def _read_one(self) -> bool:
+        """Move one sample from the head of the queue into the buffer; False at a boundary."""
+        while self.queue:
+            item = self.queue[0]
+            if self.buffer and item[0] != self.buffer[0][0][0]:
+                return False  # next item is a later epoch: drain the buffer first
+            if self._open is None:
+                self._open = self._segment(item)
+            got = next(self._open, None)
+            if got is None:
+                self.queue.pop(0)
+                self._open = None
+                continue
+            offset, sample = got
+            if item[3] is None:
+                item[2] = offset + 1
+            else:
+                item[3].remove(offset)
+                if not item[3]:
+                    self.queue.pop(0)
+                    self._open = None
+            self.buffer.append(([item[0], item[1], offset], sample))
+            return True
+        return False
+
+    def next_raw(self) -> tuple[list[int], dict]:
+        """The next (name, raw sample) of this reader's endless stream."""
+        empty_plans = 0
+        while True:
+            while len(self.buffer) < self.buffer_size and self._read_one():
+                pass
+            if self.buffer:
+                j = int(self.rng.integers(len(self.buffer)))
+                self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+                return self.buffer.pop()
+            if not self.queue:
+                empty_plans += 1
+                if empty_plans > 2:
+                    raise DataError(f"rank {self.rank} worker {self.role}: no readable samples in "
+                                    f"source '{self.source.name}' for two epochs in a row")
+                self._plan_next_epoch()
+
+
+# ------------------------------------------------------------------ the dataset
+@dataclass
+class StreamBatch:
+    """What a loader worker sends: the batch, and where its reader stands after it."""
+
+    data: Any
+    role: int
+    state: dict
+    keys: Optional[list] = None
 
 
 class ShardStream(IterableDataset):
     """Endless batches for one rank; see the module docstring for the order."""
 
-    def __init__(self, shards: ShardList, *, decode: Callable[[dict], Any],
+    def __init__(self, shards: ShardList | list[Source], *, decode: Callable[[dict], Any],
                  collate: Callable[[list], Any], batch_size: int, seed: int,
                  shuffle_buffer: int, rank: int, world_size: int, num_workers: int,
+                 on_error: str = "skip", resampled: bool = False, with_keys: bool = False,
                  key: str = "data.train.urls"):
-        check_readers(len(shards.urls), world_size, num_workers, key=key)
-        self.shards = shards
+        self.sources = [Source(shards)] if isinstance(shards, ShardList) else list(shards)
+        for src in self.sources:
+            check_readers(len(src.shards.urls), world_size, num_workers, key=key)
+        total = sum(s.weight for s in self.sources)
+        self.weights = np.array([s.weight / total for s in self.sources])
         self.decode, self.collate = decode, collate
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
-        self.start_batch = 0  # batches this rank consumed before now; set on resume
+        self.on_error, self.resampled, self.with_keys = on_error, resampled, with_keys
+        ErrorPolicy(on_error, {})  # validates the policy name
+        self.reader_states: dict[int, Optional[dict]] = {}  # by role; set on resume
+        self.start_batch = 0  # batches consumed under this layout; rotates the round-robin
 
-    def reader_shards(self, epoch: int, worker: int) -> list[int]:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.urls))
-        return [int(i) for i in perm[self.rank::self.world_size][worker::self.num_workers]]
+    @property
+    def shards(self) -> ShardList:
+        return self.sources[0].shards
 
-    def reader_samples(self, worker: int, skip: int = 0) -> Iterator[Any]:
-        """Decoded samples of one reader, endless, after skipping `skip` of them."""
-        counts = self.shards.samples_per_shard
-        for epoch in itertools.count():
-            idx = self.reader_shards(epoch, worker)
-            if counts is not None:
-                n = sum(counts[i] for i in idx)
-                if skip >= n:
-                    skip -= n
+    def reader_shards(self, epoch: int, role: int, source: int = 0) -> list[int]:
+        return plan_epoch(len(self.sources[source].shards.urls), epoch, self.seed + 7919 * source, self.rank,
+                          self.world_size, role, self.num_workers, self.resampled)
+
+    def _readers(self, role: int, state: Optional[dict]) -> tuple[list[SourceReader], np.random.Generator]:
+        state = state or {"sources": [None] * len(self.sources), "mix_rng": None}
+        readers = [SourceReader(src, s, seed=self.seed + 7919 * i, rank=self.rank,
+                                world=self.world_size, role=role, workers=self.num_workers,
+                                buffer_size=self.shuffle_buffer, on_error=self.on_error,
+                                resampled=self.resampled)
+                   for i, (src, s) in enumerate(zip(self.sources, state["sources"]))]
+        mix = np.random.default_rng([self.seed, self.rank * self.num_workers + role, 2])
+        if state["mix_rng"] is not None:
+            mix.bit_generator.state = state["mix_rng"]
+        return readers, mix
+
+    def role_samples(self, role: int, state: Optional[dict] = None
+                     ) -> tuple[Iterator[tuple[Any, list]], Callable[[], dict]]:
+        """(decoded sample, name) of one reader, endless; and a function giving its state."""
+        readers, mix = self._readers(role, state)
+        policy = ErrorPolicy(self.on_error, readers[0].stats)
+
+        def samples():
+            while True:
+                i = int(mix.choice(len(readers), p=self.weights)) if len(readers) > 1 else 0
+                name, raw = readers[i].next_raw()
+                try:
+                    sample = decode_or_explain(self.decode, raw)
+                except DataError as exc:
+                    policy("missing_key" if "missing key" in str(exc) else "bad_samples", str(exc))
                     continue
-            rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
-            raw = iter_raw_samples([self.shards.urls[i] for i in idx])
-            empty = True
-            for sample in shuffled(raw, self.shuffle_buffer, rng):
-                empty = False
-                if skip:
-                    skip -= 1
-                    continue
-                yield decode_or_explain(self.decode, sample)
-            if empty:
-                raise DataError(f"rank {self.rank} worker {worker}: shards "
-                                f"{[self.shards.urls[i] for i in idx]} hold no samples")
+                yield sample, [i, *name, raw.get("__key__")]
 
-    def __iter__(self) -> Iterator[Any]:
+        def snapshot():
+            return {"sources": [r.state_dict() for r in readers], "mix_rng": mix.bit_generator.state}
+
+        return samples(), snapshot
+
+    def __iter__(self) -> Iterator[StreamBatch]:
         info = get_worker_info()
         worker, nworkers = (info.id, info.num_workers) if info else (0, 1)
         if nworkers != self.num_workers:
             raise DataError(f"stream built for {self.num_workers} workers runs in {nworkers}")
-        # The DataLoader restarts its round-robin at worker 0, so after n batches worker
-        # w plays the reader that owned global batch n + w in the uninterrupted order.
-        reader = (worker + self.start_batch) % nworkers
-        done = _worker_batches_before(self.start_batch, reader, nworkers)
-        batch = []
-        for sample in self.reader_samples(reader, skip=done * self.batch_size):
+        # The DataLoader restarts its round-robin at worker 0, so worker w plays the reader
+        # that owned the batch start_batch + w in the uninterrupted order.
+        role = (worker + self.start_batch) % nworkers
+        samples, snapshot = self.role_samples(role, self.reader_states.get(role))
+        batch, names = [], []
+        for sample, name in samples:
             batch.append(sample)
+            names.append(name)
             if len(batch) == self.batch_size:
-                yield self.collate(batch)
-                batch = []
+                yield StreamBatch(self.collate(batch), role, snapshot(),
+                                  names if self.with_keys else None)
+                batch, names = [], []
 
 
+# ------------------------------------------------------------------ elastic resume
+def _pool_remaining(states: list[Optional[dict]], layout: dict, num_shards: int, seed: int,
+                    resampled: bool) -> tuple[list[list], int]:
+    """What old readers of one source had left of the epochs in flight: (items, next epoch)."""
+    world, workers = layout["world_size"], layout["num_workers"]
+    states = [s or fresh_reader_state() for s in states]
+    top = max(s["next_epoch"] for s in states) - 1
+    if resampled:  # nothing to preserve: draws with replacement
+        return [], top + 1
+    items, picks = [], {}
+    for g, s in enumerate(states):
+        for epoch, shard, offset in s["buffer"]:
+            picks.setdefault((epoch, shard), []).append(offset)
+        items += [list(item) for item in s["queue"]]
+        rank, role = divmod(g, workers)
+        for e in range(s["next_epoch"], top + 1):
+            items += [[e, shard, 0, None]
+                      for shard in plan_epoch(num_shards, e, seed, rank, world, role, workers, False)]
+    items += [[e, shard, 0, sorted(offs)] for (e, shard), offs in sorted(picks.items())]
+    return items, top + 1
+
+
+def _deal(items: list[list], n_readers: int, sizes: Optional[list[int]]) -> list[list[list]]:
+    """Deal work items to readers, largest first, each to the least loaded reader."""
+    def size(item):
+        if item[3] is not None:
+            return len(item[3])
+        full = sizes[item[1]] if sizes is not None else UNKNOWN_SHARD_SIZE
+        return max(0, full - item[2])
+
+    loads, dealt = [0] * n_readers, [[] for _ in range(n_readers)]
+    for item in sorted(items, key=lambda it: (-size(it), it[0], it[1], it[2])):
+        g = loads.index(min(loads))
+        dealt[g].append(item)
+        loads[g] += size(item)
+    for d in dealt:
+        d.sort(key=lambda it: (it[0], it[1], it[2]))
+    return dealt
+
+
+def elastic_reader_states(stream: ShardStream, old_rank_states: list[dict]) -> dict[int, dict]:
+    """New reader states (by role, for `stream`'s rank) from all old ranks' saved states."""
+    old_layout = old_rank_states[0]
+    old_workers = old_layout["num_workers"]
+    n_new = stream.world_size * stream.num_workers
+    per_source: list[list[list[list]]] = []
+    next_epochs = []
+    for i, src in enumerate(stream.sources):
+        old = [rs["readers"].get(str(w)) for rs in old_rank_states for w in range(old_workers)]
+        old = [o["sources"][i] if o else None for o in old]
+        items, next_epoch = _pool_remaining(old, old_layout, len(src.shards.urls),
+                                            stream.seed + 7919 * i, stream.resampled)
+        per_source.append(_deal(items, n_new, src.shards.samples_per_shard))
+        next_epochs.append(next_epoch)
+    states = {}
+    for role in range(stream.num_workers):
+        g = stream.rank * stream.num_workers + role
+        sources = []
+        for i, dealt in enumerate(per_source):
+            s = fresh_reader_state(next_epochs[i])
+            s["queue"] = dealt[g]
+            s["rng"] = np.random.default_rng([stream.seed + 7919 * i, next_epochs[i], g, 3]).bit_generator.state
+            sources.append(s)
+        states[role] = {"sources": sources, "mix_rng": None}
+    return states
+
+
+# ------------------------------------------------------------------ the rank's loader
 class StreamLoader:
-    """A rank's training batches, counting what the trainer consumed.
+    """A rank's training batches, and the data position the trainer checkpoints.
 
-    `state_dict()` is the data position saved in checkpoints; the DataLoader is only built
-    at the first batch, after `load_state_dict()` had its chance.
+    The DataLoader is built at the first batch, after `load_state_dict()` had its chance.
+    With a `ledger` path, the names of consumed samples are appended there (tests and
+    audits use it to count deliveries).
     """
 
-    def __init__(self, stream: ShardStream, *, num_workers: int, prefetch_factor: int = 4):
+    def __init__(self, stream: ShardStream, *, num_workers: int, prefetch_factor: int = 4,
+                 ledger: Optional[Path] = None):
         self.stream, self.num_workers, self.prefetch_factor = stream, num_workers, prefetch_factor
-        self.batches = 0
+        self.batches = 0        # consumed under the current layout (drives the round-robin)
+        self.total_batches = 0  # consumed since the run began (never reset)
+        self.samples_seen = 0   # over all ranks
+        self.base_stats: dict[str, int] = {}
+        self.states: dict[int, Optional[dict]] = {w: None for w in range(stream.num_workers)}
+        self.ledger = ledger
         self._it = None
 
     def __iter__(self):
@@ -211,6 +501,7 @@ class StreamLoader:
     def __next__(self):
         if self._it is None:
             self.stream.start_batch = self.batches
+            self.stream.reader_states = dict(self.states)
             kwargs = {}
             if self.num_workers > 0:
                 kwargs = dict(prefetch_factor=self.prefetch_factor, persistent_workers=True)
@@ -220,58 +511,113 @@ class StreamLoader:
                                 generator=torch.Generator().manual_seed(self.stream.seed),
                                 **kwargs)
             self._it = iter(loader)
-        batch = next(self._it)
+        got: StreamBatch = next(self._it)
+        self.states[got.role] = got.state
         self.batches += 1
-        return batch
-
-    @property
-    def samples_seen(self) -> int:
-        """Samples consumed by all ranks (equal batch counts on every rank)."""
-        return self.batches * self.stream.batch_size * self.stream.world_size
+        self.total_batches += 1
+        self.samples_seen += self.stream.batch_size * self.stream.world_size
+        if self.ledger is not None:
+            with open(self.ledger, "a") as f:
+                f.write(json.dumps({"b": self.total_batches, "keys": got.keys}) + "\n")
+        return got.data
 
     @property
     def epoch(self) -> Optional[float]:
-        total = self.stream.shards.total_samples
-        return self.samples_seen / total if total else None
+        totals = [s.shards.total_samples for s in self.stream.sources]
+        return self.samples_seen / sum(totals) if all(totals) else None
+
+    def stats(self) -> dict[str, int]:
+        """Skip counters of this rank's readers (cumulative over the run)."""
+        out = dict(self.base_stats)
+        for state in self.states.values():
+            for src in (state or {}).get("sources", []):
+                for k, v in src["stats"].items():
+                    out[k] = out.get(k, 0) + v
+        return out
+
+    def layout(self) -> dict:
+        s = self.stream
+        return {"world_size": s.world_size, "num_workers": s.num_workers, "seed": s.seed,
+                "batch_size": s.batch_size, "shuffle_buffer": s.shuffle_buffer,
+                "resampled": s.resampled,
+                "num_shards": [len(src.shards.urls) for src in s.sources]}
 
     def state_dict(self) -> dict:
-        s = self.stream
-        return {"batches": self.batches, "batch_size": s.batch_size, "seed": s.seed,
-                "rank": s.rank, "world_size": s.world_size, "num_workers": s.num_workers,
-                "shuffle_buffer": s.shuffle_buffer, "num_shards": len(s.shards.urls),
-                "samples_seen": self.samples_seen}
+        return {**self.layout(), "rank": self.stream.rank, "batches": self.batches,
+                "total_batches": self.total_batches, "samples_seen": self.samples_seen,
+                "base_stats": self.base_stats,
+                "readers": {str(w): st for w, st in self.states.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, rank_states: list[dict]) -> str:
+        """Resume from the states every old rank saved; returns 'exact' or 'elastic'."""
         if self._it is not None:
             raise RuntimeError("load_state_dict after iteration started")
-        s = self.stream
-        now = {"batch_size": s.batch_size, "seed": s.seed, "world_size": s.world_size,
-               "num_workers": s.num_workers, "shuffle_buffer": s.shuffle_buffer,
-               "num_shards": len(s.shards.urls)}
-        for key, value in now.items():
-            if state[key] != value:
-                raise DataError(
-                    f"rank {s.rank}: the checkpoint's data position was made with {key}="
-                    f"{state[key]}, this run has {value}; exact resume needs the same "
-                    "shards, seed, batch size, world size and workers (elastic resume is "
-                    "not supported yet)")
-        self.batches = int(state["batches"])
+        old = rank_states[0]
+        now = self.layout()
+        for k in ("seed", "num_shards", "resampled"):
+            if old[k] != now[k]:
+                raise DataError(f"rank {self.stream.rank}: the checkpoint's data position was made "
+                                f"with {k}={old[k]}, this run has {now[k]}; resume needs the same "
+                                "shards and data seed")
+        self.total_batches = old["total_batches"]
+        self.samples_seen = old["samples_seen"]
+        if all(old[k] == now[k] for k in now):
+            mine = rank_states[self.stream.rank]
+            self.batches = mine["batches"]
+            self.base_stats = dict(mine["base_stats"])
+            self.states = {int(w): st for w, st in mine["readers"].items()}
+            return "exact"
+        self.batches = 0
+        self.states = elastic_reader_states(self.stream, rank_states)
+        self.base_stats = {}
+        if self.stream.rank == 0:  # keep the run's skip counts
+            for rs in rank_states:
+                for k, v in StreamLoader._sum_stats(rs).items():
+                    self.base_stats[k] = self.base_stats.get(k, 0) + v
+        return "elastic"
+
+    @staticmethod
+    def _sum_stats(rank_state: dict) -> dict[str, int]:
+        out = dict(rank_state["base_stats"])
+        for st in rank_state["readers"].values():
+            for src in (st or {}).get("sources", []):
+                for k, v in src["stats"].items():
+                    out[k] = out.get(k, 0) + v
+        return out
+
+
+def truncate_ledgers(folder: Path, total_batches: int) -> None:
+    """Drop ledger lines past a resume point (made by the run that died)."""
+    for path in Path(folder).glob("rank*.jsonl"):
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["b"] <= total_batches:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                continue
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def eval_batches(shards: ShardList, *, decode: Callable[[dict], Any],
                  collate: Callable[[list], Any], batch_size: int, rank: int,
-                 world_size: int) -> Iterator[Any]:
+                 world_size: int, on_error: str = "fail") -> Iterator[Any]:
     """One ordered pass over an eval split; sample i goes to rank i % world_size.
 
     Splitting by sample (not shard) lets a small eval set of one shard serve any world
     size; ranks get batch counts that may differ by one, so callers reduce sums, never
     run a collective per batch.
     """
+    policy = ErrorPolicy(on_error, {})
     batch = []
-    for i, sample in enumerate(iter_raw_samples(shards.urls)):
+    for i, sample in enumerate(iter_raw_samples(shards.urls, on_error)):
         if i % world_size != rank:
             continue
-        batch.append(decode_or_explain(decode, sample))
+        try:
+            batch.append(decode_or_explain(decode, sample))
+        except DataError as exc:
+            policy("bad_samples", str(exc))
+            continue
         if len(batch) == batch_size:
             yield collate(batch)
             batch = []

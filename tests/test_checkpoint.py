@@ -52,7 +52,7 @@ def test_round_trip_restores_every_listed_piece(tmp_path, backend):
     model2, opt2, sched2 = _parts(backend)
     trainer_state, data_state = ck.load(path, model=model2, optimizer=opt2, scheduler=sched2)
     ck.restore_rng(path)
-    assert (trainer_state, data_state) == ({"step": 3}, {"batches": 3})
+    assert (trainer_state, data_state) == ({"step": 3}, [{"batches": 3}])
     assert all(torch.equal(weights[k], v) for k, v in model2.state_dict().items())
     assert sched2.last_epoch == 3
     assert opt2.state_dict()["state"][0]["step"].item() == 3

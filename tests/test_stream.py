@@ -1,3 +1,4 @@
+import copy
 import itertools
 from collections import Counter
 
@@ -22,27 +23,37 @@ def make_stream(shards, rank, world, workers, batch=4, buffer=16, seed=3):
                        num_workers=workers)
 
 
+def epochs_of(stream, role, n_epochs):
+    """Samples of one reader, grouped by the epoch in their names, for epochs < n_epochs."""
+    samples, _ = stream.role_samples(role)
+    by_epoch = {}
+    for value, name in samples:
+        epoch = name[1]
+        if epoch >= n_epochs:
+            return by_epoch
+        by_epoch.setdefault(epoch, []).append(value)
+
+
 @pytest.mark.parametrize("world, workers", [(1, 1), (2, 1), (2, 2), (4, 2)])
 def test_each_epoch_is_split_disjointly_over_ranks_and_workers(shards, world, workers):
     total = sum(COUNTS)
-    for epoch in range(3):
-        seen = Counter()
-        for rank in range(world):
-            s = make_stream(shards, rank, world, workers)
-            for w in range(workers):
-                n = sum(COUNTS[i] for i in s.reader_shards(epoch, w))
-                # skip whole earlier epochs, then take exactly this reader's epoch
-                skip = sum(sum(COUNTS[i] for i in s.reader_shards(e, w)) for e in range(epoch))
-                seen.update(itertools.islice(s.reader_samples(w, skip=skip), n))
-        assert sorted(seen) == list(range(total)), f"epoch {epoch}: a sample is missing"
-        assert set(seen.values()) == {1}, f"epoch {epoch}: a sample came twice"
+    seen = {e: Counter() for e in range(3)}
+    for rank in range(world):
+        s = make_stream(shards, rank, world, workers)
+        for role in range(workers):
+            for epoch, values in epochs_of(s, role, 3).items():
+                assert sorted(values) == sorted(
+                    v for i in s.reader_shards(epoch, role)
+                    for v in range(sum(COUNTS[:i]), sum(COUNTS[:i + 1])))
+                seen[epoch].update(values)
+    for epoch, counter in seen.items():
+        assert sorted(counter) == list(range(total)), f"epoch {epoch}: a sample is missing"
+        assert set(counter.values()) == {1}, f"epoch {epoch}: a sample came twice"
 
 
 def test_epochs_are_reshuffled(shards):
-    s = make_stream(shards, 0, 1, 1)
-    first = list(itertools.islice(s.reader_samples(0), sum(COUNTS)))
-    second = list(itertools.islice(s.reader_samples(0, skip=sum(COUNTS)), sum(COUNTS)))
-    assert sorted(first) == sorted(second) and first != second
+    by_epoch = epochs_of(make_stream(shards, 0, 1, 1), 0, 2)
+    assert sorted(by_epoch[0]) == sorted(by_epoch[1]) and by_epoch[0] != by_epoch[1]
 
 
 def test_uneven_ranks_still_get_equal_batch_counts(tmp_path):
@@ -51,26 +62,35 @@ def test_uneven_ranks_still_get_equal_batch_counts(tmp_path):
     shards = ShardList(urls, [200, 3, 3, 3])
     for rank in range(2):
         batches = list(itertools.islice(iter(make_stream(shards, rank, 2, 1, batch=8)), 50))
-        assert len(batches) == 50 and all(len(b) == 8 for b in batches)
+        assert len(batches) == 50 and all(len(b.data) == 8 for b in batches)
+
+
+def _states_after(loaders, k):
+    for loader in loaders:
+        while loader.batches < k:
+            next(loader)
+    return [copy.deepcopy(loader.state_dict()) for loader in loaders]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_exactly(shards, workers):
     """Batches k.. of a resumed loader equal those of an uninterrupted one (real workers)."""
+    ref = [StreamLoader(make_stream(shards, r, 2, workers), num_workers=workers) for r in range(2)]
+    states = {k: _states_after(ref, k) for k in (1, 7, 33)}
+    _states_after(ref, 60)
     full = StreamLoader(make_stream(shards, 1, 2, workers), num_workers=workers)
     reference = [next(full) for _ in range(60)]
-    for k in (1, 7, 33):
-        state = dict(full.state_dict(), batches=k)
+    for k, rank_states in states.items():
         resumed = StreamLoader(make_stream(shards, 1, 2, workers), num_workers=workers)
-        resumed.load_state_dict(state)
+        assert resumed.load_state_dict(rank_states) == "exact"
         assert [next(resumed) for _ in range(60 - k)] == reference[k:]
 
 
-def test_resume_with_other_world_size_is_refused(shards):
-    state = StreamLoader(make_stream(shards, 0, 2, 1), num_workers=1).state_dict()
-    other = StreamLoader(make_stream(shards, 0, 1, 1), num_workers=1)
-    with pytest.raises(DataError, match="world_size=2"):
-        other.load_state_dict(state)
+def test_resume_with_other_shards_or_seed_is_refused(shards):
+    state = StreamLoader(make_stream(shards, 0, 1, 1), num_workers=1).state_dict()
+    other = StreamLoader(make_stream(shards, 0, 1, 1, seed=4), num_workers=1)
+    with pytest.raises(DataError, match="seed=3"):
+        other.load_state_dict([state])
 
 
 def test_too_few_shards_is_a_clear_error(tmp_path):
@@ -95,9 +115,9 @@ def test_undecodable_sample_names_shard_and_key(tmp_path):
         return decode_num(sample)
 
     s = ShardStream(ShardList(urls, None), decode=bad, collate=collate_list, batch_size=1, seed=0,
-                    shuffle_buffer=1, rank=0, world_size=1, num_workers=1)
+                    shuffle_buffer=1, rank=0, world_size=1, num_workers=1, on_error="fail")
     with pytest.raises(DataError, match=r"s000007.*p1-000000\.tar.*boom"):
-        list(itertools.islice(s.reader_samples(0), 10))
+        list(itertools.islice(s.role_samples(0)[0], 10))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -135,3 +155,71 @@ def test_too_few_shards_fails_before_launch(tmp_path, digits_dir, cpu_env):
                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "data.train.urls: 8 shard(s) cannot feed 4 rank(s) x 4 worker(s)" in out.stderr
+
+
+def _ledger_counts(folder):
+    """Per epoch, how often each sample id was delivered (from the loaders' ledgers)."""
+    import json
+
+    counts = {}
+    for path in sorted(folder.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            for source, epoch, shard, offset, key in json.loads(line)["keys"]:
+                counts.setdefault(epoch, Counter())[int(key[1:])] += 1
+    return counts
+
+
+@pytest.mark.parametrize("old, new", [((2, 2), (1, 1)), ((1, 1), (2, 2)), ((2, 1), (2, 3)),
+                                      ((2, 2), (3, 0))], ids=lambda x: f"{x[0]}x{x[1]}")
+def test_elastic_resume_delivers_every_remaining_sample_once(tmp_path, shards, old, new):
+    """Stop mid-epoch on one layout, go on with other ranks/workers: per epoch, every
+    sample exactly once (counted by name), however the ranks had drifted apart."""
+    (w0, k0), (w1, k1) = old, new
+    total = sum(COUNTS)
+
+    def loader(rank, world, workers, batch, ledger):
+        s = ShardStream(shards, decode=decode_num, collate=collate_list, batch_size=batch, seed=3,
+                        shuffle_buffer=16, rank=rank, world_size=world, num_workers=workers,
+                        with_keys=True)
+        return StreamLoader(s, num_workers=workers, ledger=ledger)
+
+    before = [loader(r, w0, k0, 4, tmp_path / f"rank{r}.jsonl") for r in range(w0)]
+    for ld in before:  # ~1.4 epochs in all: ranks end in different epochs, mid-shard
+        for _ in range(300 // (4 * w0)):
+            next(ld)
+    states = [ld.state_dict() for ld in before]
+
+    batch = 12 // w1  # global batch 12 after the change
+    after = [loader(r, w1, k1, batch, tmp_path / f"rank{r + 10}.jsonl") for r in range(w1)]
+    for ld in after:
+        assert ld.load_state_dict(states) == "elastic"
+        for _ in range(4 * total // (batch * w1)):
+            next(ld)
+
+    counts = _ledger_counts(tmp_path)
+    # epochs below every reader's current one are finished (readers drift apart freely)
+    in_progress = []
+    for ld in after:
+        for st in ld.state_dict()["readers"].values():
+            src = st["sources"][0]
+            pending = [item[0] for item in src["queue"]] + [name[0] for name in src["buffer"]]
+            in_progress.append(min(pending) if pending else src["next_epoch"])
+    last_full = min(in_progress) - 1
+    assert last_full >= 1
+    for epoch, counter in counts.items():
+        assert max(counter.values()) == 1, f"epoch {epoch}: a sample came twice"
+        if epoch <= last_full:
+            assert sorted(counter) == list(range(total)), f"epoch {epoch}: samples missing"
+
+
+def test_position_is_small_and_does_not_grow(shards):
+    """The saved position is a few hundred numbers, whatever has been read before."""
+    import json
+
+    ld = StreamLoader(make_stream(shards, 0, 1, 1), num_workers=0)
+    sizes = []
+    for _ in range(4):
+        for _ in range(100):
+            next(ld)
+        sizes.append(len(json.dumps(ld.state_dict())))
+    assert max(sizes) < 8000 and max(sizes) < 2 * min(sizes)

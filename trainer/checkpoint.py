@@ -205,23 +205,27 @@ class Checkpointer:
             raise choice
         return Path(choice) if choice else None
 
-    def load(self, path: Path, *, model, optimizer, scheduler) -> tuple[dict, dict]:
-        """Restore model, optimizer, scheduler and extras; returns (trainer_state, data_state).
+    def load(self, path: Path, *, model, optimizer, scheduler) -> tuple[dict, list[dict]]:
+        """Restore model, optimizer, scheduler and extras.
 
+        Returns (trainer_state, data states of every rank that wrote the checkpoint): the
+        data stream decides whether it resumes exactly or deals the rest to a new layout.
         RNG states are restored by `restore_rng`, last, once everything is built.
         """
         b = self.backend
         meta = json.loads((path / MARKER).read_text())
-        if meta["world_size"] != b.world_size:
-            raise CheckpointError(
-                f"{path} was written by {meta['world_size']} ranks, this run has "
-                f"{b.world_size}; exact resume needs the same world size")
         b.load_model_and_optimizer(path, model, optimizer)
         scheduler.load_state_dict(load_weights_only(path / "scheduler.pt"))
         b.load_extra_state(load_weights_only(path / "extra.pt"))
         trainer_state = json.loads((path / "trainer_state.json").read_text())
-        data_state = json.loads((path / f"data-rank{b.rank}.json").read_text())
-        return trainer_state, data_state
+        data_states = [json.loads((path / f"data-rank{r}.json").read_text())
+                       for r in range(meta["world_size"])]
+        return trainer_state, data_states
 
-    def restore_rng(self, path: Path) -> None:
-        set_rng_state(load_weights_only(path / f"rng-rank{self.backend.rank}.pt"))
+    def restore_rng(self, path: Path) -> bool:
+        """Restore this rank's RNG; False when the checkpoint had no such rank (elastic)."""
+        f = path / f"rng-rank{self.backend.rank}.pt"
+        if not f.exists():
+            return False
+        set_rng_state(load_weights_only(f))
+        return True

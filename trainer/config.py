@@ -34,6 +34,7 @@ class SplitConfig:
 
     urls: str = ""
     manifest: str = ""  # default: manifest.json beside the first local shard, if present
+    weight: float = 1.0  # share of a mixture (data.mix)
 
 
 @dataclass(kw_only=True)
@@ -47,6 +48,10 @@ class DataConfig:
     shuffle_buffer: int = 256
     seed: int = 0  # shard and sample order; independent of trainer.seed
     prefetch_factor: int = 4
+    mix: list[SplitConfig] = field(default_factory=list)  # more training sources, by weight
+    resampled: bool = False  # draw shards with replacement (no epochs, no exactly-once)
+    on_error: str = "skip"  # skip (count, warn, go on) | fail
+    key_ledger: bool = False  # append consumed sample names to run.dir/ledger/ (audits)
 
 
 @dataclass(kw_only=True)
@@ -189,6 +194,11 @@ def validate(cfg: RunConfig) -> None:
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1 (1 = no sample shuffle)")
     _check(d.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+    _check(d.on_error in ("skip", "fail"), "data.on_error", f"'{d.on_error}' is not skip or fail")
+    _check(d.train.weight > 0, "data.train.weight", "must be > 0")
+    for i, m in enumerate(d.mix):
+        _check(bool(m.urls), f"data.mix.{i}.urls", "no shards given")
+        _check(m.weight > 0, f"data.mix.{i}.weight", "must be > 0")
     if t.eval_every > 0:
         _check(bool(d.val.urls), "data.val.urls", "trainer.eval_every > 0 needs validation shards")
 

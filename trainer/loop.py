@@ -21,10 +21,14 @@ import torch
 from accelerate.utils import send_to_device
 from safetensors.torch import load_model, save_model
 
-from data_pipelines.stream import ShardStream, StreamLoader, eval_batches, resolve_shards
+from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, resolve_shards,
+                                   truncate_ledgers)
 from trainer.checkpoint import Checkpointer, write_json
 from trainer.config import RunConfig, to_yaml
 from trainer.metrics import MetricsLogger, summarize_line
+
+
+SKIP_KINDS = ("bad_samples", "missing_key", "bad_shards", "missing_shards")
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -82,22 +86,39 @@ class Trainer:
         seed_all(t.seed + 1000 * b.rank)  # per-rank randomness (dropout, noise)
 
         d = cfg.data
-        stream = ShardStream(resolve_shards(d.train.urls, d.train.manifest, key="data.train.urls"),
-                             decode=self.workload.decode, collate=self.workload.collate,
+        sources = [Source(resolve_shards(split.urls, split.manifest, key=key), split.weight, key)
+                   for key, split in [("data.train.urls", d.train)] +
+                   [(f"data.mix.{i}.urls", m) for i, m in enumerate(d.mix)]]
+        stream = ShardStream(sources, decode=self.workload.decode, collate=self.workload.collate,
                              batch_size=d.batch_size, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
-                             rank=b.rank, world_size=b.world_size, num_workers=d.num_workers)
-        self.loader = StreamLoader(stream, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
+                             rank=b.rank, world_size=b.world_size, num_workers=d.num_workers,
+                             on_error=d.on_error, resampled=d.resampled, with_keys=d.key_ledger)
+        ledger = None
+        if d.key_ledger:
+            (self.run_dir / "ledger").mkdir(parents=True, exist_ok=True)
+            ledger = self.run_dir / "ledger" / f"rank{b.rank}.jsonl"
+        self.loader = StreamLoader(stream, num_workers=d.num_workers,
+                                   prefetch_factor=d.prefetch_factor, ledger=ledger)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", b, t.keep_last_k)
 
     def _resume(self) -> TrainState:
         state = TrainState()
         path = self.checkpointer.resolve(self.cfg.trainer.resume)
-        self.resumed_from = path
+        self.resumed_from, self.resume_mode = path, None
         if path is not None:
-            trainer_state, data_state = self.checkpointer.load(
+            trainer_state, data_states = self.checkpointer.load(
                 path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             state = TrainState(**trainer_state)
-            self.loader.load_state_dict(data_state)
+            self.resume_mode = self.loader.load_state_dict(data_states)
+            if self.resume_mode == "elastic":
+                old = data_states[0]
+                self.resume_note = (f"elastic: {old['world_size']} rank(s) x {old['num_workers']} "
+                                    f"worker(s) x batch {old['batch_size']} -> "
+                                    f"{self.backend.world_size} x {self.loader.stream.num_workers} "
+                                    f"x {self.cfg.data.batch_size}")
+        if self.cfg.data.key_ledger and self.backend.is_main:
+            truncate_ledgers(self.run_dir / "ledger", self.loader.total_batches)
+        self.backend.barrier()
         return state
 
     # ---------------------------------------------------------------- the loop
@@ -111,7 +132,8 @@ class Trainer:
         self.log = MetricsLogger(self.run_dir, enabled=b.is_main, resume_step=state.step,
                                  total_steps=t.max_steps, progress_bar=t.progress_bar)
         if self.resumed_from is not None:
-            self.log.text(f"resumed from {self.resumed_from} (step {state.step})")
+            how = self.resume_note if self.resume_mode == "elastic" else "exact"
+            self.log.text(f"resumed from {self.resumed_from} (step {state.step}, {how})")
             self.checkpointer.restore_rng(self.resumed_from)  # last: nothing may draw after
         last_saved = state.step if self.resumed_from is not None else -1
         self._last_val: tuple[int, dict] = (-1, {})
@@ -146,13 +168,17 @@ class Trainer:
             if step % t.log_every == 0 or step == t.max_steps:
                 now = time.perf_counter()
                 elapsed = now - window_start
-                totals = b.reduce_sum(torch.stack([loss_sum, gnorm_sum]).double()).tolist()
+                skips = self.loader.stats()
+                local = torch.cat([torch.stack([loss_sum, gnorm_sum]).double(), torch.tensor(
+                    [float(skips.get(k, 0)) for k in SKIP_KINDS], dtype=torch.float64, device=b.device)])
+                totals = b.reduce_sum(local).tolist()
                 record = {"train/loss": totals[0] / (b.world_size * window_steps),
                           "train/lr": lr,
                           "train/grad_norm": totals[1] / (b.world_size * window_steps),
                           "train/samples_per_s": window_steps * samples_per_step / elapsed,
                           "train/data_wait_frac": data_wait / elapsed,
                           "train/samples_seen": self.loader.samples_seen}
+                record.update({f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, totals[2:]) if v})
                 if self.loader.epoch is not None:
                     record["train/epoch"] = self.loader.epoch
                 self.log.log(step, record, bar_keys=("train/loss", "train/lr", "train/samples_per_s"))
@@ -195,7 +221,8 @@ class Trainer:
             for batch in eval_batches(shards, decode=self.workload.decode,
                                       collate=self.workload.collate,
                                       batch_size=self.cfg.data.eval_batch_size,
-                                      rank=b.rank, world_size=b.world_size):
+                                      rank=b.rank, world_size=b.world_size,
+                                      on_error=self.cfg.data.on_error):
                 for k, v in self.workload.eval_sums(net, send_to_device(batch, b.device)).items():
                     sums[k] = sums.get(k, 0) + v.double()
         net.train()
