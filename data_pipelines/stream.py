@@ -160,8 +160,12 @@ def open_url(url: str):
         return gopen(url, "rb")  # webdataset's own handlers (gsutil, hf, ais)
 
 
-def shard_samples(url: str, on_error: ErrorPolicy) -> Iterator[dict]:
-    """Raw samples (bytes per extension, plus __key__/__url__) of one shard, in order."""
+def shard_samples(url: str, on_error: ErrorPolicy, expected: Optional[int] = None) -> Iterator[dict]:
+    """Raw samples (bytes per extension, plus __key__/__url__) of one shard, in order.
+
+    Python's tarfile ends a stream cut at a member boundary without complaint; with the
+    manifest's count (`expected`) such a shard is caught as truncated.
+    """
     try:
         stream = open_url(url)
     except Exception as exc:
@@ -172,6 +176,9 @@ def shard_samples(url: str, on_error: ErrorPolicy) -> Iterator[dict]:
         for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
             n += 1
             yield sample
+        if expected is not None and n < expected:
+            on_error("bad_shards", f"shard '{url}': unreadable after {n} samples (ends before "
+                                   f"the {expected} its manifest lists: truncated?)")
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         on_error("bad_shards", f"shard '{url}': unreadable after {n} samples "
                                f"({type(exc).__name__}: {exc})")
@@ -246,7 +253,9 @@ class SourceReader:
         _, shard, start, picks = item
         wanted = set(picks) if picks is not None else None
         last = max(picks) if picks else None
-        for offset, sample in enumerate(shard_samples(self.source.shards.urls[shard], self.policy)):
+        counts = self.source.shards.samples_per_shard
+        expected = counts[shard] if counts is not None and picks is None else None
+        for offset, sample in enumerate(shard_samples(self.source.shards.urls[shard], self.policy, expected)):
             if offset < start or (wanted is not None and offset not in wanted):
                 continue
             yield offset, sample

@@ -54,6 +54,13 @@ def main(argv=None) -> int:
     backend = make_backend(cfg.trainer)
     try:
         Trainer(cfg, build_workload(cfg.model), backend).fit()
+    except DataError as exc:
+        # from a loader worker the message carries the worker's traceback; its last line
+        # is the one that names the shard and sample
+        message = [line for line in str(exc).splitlines() if line.strip()][-1]
+        message = message.split("DataError: ", 1)[-1]
+        print(f"error: rank {backend.rank}: {message}", file=sys.stderr, flush=True)
+        return 3
     finally:
         backend.end()
     return 0
