@@ -3,17 +3,23 @@
 webdataset's ShardWriter does the tar work; what it lacks is a record of what it wrote.
 The manifest (per-shard sample count, bytes, sha256) lets the reader know epoch sizes
 without a scan and lets `verify_shards` catch a truncated or swapped shard.
+`index_shards` writes the same manifest for tars that another tool wrote.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable
 
 import webdataset as wds
+from tqdm.auto import tqdm
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "tributary-manifest/1"
@@ -25,6 +31,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def safe_key(key: str) -> str:
+    """webdataset splits a member name at its first dot, so a key must hold none; '/'
+    would make folders inside the tar, which some readers mishandle."""
+    return key.replace("/", "__").replace(".", "_")
 
 
 def write_shards(
@@ -74,15 +86,79 @@ def write_shards(
             "bytes": os.path.getsize(fname),
             "sha256": sha256_file(fname),
         })
+    return _write_manifest(out, shards)
+
+
+def _write_manifest(folder: Path, shards: list[dict]) -> dict:
     manifest = {
         "format": MANIFEST_FORMAT,
         "total_samples": sum(s["samples"] for s in shards),
         "shards": shards,
     }
-    tmp = out / (MANIFEST + ".tmp")
+    tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    os.replace(tmp, folder / MANIFEST)
     return manifest
+
+
+class _HashingReader:
+    """A file that hashes what is read from it, so a shard is counted and hashed in one read."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.f.read(size)
+        self.sha256.update(block)
+        self.bytes += len(block)
+        return block
+
+    def finish(self) -> str:
+        while self.read(1 << 20):  # the tar reader may stop before the end-of-archive padding
+            pass
+        return self.sha256.hexdigest()
+
+
+def count_samples(path: str | os.PathLike) -> tuple[int, int, str]:
+    """(samples, bytes, sha256) of one tar, grouping members by key as webdataset does."""
+    keys: set[str] = set()
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            members = tar_file_expander([{"url": str(path), "stream": reader}], eof_value=None)
+            for sample in group_by_keys(members):
+                if sample["__key__"] in keys:
+                    raise ValueError(f"key '{sample['__key__']}' appears twice, apart: webdataset "
+                                     "would read it as two samples")
+                keys.add(sample["__key__"])
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot read as a WebDataset tar ({type(exc).__name__}: "
+                             f"{exc.args[0] if exc.args else exc})") from exc
+        digest = reader.finish()
+    return len(keys), reader.bytes, digest
+
+
+def index_shards(folder: str | os.PathLike, pattern: str = "*.tar") -> dict:
+    """Write manifest.json for existing tars (e.g. img2dataset's webdataset output).
+
+    The tars are only read, never renamed or rewritten, so other tools keep working on
+    them. Tars holding no samples are left out of the manifest with a warning.
+    """
+    folder = Path(folder)
+    paths = sorted(folder.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no files match '{pattern}'")
+    shards = []
+    for path in tqdm(paths, desc="shards", unit="shard", disable=None):
+        samples, size, digest = count_samples(path)
+        if samples == 0:
+            log.warning("%s: no samples; left out of the manifest", path)
+            continue
+        shards.append({"url": path.relative_to(folder).as_posix(), "samples": samples,
+                       "bytes": size, "sha256": digest})
+    if not shards:
+        raise ValueError(f"{folder}: none of the {len(paths)} tar(s) holds a sample")
+    return _write_manifest(folder, shards)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

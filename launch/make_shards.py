@@ -1,16 +1,31 @@
-"""Shard tools: build the embedded datasets, verify a shard folder against its manifest.
+"""Shard tools: build the embedded datasets, turn your data into shards, index and verify.
 
     python -m launch.make_shards digits --out data/digits
+    python -m launch.make_shards from-datasets /data/saved --split train --out /data/shards/train \\
+        --columns image:jpg,caption:txt,meta:json
+    python -m launch.make_shards from-folder /data/pictures --out /data/shards/train
+    python -m launch.make_shards index /data/img2dataset_out
     python -m launch.make_shards verify data/digits/train
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from data_pipelines.shards import verify_shards
+from data_pipelines.shards import index_shards, verify_shards
 from data_pipelines.sources import digits
+
+
+def _add_shard_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="shard folder to write (gets manifest.json)")
+    p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard at most")
+    p.add_argument("--maxsize", type=float, default=256e6, help="bytes per shard at most")
+
+
+def _summary(folder, manifest: dict) -> str:
+    return f"{folder}: {manifest['total_samples']} samples in {len(manifest['shards'])} shards"
 
 
 def main(argv=None) -> int:
@@ -20,16 +35,66 @@ def main(argv=None) -> int:
     p = sub.add_parser("digits", help="binarized 8x8 digits (scikit-learn's copy)")
     p.add_argument("--out", default="data/digits")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
+
+    p = sub.add_parser("from-datasets", help="a Hugging Face dataset (save_to_disk folder or hub name)")
+    p.add_argument("source", help="folder written by save_to_disk, a local data folder, or a hub name")
+    p.add_argument("--split", help="split of a DatasetDict or hub dataset (default: train)")
+    p.add_argument("--columns", help="COLUMN:EXT,... (ext: png jpg webp txt json npy cls); "
+                                     "default: every column, by feature type")
+    p.add_argument("--key-column", help="column whose values become sample keys (default: row index)")
+    _add_shard_size(p)
+
+    p = sub.add_parser("from-folder", help="images with .txt/.json sidecars of the same name")
+    p.add_argument("folder")
+    p.add_argument("--require-caption", action="store_true",
+                   help="an image without a .txt caption is an error (default: a warning)")
+    _add_shard_size(p)
+
+    p = sub.add_parser("index", help="write manifest.json for existing tars (e.g. img2dataset's)")
+    p.add_argument("folder")
+    p.add_argument("--pattern", default="*.tar", help="which files are shards (glob, default *.tar)")
+
     p = sub.add_parser("verify", help="check shards against manifest.json")
     p.add_argument("folders", nargs="+")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
+    try:
+        return run(args)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "digits":
         if digits.is_built(args.out) and not args.force:
             print(f"{args.out}: already built (use --force to rebuild)")
             return 0
         for split, m in digits.build(args.out).items():
-            print(f"{args.out}/{split}: {m['total_samples']} samples in {len(m['shards'])} shards")
+            print(_summary(f"{args.out}/{split}", m))
+        return 0
+
+    if args.command == "from-datasets":
+        from data_pipelines.sources import hf  # imports `datasets`: slow, only when needed
+
+        ds = hf.load_source(args.source, args.split)
+        columns = hf.parse_columns(args.columns) if args.columns else None
+        m = hf.dataset_to_shards(ds, args.out, columns=columns, key_column=args.key_column,
+                                 maxcount=args.maxcount, maxsize=args.maxsize)
+        print(_summary(args.out, m))
+        return 0
+
+    if args.command == "from-folder":
+        from data_pipelines.sources.folder import folder_to_shards
+
+        m = folder_to_shards(args.folder, args.out, require_caption=args.require_caption,
+                             maxcount=args.maxcount, maxsize=args.maxsize)
+        print(_summary(args.out, m))
+        return 0
+
+    if args.command == "index":
+        print(_summary(args.folder, index_shards(args.folder, args.pattern)))
         return 0
 
     bad = 0
