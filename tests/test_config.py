@@ -26,10 +26,20 @@ def test_recipe_loads_with_overrides():
     ("trainer.resume=/no/such/checkpoint", "trainer.resume"),
     ("model.name=gpt9", "model.name"),                     # unknown workload
     ("data.train.urls=", "data.train.urls"),
+    ("data.on_error=ignore", "data.on_error"),
+    ("data.mix=[{urls: '/x/{0..3}.tar', weight: 0}]", "data.mix.0.weight"),
+    ("data.mix=[{urls: '/x/{0..3}.tar', wieght: 1}]", "data.mix.0.wieght"),
+    ("data.mix=[{urls: /x/{0..3}.tar}]", "data.mix"),  # unquoted braces: not YAML
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(RECIPE, [override])
+
+
+def test_mixture_config():
+    cfg = load_config(RECIPE, ["data.mix=[{urls: '/other/{0..3}.tar', weight: 0.25}]"])
+    assert cfg.data.mix[0].urls == "/other/{0..3}.tar" and cfg.data.mix[0].weight == 0.25
+    assert cfg.data.train.weight == 1.0
 
 
 def test_missing_run_dir_is_named(tmp_path):

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import yaml
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -125,9 +126,16 @@ def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = ()) 
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not of the form key=value")
-        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:
+            try:
+                raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([item]))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config key '{item.split('=', 1)[0]}': cannot parse the value "
+                                  f"of '{item}' ({str(exc).splitlines()[0]})") from None
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe '{recipe}' is not valid YAML: {exc}") from None
     except FileNotFoundError:
         raise ConfigError(f"recipe file '{recipe}' does not exist") from None
 
@@ -138,6 +146,19 @@ def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = ()) 
         model_cls = workload_config_class(name)
     except ValueError as exc:
         raise ConfigError(f"config key 'model.name': {exc}") from None
+
+    # Lists of structured entries lose their path in OmegaConf's errors: check each
+    # data.mix entry on its own so that a typo is reported as data.mix.<i>.<key>.
+    mix = OmegaConf.select(raw, "data.mix")
+    if mix is not None:
+        if not OmegaConf.is_list(mix):
+            raise ConfigError("config key 'data.mix': must be a list of {urls, weight} entries")
+        for i, entry in enumerate(mix):
+            try:
+                OmegaConf.merge(OmegaConf.structured(SplitConfig), entry)
+            except OmegaConfBaseException as exc:
+                err = _omegaconf_error(exc)
+                raise ConfigError(str(err).replace("config key '", f"config key 'data.mix.{i}.", 1)) from None
 
     schema = OmegaConf.structured(RunConfig)
     schema.model = OmegaConf.structured(model_cls)
