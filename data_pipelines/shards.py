@@ -58,7 +58,10 @@ def write_shards(
     written: list[tuple[str, int]] = []
     pattern = str(out / f"{prefix}-%06d.tar")
 
-    writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0)
+    # An integer mtime keeps tarfile from adding a PAX header to every member (webdataset
+    # stamps fractional time.time() otherwise): half the bytes, about twice the read
+    # speed, and the same sha256 when the same samples are written again.
+    writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0)
     writer.post = lambda fname: written.append((fname, writer.count))
     keys: set[str] = set()
     try:

@@ -68,13 +68,13 @@ def test_bad_sample(tmp_path, caplog, bad, kind, words):
         first_epoch(stream(urls, "fail"))
 
 
-@pytest.mark.parametrize("cut", [3 * 2048 + 1600, 3 * 2048 + 100, 3 * 2048],
+@pytest.mark.parametrize("cut", [3 * 1024 + 700, 3 * 1024 + 100, 3 * 1024],
                          ids=["in_data", "in_header", "at_boundary"])
 def test_truncated_tar(tmp_path, caplog, cut):
     """Cut inside a member's data, inside a header, or exactly between members: the last
     one Python's tarfile takes for a clean end, so the manifest count must catch it."""
     urls = write_numbered_shards(tmp_path, [6, 6])
-    Path(urls[1]).write_bytes(Path(urls[1]).read_bytes()[:cut])  # 2,048 bytes a sample (pax + file)
+    Path(urls[1]).write_bytes(Path(urls[1]).read_bytes()[:cut])  # 1,024 bytes a sample (header + data)
     with caplog.at_level(logging.WARNING):
         values, stats = first_epoch(stream(urls, "skip", counts=[6, 6]))
     assert sorted(values) == [0, 1, 2, 3, 4, 5, 6, 7, 8] and stats == {"bad_shards": 1}

@@ -51,3 +51,10 @@ def test_verify_reports_each_bad_shard(tmp_path):
     assert "sha256" in problems[0] and first.name in problems[0]
     assert "bytes" in problems[1] and second.name in problems[1]
     assert "missing" in problems[2] and third.name in problems[2]
+
+
+def test_shards_are_reproducible(tmp_path):
+    """Same samples, same bytes: shard checksums do not depend on when they were written."""
+    a = write_shards(_samples(12), tmp_path / "a", maxcount=5)
+    b = write_shards(_samples(12), tmp_path / "b", maxcount=5)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
