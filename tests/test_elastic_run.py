@@ -1,7 +1,8 @@
 """Exactly-once delivery through the real trainer when a run resumes on another layout.
 
 Each case trains a few epochs' worth in two legs: the first stops mid-epoch with a
-checkpoint, the second resumes it with other ranks or loader workers (global batch kept).
+checkpoint, the second resumes it with the same layout, or with other ranks or loader
+workers (global batch kept).
 Every consumed sample's name goes to the key ledger; per finished epoch, each of the 1,257
 training digits must appear exactly once.
 """
@@ -56,19 +57,20 @@ def finished_epochs(run_dir, step):
     return range(min(current))
 
 
-@pytest.mark.parametrize("first, second", [
-    ((2, 1, 16), (1, 1, 32)),   # 2 ranks -> 1 rank
-    ((1, 1, 32), (2, 1, 16)),   # 1 rank -> 2 ranks
-    ((2, 1, 16), (2, 2, 16)),   # same ranks, 1 -> 2 loader workers
-], ids=["2to1_ranks", "1to2_ranks", "1to2_workers"])
-def test_resume_on_another_layout_delivers_each_sample_once(tmp_path, digits_dir, cpu_env, first, second):
+@pytest.mark.parametrize("first, second, mode", [
+    ((2, 2, 16), (2, 2, 16), "exact"),    # same layout
+    ((2, 1, 16), (1, 1, 32), "elastic"),  # 2 ranks -> 1 rank
+    ((1, 1, 32), (2, 1, 16), "elastic"),  # 1 rank -> 2 ranks
+    ((2, 1, 16), (2, 2, 16), "elastic"),  # same ranks, 1 -> 2 loader workers
+], ids=["same_layout", "2to1_ranks", "1to2_ranks", "1to2_workers"])
+def test_resume_delivers_each_sample_once(tmp_path, digits_dir, cpu_env, first, second, mode):
     run_dir = tmp_path / "run"
     (r1, w1, b1), (r2, w2, b2) = first, second
     leg(run_dir, digits_dir, cpu_env, r1, "trainer.max_steps=50", f"data.num_workers={w1}",
         f"data.batch_size={b1}")
     out = leg(run_dir, digits_dir, cpu_env, r2, "trainer.max_steps=200", f"data.num_workers={w2}",
               f"data.batch_size={b2}")
-    assert "elastic" in out
+    assert f"(step 50, {mode}" in out
 
     counts = deliveries(run_dir)
     delivered = sum(sum(c.values()) for c in counts.values())
