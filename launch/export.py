@@ -12,14 +12,28 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_model
+from safetensors.torch import load_model, save_file
 
 from models.registry import build_workload
 from trainer.checkpoint import latest, verify
 from trainer.config import load_config
 
 
-def export(run_dir: Path, which: str = "best", out: Path | None = None) -> Path:
+def consolidate_deepspeed(checkpoint: Path) -> dict:
+    """One fp32 state dict from a DeepSpeed checkpoint's ZeRO partitions (DeepSpeed's own
+    zero_to_fp32), independent of the gathered copy the trainer writes beside it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from trainer.backends.deepspeed import DS_TAG
+
+    if not (checkpoint / DS_TAG).is_dir():
+        raise FileNotFoundError(f"{checkpoint}: no DeepSpeed engine checkpoint ({DS_TAG}/)")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def export(run_dir: Path, which: str = "best", out: Path | None = None,
+           from_engine: bool = False) -> Path:
     if which == "best":
         src = run_dir / "best"
         if not (src / "model.safetensors").exists():
@@ -36,9 +50,12 @@ def export(run_dir: Path, which: str = "best", out: Path | None = None) -> Path:
     out = out or run_dir / "export"
     cfg = load_config(run_dir / "config.yaml", ["trainer.resume=never"])
     model = build_workload(cfg.model).build_model()
-    load_model(model, str(src / "model.safetensors"), strict=True)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "model.safetensors", out / "model.safetensors")
+    if from_engine:
+        save_file(consolidate_deepspeed(src), str(out / "model.safetensors"))
+    else:
+        shutil.copyfile(src / "model.safetensors", out / "model.safetensors")
+    load_model(model, str(out / "model.safetensors"), strict=True)  # the export must load
     shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
     return out
 
@@ -49,9 +66,12 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--which", default="best", help="best, latest, or a step-N folder")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--from-engine", action="store_true",
+                        help="consolidate DeepSpeed's ZeRO partitions instead of copying the "
+                             "gathered model.safetensors (needs --which latest or a step-N folder)")
     args = parser.parse_args(argv)
     try:
-        out = export(args.run_dir, args.which, args.out)
+        out = export(args.run_dir, args.which, args.out, args.from_engine)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

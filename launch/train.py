@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from trainer.backends import make_backend
     from trainer.loop import Trainer
 
-    backend = make_backend(cfg.trainer)
+    backend = make_backend(cfg)
     try:
         Trainer(cfg, build_workload(cfg.model), backend).fit()
     except DataError as exc:

@@ -1,5 +1,7 @@
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,10 +42,39 @@ def collate_list(samples: list) -> list:
     return list(samples)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cpu_env():
     """Environment for subprocess runs: CPU ranks, no stray GPU, quiet."""
     env = dict(os.environ)
     env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                CUDA_VISIBLE_DEVICES="")
     return env
+
+
+def kill_tree(pid):
+    """SIGKILL a launcher and every process under it, all at once.
+
+    torch's elastic agent starts each rank in a session of its own, so killing the
+    launcher's process group would leave the ranks running.
+    """
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root] + root.children(recursive=True)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def wait_for(predicate, proc, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False

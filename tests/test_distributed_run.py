@@ -2,14 +2,13 @@
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import kill_tree, wait_for
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,35 +92,6 @@ def test_two_process_run_end_to_end(tmp_path, digits_dir, cpu_env):
     assert wl.eval_metrics(sums)["nll"] == pytest.approx(final["test/nll"], rel=1e-5)
 
 
-def kill_tree(pid):
-    """SIGKILL a launcher and every process under it, all at once.
-
-    torch's elastic agent starts each rank in a session of its own, so killing the
-    launcher's process group would leave the ranks running.
-    """
-    import psutil
-
-    root = psutil.Process(pid)
-    procs = [root] + root.children(recursive=True)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-def _wait_for(predicate, proc, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
-
-
 def test_sigkill_then_same_command_resumes_exactly(tmp_path, digits_dir, cpu_env):
     args = ("trainer.max_steps=300", "trainer.log_every=1", "trainer.checkpoint_every=40",
             "trainer.eval_every=50", "data.num_workers=2", "data.shuffle_buffer=64")
@@ -138,7 +108,7 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path, digits_dir, cpu_env
         return (killed / "checkpoints/step-80/COMPLETE.json").exists() and m.exists() and \
             any(r["step"] >= 97 for r in train_records(killed)[-3:])
 
-    reached = _wait_for(past_checkpoint, proc, timeout=240)
+    reached = wait_for(past_checkpoint, proc, timeout=240)
     kill_tree(proc.pid)
     proc.wait()
     assert reached, "the run ended before it could be killed mid-way"

@@ -169,7 +169,8 @@ class Checkpointer:
         b.barrier()  # every rank's files are on disk
 
         if b.is_main:
-            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.relative_to(tmp).as_posix(): sha256_file(p)
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
             expected = {f"rng-rank{r}.pt" for r in range(b.world_size)}
             if not expected <= files.keys():
                 raise CheckpointError(f"{tmp}: missing rank files {sorted(expected - files.keys())}")

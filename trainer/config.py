@@ -68,8 +68,24 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class AccelerateSection:
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2, fully_shard)
+    fsdp_min_params: int = 100_000  # auto-wrap: modules with at least this many parameters
+
+
+@dataclass(kw_only=True)
+class DeepSpeedSection:
+    zero_stage: int = 2  # 0-3
+    offload_optimizer: bool = False  # optimizer state to CPU (stage >= 1)
+    offload_params: bool = False  # parameters to CPU (stage 3)
+    config_file: str = ""  # a DeepSpeed JSON for anything else; its keys win
+
+
+@dataclass(kw_only=True)
 class TrainerConfig:
-    backend: str = "accelerate"
+    backend: str = "accelerate"  # accelerate | deepspeed
+    accelerate: AccelerateSection = field(default_factory=AccelerateSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     max_steps: int = 1000
     max_time: float = 0.0  # seconds of training wall time; 0 = no limit
     seed: int = 0
@@ -103,7 +119,7 @@ class RunConfig:
     model: Any = field(default_factory=ModelSection)
 
 
-BACKENDS = ("accelerate",)
+BACKENDS = ("accelerate", "deepspeed")
 PRECISIONS = ("no", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 
@@ -183,6 +199,16 @@ def validate(cfg: RunConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     t, o, d = cfg.trainer, cfg.optim, cfg.data
     _check(t.backend in BACKENDS, "trainer.backend", f"'{t.backend}' is not one of {BACKENDS}")
+    _check(t.accelerate.strategy in ("ddp", "fsdp"), "trainer.accelerate.strategy",
+           f"'{t.accelerate.strategy}' is not ddp or fsdp")
+    ds = t.deepspeed
+    _check(0 <= ds.zero_stage <= 3, "trainer.deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _check(not ds.offload_params or ds.zero_stage == 3, "trainer.deepspeed.offload_params",
+           "parameter offload needs trainer.deepspeed.zero_stage=3")
+    _check(not ds.offload_optimizer or ds.zero_stage >= 1, "trainer.deepspeed.offload_optimizer",
+           "optimizer offload needs trainer.deepspeed.zero_stage >= 1")
+    _check(not ds.config_file or Path(ds.config_file).is_file(), "trainer.deepspeed.config_file",
+           f"'{ds.config_file}' does not exist")
     _check(t.max_steps >= 1, "trainer.max_steps", "must be >= 1")
     _check(t.max_time >= 0, "trainer.max_time", "must be >= 0 (0 = no limit)")
     _check(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", "must be >= 1")

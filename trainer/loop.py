@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import send_to_device
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_file
 
 from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, resolve_shards,
                                    truncate_ledgers)
@@ -157,8 +157,7 @@ class Trainer:
                     loss = self.workload.training_loss(self.model, batch) / accum
                     b.backward(loss)
                 loss_sum += loss.detach()
-            gnorm_sum += b.clip_grad_norm(self.model, t.clip_grad_norm).detach()
-            b.optimizer_step(self.optimizer)
+            gnorm_sum += b.step(self.model, self.optimizer, t.clip_grad_norm).detach()
             self.scheduler.step()
             state.step += 1
             window_steps += 1
@@ -217,14 +216,24 @@ class Trainer:
         net = b.unwrap(self.model)
         net.eval()
         sums: dict[str, torch.Tensor] = {}
+        batches = eval_batches(shards, decode=self.workload.decode, collate=self.workload.collate,
+                               batch_size=self.cfg.data.eval_batch_size, rank=b.rank,
+                               world_size=b.world_size, on_error=self.cfg.data.on_error)
+        if b.shards_params:
+            # a forward pass is collective here: every rank runs as many as the busiest,
+            # repeating its last batch and not counting the repeats
+            batches = list(batches)
+            most = int(b.reduce_max(torch.tensor(len(batches), device=b.device)).item())
+            counted = len(batches)
+            batches += batches[-1:] * (most - counted)
+        else:
+            counted = None
         with torch.no_grad():
-            for batch in eval_batches(shards, decode=self.workload.decode,
-                                      collate=self.workload.collate,
-                                      batch_size=self.cfg.data.eval_batch_size,
-                                      rank=b.rank, world_size=b.world_size,
-                                      on_error=self.cfg.data.on_error):
-                for k, v in self.workload.eval_sums(net, send_to_device(batch, b.device)).items():
-                    sums[k] = sums.get(k, 0) + v.double()
+            for i, batch in enumerate(batches):
+                out = self.workload.eval_sums(net, send_to_device(batch, b.device))
+                if counted is None or i < counted:
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0) + v.double()
         net.train()
         if not sums:
             raise RuntimeError(f"rank {b.rank}: no eval samples in {shards.urls[:3]}...; an eval "
@@ -243,29 +252,32 @@ class Trainer:
         value = metrics[self.workload.best_metric]
         if value < state.best_value:
             state.best_value, state.best_step = value, step
-            if self.backend.is_main:
-                self._export(self.run_dir / "best", {"step": step, f"val/{self.workload.best_metric}": value})
+            self._export(self.run_dir / "best", {"step": step, f"val/{self.workload.best_metric}": value})
         return metrics
 
     def _export(self, out: Path, meta: dict) -> None:
+        """Whole-model weights as safetensors (collective: sharded backends gather)."""
+        weights = self.backend.full_state_dict(self.model)
+        if not self.backend.is_main:
+            return
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(self.backend.unwrap(self.model), str(tmp / "model.safetensors"))
+        save_file(weights, str(tmp / "model.safetensors"))
         write_json(tmp / "meta.json", meta)
         (tmp / "config.yaml").write_text(to_yaml(self.cfg))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
 
     def _log_samples(self, step: int) -> None:
-        if not self.backend.is_main:
+        if not (self.backend.is_main or self.backend.shards_params):  # sharded: all ranks sample
             return
         net = self.backend.unwrap(self.model)
         net.eval()
         images = self.workload.sample_images(net, self.cfg.trainer.num_samples,
                                              torch.Generator().manual_seed(self.cfg.trainer.seed))
         net.train()
-        if images is not None:
+        if images is not None and self.backend.is_main:
             self.log.image("samples", images, step)
 
     def _finish(self, state: TrainState, session_start: float, last_saved: int) -> dict:
@@ -280,7 +292,7 @@ class Trainer:
         best = self.run_dir / "best" / "model.safetensors"
         b.barrier()  # rank 0's best export is on disk
         if self.val_shards is not None and best.exists():
-            load_model(b.unwrap(self.model), str(best), strict=True, device="cpu")
+            b.load_full_state_dict(self.model, best)
             final["best_step"] = state.best_step
         if self.test_shards is not None:
             final.update({f"test/{k}": v for k, v in self.evaluate(self.test_shards).items()})

@@ -5,24 +5,39 @@ from __future__ import annotations
 import contextlib
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
+
+
+def fsdp_plugin(acc_cfg):
+    """FSDP2 (fully_shard): FSDP1 refuses CPU devices (FACTS.md). Every module whose own
+    parameters reach `fsdp_min_params` is a shard unit; the rest stays with the root."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="size_based_wrap",
+        min_num_params=acc_cfg.fsdp_min_params, state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False)
 
 
 class AccelerateBackend:
     def __init__(self, trainer_cfg):
+        acc = trainer_cfg.accelerate
         self.accelerator = Accelerator(
             mixed_precision=trainer_cfg.mixed_precision,
             # the LR schedule is ours and steps once per optimizer step; a prepared
             # scheduler would step num_processes times (FACTS.md)
             step_scheduler_with_optimizer=False,
+            fsdp_plugin=fsdp_plugin(acc) if acc.strategy == "fsdp" else None,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))],
         )
+        self.fsdp = acc.strategy == "fsdp"
+        self.shards_params = self.fsdp  # forward is collective: all ranks must run it
         state = self.accelerator.state
         self.rank, self.world_size = state.process_index, state.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -39,20 +54,22 @@ class AccelerateBackend:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Global gradient norm before clipping; max_norm 0 measures without clipping."""
+    def step(self, model: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
+        """Clip (max_norm 0: measure only), step, zero; the global norm before clipping."""
         limit = max_norm if max_norm > 0 else float("inf")
-        return self.accelerator.clip_grad_norm_(model.parameters(), limit)
-
-    def optimizer_step(self, optimizer: Any) -> None:
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), limit)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum") if self.world_size > 1 else tensor
+
+    def reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="max") if self.world_size > 1 else tensor
 
     def broadcast_object(self, obj: Any) -> Any:
         if self.world_size == 1:
@@ -64,18 +81,53 @@ class AccelerateBackend:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    # DDP keeps identical replicas, so rank 0 writes the model and optimizer for everyone.
+    def full_state_dict(self, model: nn.Module) -> Optional[dict]:
+        """The whole model's weights on rank 0 (None elsewhere). Collective."""
+        if self.fsdp:
+            sd = self.accelerator.get_state_dict(model)
+        else:
+            sd = self.unwrap(model).state_dict() if self.is_main else None
+        if not self.is_main:
+            return None
+        return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+    def load_full_state_dict(self, model: nn.Module, path: Path) -> None:
+        """Load a whole-model safetensors file into the (possibly sharded) model. Collective."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            state = load_file(str(path)) if self.is_main else {}
+            set_model_state_dict(self.unwrap(model), state, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            load_model(self.unwrap(model), str(path), strict=True, device="cpu")
+
+    # DDP keeps identical replicas, so rank 0 writes the model and optimizer for everyone;
+    # FSDP gathers both to full tensors first, so the files are the same at any world size.
     def save_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any) -> None:
+        sd = self.full_state_dict(model)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim_state = get_optimizer_state_dict(self.unwrap(model), optimizer.optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        else:
+            optim_state = optimizer.state_dict() if self.is_main else None
         if self.is_main:
-            save_model(self.unwrap(model), str(path / "model.safetensors"))
-            torch.save(optimizer.state_dict(), path / "optimizer.pt")
+            save_file(sd, str(path / "model.safetensors"))
+            torch.save(optim_state, path / "optimizer.pt")
 
     def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any) -> None:
-        missing, unexpected = load_model(self.unwrap(model), str(path / "model.safetensors"),
-                                         strict=True, device="cpu")
+        self.load_full_state_dict(model, path / "model.safetensors")
         # load_state_dict moves the state next to each parameter
         state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.unwrap(model), optimizer.optimizer, state, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            optimizer.load_state_dict(state)
 
     def extra_state(self) -> dict:
         scaler = self.accelerator.scaler
