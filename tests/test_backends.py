@@ -127,3 +127,17 @@ def test_deepspeed_partitions_consolidate_to_the_export(tmp_path, digits_dir, cp
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["best_step"] == 20  # one evaluation, at the end: best = last = exported
     assert wl.eval_metrics(sums)["nll"] == pytest.approx(final["test/nll"], rel=1e-5)
+
+
+def test_native_deepspeed_launcher(tmp_path, digits_dir, cpu_env):
+    """`deepspeed --num_gpus 2 --module launch.train` (it adds --local_rank; without
+    --num_gpus it would start one process on a CPU machine: FACTS.md)."""
+    bin_dir = Path(sys.executable).parent
+    env = dict(cpu_env, PATH=f"{bin_dir}:{cpu_env['PATH']}")
+    cmd = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--module", "launch.train"] + \
+        command(tmp_path, digits_dir, "zero3", "trainer.max_steps=10", "trainer.log_every=5",
+                "trainer.eval_every=0", "trainer.checkpoint_every=0")[6:]
+    run(cmd, env)
+    meta = json.loads((tmp_path / "checkpoints/step-10/COMPLETE.json").read_text())
+    assert meta["world_size"] == 2
+    assert len([f for f in meta["files"] if f.startswith("deepspeed/") and "optim_states" in f]) == 2

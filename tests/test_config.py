@@ -75,3 +75,39 @@ def test_bad_config_fails_before_any_process_group(tmp_path, cpu_env):
     assert out.returncode == 2
     assert "trainer.lr" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe, backend, strategy, stage, offload", [
+    ("made_fsdp", "accelerate", "fsdp", 2, False),
+    ("made_zero1", "deepspeed", "ddp", 1, False),
+    ("made_zero2", "deepspeed", "ddp", 2, False),
+    ("made_zero3", "deepspeed", "ddp", 3, False),
+    ("made_zero3_offload", "deepspeed", "ddp", 3, True),
+])
+def test_backend_recipes_build_on_the_base_recipe(recipe, backend, strategy, stage, offload):
+    cfg = load_config(RECIPE.parent / f"{recipe}.yaml", [])
+    t = cfg.trainer
+    assert (t.backend, t.accelerate.strategy, t.deepspeed.zero_stage, t.deepspeed.offload_params) == \
+        (backend, strategy, stage, offload)
+    assert cfg.run.dir.endswith(recipe) and cfg.model.name == "made" and t.max_steps == 3000
+
+
+def test_base_chain_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml", [])
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"'base'.*missing\.yaml"):
+        load_config(tmp_path / "c.yaml", [])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.deepspeed.zero_stage=4", "trainer.deepspeed.zero_stage"),
+    ("trainer.deepspeed.offload_params=true", "trainer.deepspeed.offload_params"),
+    ("trainer.accelerate.strategy=fsdp1", "trainer.accelerate.strategy"),
+    ("trainer.backend=horovod", "trainer.backend"),
+])
+def test_backend_config_errors(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(RECIPE, [override])

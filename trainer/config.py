@@ -130,6 +130,20 @@ def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"config key '{key}': {first_line}")
 
 
+def _load_recipe(path: Path, seen: tuple = ()):
+    """A recipe may start from another: `base: other.yaml` (relative to itself)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"recipe '{path}': 'base' chain loops back to itself")
+    raw = OmegaConf.load(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    if not base_path.exists():
+        raise ConfigError(f"config key 'base': recipe '{base_path}' (from '{path}') does not exist")
+    return OmegaConf.merge(_load_recipe(base_path, seen + (path.resolve(),)), raw)
+
+
 def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = ()) -> RunConfig:
     """Read a YAML recipe, apply `a.b=c` overrides, type-check and validate.
 
@@ -138,7 +152,7 @@ def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = ()) 
     from models.registry import workload_config_class  # models never import trainer
 
     try:
-        raw = OmegaConf.load(recipe) if recipe else OmegaConf.create({})
+        raw = _load_recipe(Path(recipe)) if recipe else OmegaConf.create({})
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not of the form key=value")

@@ -27,6 +27,7 @@ def deepspeed_config(trainer_cfg, micro_batch: int) -> dict:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.zero_stage == 3:
@@ -39,6 +40,9 @@ def deepspeed_config(trainer_cfg, micro_batch: int) -> dict:
         "bf16": {"enabled": trainer_cfg.mixed_precision == "bf16"},
         "fp16": {"enabled": trainer_cfg.mixed_precision == "fp16"},
         "zero_allow_untested_optimizer": True,
+        # with offload, our torch AdamW steps the fp32 partitions on the CPU; DeepSpeedCPUAdam
+        # would be faster there but compiles an op and bypasses our LR scheduler
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
