@@ -158,6 +158,13 @@ class DeepSpeedBackend:
             save_file(sd, str(path / "model.safetensors"))
 
     def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any) -> None:
+        saved_ranks = len(list((path / DS_TAG).glob("*optim_states.pt")))
+        if saved_ranks and saved_ranks != self.world_size:
+            raise RuntimeError(
+                f"{path}: DeepSpeed partitions were written by {saved_ranks} ranks, this run has "
+                f"{self.world_size}; resume under DeepSpeed needs the same world size (or start "
+                f"from the gathered weights: trainer.resume=never plus your own init from "
+                f"{path / 'model.safetensors'})")
         load_path, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if load_path is None:
