@@ -28,6 +28,9 @@ def preflight(cfg) -> None:
         s = getattr(d, split)
         if s.urls:
             resolve_shards(s.urls, s.manifest, key=f"data.{split}.urls")
+    from trainer.backends import check_launch_env
+
+    check_launch_env(cfg.trainer, cfg.data.batch_size)
 
 
 def main(argv=None) -> int:
@@ -53,6 +56,16 @@ def main(argv=None) -> int:
     from trainer.loop import Trainer
 
     backend = make_backend(cfg)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if backend.world_size != launched:
+        # e.g. `accelerate launch` with a GPU YAML on a CPU machine without
+        # ACCELERATE_USE_CPU=1: each process would train alone and race on one run dir
+        print(f"error: the launcher started {launched} processes (WORLD_SIZE) but the "
+              f"{backend.name} backend formed a group of {backend.world_size}; on a machine "
+              f"without GPUs set ACCELERATE_USE_CPU=1 for accelerate launch", file=sys.stderr, flush=True)
+        return 2
+    if backend.is_main:
+        print(f"backend: {backend.name} on {backend.world_size} rank(s), {backend.device.type}", flush=True)
     try:
         Trainer(cfg, build_workload(cfg.model), backend).fit()
     except DataError as exc:

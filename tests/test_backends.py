@@ -1,6 +1,9 @@
 """One recipe, every backend, by config alone: DDP, FSDP2, DeepSpeed ZeRO-1/2/3 on 2 CPU
-ranks (torchrun, gloo). Losses agree with DDP; ZeRO-2, ZeRO-3 and FSDP resume exactly
-after SIGKILL; DeepSpeed's own partitions consolidate to the weights we export."""
+ranks (torchrun, gloo), and ZeRO-2 built by Accelerate's DeepSpeed plugin under
+`accelerate launch`. Losses agree with DDP; ZeRO-2, ZeRO-3 and FSDP resume exactly after
+SIGKILL; ZeRO-2/3 resume at another world size like DDP does; DeepSpeed's own partitions
+consolidate to the weights we export; launcher settings that contradict the recipe are
+refused."""
 
 import json
 import subprocess
@@ -22,10 +25,13 @@ BACKENDS = {
 }
 
 
-def command(run_dir, digits_dir, backend, *overrides):
-    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-            "-m", "launch.train",
-            "--config", str(ROOT / "configs/autoregressive/made.yaml"), f"run.dir={run_dir}",
+def command(run_dir, digits_dir, backend, *overrides, nproc=2):
+    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "launch.train", *recipe(run_dir, digits_dir, backend, *overrides)]
+
+
+def recipe(run_dir, digits_dir, backend, *overrides):
+    return ["--config", str(ROOT / "configs/autoregressive/made.yaml"), f"run.dir={run_dir}",
             f"data.train.urls={digits_dir}/train", f"data.val.urls={digits_dir}/val",
             f"data.test.urls={digits_dir}/test", "model.hidden=[128]", "trainer.progress_bar=false",
             "optim.warmup_steps=2", "trainer.sample_every=0", *BACKENDS[backend], *overrides]
@@ -135,9 +141,130 @@ def test_native_deepspeed_launcher(tmp_path, digits_dir, cpu_env):
     bin_dir = Path(sys.executable).parent
     env = dict(cpu_env, PATH=f"{bin_dir}:{cpu_env['PATH']}")
     cmd = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--module", "launch.train"] + \
-        command(tmp_path, digits_dir, "zero3", "trainer.max_steps=10", "trainer.log_every=5",
-                "trainer.eval_every=0", "trainer.checkpoint_every=0")[6:]
+        recipe(tmp_path, digits_dir, "zero3", "trainer.max_steps=10", "trainer.log_every=5",
+               "trainer.eval_every=0", "trainer.checkpoint_every=0")
     run(cmd, env)
     meta = json.loads((tmp_path / "checkpoints/step-10/COMPLETE.json").read_text())
     assert meta["world_size"] == 2
     assert len([f for f in meta["files"] if f.startswith("deepspeed/") and "optim_states" in f]) == 2
+
+
+def test_accelerate_deepspeed_plugin(tmp_path, digits_dir, cpu_env, reference):
+    """`accelerate launch` with launch/accelerate/deepspeed_zero2.yaml: the engine is built by
+    Accelerate's plugin from our config, and steps at the accumulation boundary we set. Two
+    micro-batches of 16 take DDP's steps of 32. ACCELERATE_USE_CPU must be unset: with it
+    Accelerate drops the DeepSpeed plugin (FACTS.md)."""
+    env = {k: v for k, v in cpu_env.items() if k != "ACCELERATE_USE_CPU"}
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                str(ROOT / "launch/accelerate/deepspeed_zero2.yaml"), "--num_processes", "2",
+                "-m", "launch.train"]
+    out = run(launcher + recipe(tmp_path, digits_dir, "zero2", "trainer.max_steps=20",
+                                "trainer.log_every=1", "trainer.eval_every=10",
+                                "trainer.checkpoint_every=10", "data.batch_size=16",
+                                "trainer.grad_accum_steps=2"), env)
+    assert "backend: DeepSpeed ZeRO-2, engine built by Accelerate's DeepSpeed plugin on 2 rank(s)" in out
+    for key in ("train/loss", "train/grad_norm"):
+        assert losses(tmp_path, key) == pytest.approx(losses(reference, key), rel=1e-4), key
+    meta = json.loads((tmp_path / "checkpoints/step-20/COMPLETE.json").read_text())
+    assert len([f for f in meta["files"] if f.startswith("deepspeed/") and "optim_states" in f]) == 2
+
+    # the same YAML under a recipe that asks for ZeRO-3 is refused before any training
+    bad = subprocess.run(launcher + recipe(tmp_path / "bad", digits_dir, "zero3"), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "zero_stage=2, the recipe's trainer.deepspeed.zero_stage=3" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("backend", ["zero2", "zero3"])
+def test_deepspeed_resumes_at_another_world_size(tmp_path, digits_dir, cpu_env, reference, backend):
+    """A ZeRO checkpoint written by 2 ranks resumes on 1 rank through DeepSpeed's universal
+    checkpoint (weights and Adam moments re-partitioned): its steps equal those of DDP
+    resumed on 1 rank from DDP's own 2-rank checkpoint of the same step."""
+    args = ("trainer.max_steps=20", "trainer.log_every=1", "trainer.eval_every=10",
+            "trainer.checkpoint_every=10")
+    run(command(tmp_path / "two", digits_dir, backend, *args), cpu_env)
+    out = run(command(tmp_path / "one", digits_dir, backend, *args,
+                      f"trainer.resume={tmp_path / 'two/checkpoints/step-10'}", nproc=1), cpu_env)
+    assert "(step 10, elastic" in out
+    ddp = tmp_path / "ddp_one"
+    run(command(ddp, digits_dir, "ddp", *args, f"trainer.resume={reference / 'checkpoints/step-10'}",
+                nproc=1), cpu_env)
+    for key in ("train/loss", "train/grad_norm"):
+        assert len(losses(ddp, key)) == 10
+        assert losses(tmp_path / "one", key) == pytest.approx(losses(ddp, key), rel=1e-5), key
+    # the converted copy is gone; the 2-rank checkpoint is as it was written
+    assert sorted(p.name for p in (tmp_path / "two/checkpoints").iterdir()) == ["step-10", "step-20"]
+    from trainer.checkpoint import verify
+
+    assert verify(tmp_path / "two/checkpoints/step-10") is None
+    meta = json.loads((tmp_path / "one/checkpoints/step-20/COMPLETE.json").read_text())
+    assert meta["world_size"] == 1
+
+
+def ds_trainer(**ds):
+    from trainer.config import DeepSpeedSection, TrainerConfig
+
+    return TrainerConfig(backend="deepspeed", deepspeed=DeepSpeedSection(**ds))
+
+
+def test_launcher_settings_must_agree_with_the_recipe(monkeypatch):
+    """What an `accelerate launch` YAML exports may agree with the recipe, never overrule it."""
+    from trainer.backends import check_launch_env
+    from trainer.config import ConfigError, TrainerConfig
+
+    for key in [k for k in __import__("os").environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    check_launch_env(TrainerConfig(), 8)
+    check_launch_env(ds_trainer(zero_stage=1), 8)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP config.*trainer.accelerate.strategy=ddp"):
+        check_launch_env(TrainerConfig(), 8)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="DeepSpeed config.*trainer.backend=accelerate"):
+        check_launch_env(TrainerConfig(), 8)
+    with pytest.raises(ConfigError, match="zero_stage=3, the recipe's trainer.deepspeed.zero_stage=2"):
+        check_launch_env(ds_trainer(zero_stage=2), 8)
+    check_launch_env(ds_trainer(zero_stage=3), 8)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    with pytest.raises(ConfigError, match="trainer.deepspeed.offload_optimizer=False"):
+        check_launch_env(ds_trainer(zero_stage=3), 8)
+    check_launch_env(ds_trainer(zero_stage=3, offload_optimizer=True), 8)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "launch/deepspeed/zero3_offload.json")
+    with pytest.raises(ConfigError, match="trainer.deepspeed.config_file"):
+        check_launch_env(ds_trainer(zero_stage=3, offload_optimizer=True), 8)
+
+
+def test_deepspeed_json_must_agree_with_the_recipe(tmp_path):
+    from trainer.backends.deepspeed import deepspeed_config
+    from trainer.config import ConfigError
+
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "wall_clock_breakdown": True}))
+    with pytest.raises(ConfigError, match="stage=3, but trainer.deepspeed.zero_stage=2"):
+        deepspeed_config(ds_trainer(zero_stage=2, config_file=str(f)), 8)
+    merged = deepspeed_config(ds_trainer(zero_stage=3, config_file=str(f)), 8)
+    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": True,
+                                           "stage3_gather_16bit_weights_on_model_save": True}
+    assert merged["wall_clock_breakdown"] is True and merged["train_micro_batch_size_per_gpu"] == 8
+    with pytest.raises(ConfigError, match="offload_optimizer.device=cpu, but trainer.deepspeed.offload_optimizer=False"):
+        deepspeed_config(ds_trainer(zero_stage=3, config_file=str(ROOT / "launch/deepspeed/zero3_offload.json"),
+                                    offload_params=True), 8)
+    f.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4, but the trainer config gives 8"):
+        deepspeed_config(ds_trainer(zero_stage=2, config_file=str(f)), 8)
+
+
+def test_launch_that_forms_a_smaller_group_is_refused(tmp_path, digits_dir, cpu_env):
+    """A GPU launch YAML on a CPU machine without ACCELERATE_USE_CPU=1 starts processes that
+    each form a group of one: they would train alone and race on one run dir."""
+    env = {k: v for k, v in cpu_env.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(ROOT / "launch/accelerate/fsdp.yaml"), "--num_processes", "2", "-m", "launch.train",
+           *recipe(tmp_path / "run", digits_dir, "fsdp", "trainer.max_steps=5")]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "the launcher started 2 processes (WORLD_SIZE) but the Accelerate FSDP2" in out.stderr
+    assert not (tmp_path / "run").exists()

@@ -79,6 +79,7 @@ class DeepSpeedSection:
     offload_optimizer: bool = False  # optimizer state to CPU (stage >= 1)
     offload_params: bool = False  # parameters to CPU (stage 3)
     config_file: str = ""  # a DeepSpeed JSON for anything else; its keys win
+    via: str = "auto"  # who builds the engine: native | accelerate (its DeepSpeed plugin) | auto
 
 
 @dataclass(kw_only=True)
@@ -221,6 +222,8 @@ def validate(cfg: RunConfig) -> None:
            "parameter offload needs trainer.deepspeed.zero_stage=3")
     _check(not ds.offload_optimizer or ds.zero_stage >= 1, "trainer.deepspeed.offload_optimizer",
            "optimizer offload needs trainer.deepspeed.zero_stage >= 1")
+    _check(ds.via in ("auto", "native", "accelerate"), "trainer.deepspeed.via",
+           f"'{ds.via}' is not auto, native or accelerate")
     _check(not ds.config_file or Path(ds.config_file).is_file(), "trainer.deepspeed.config_file",
            f"'{ds.config_file}' does not exist")
     _check(t.max_steps >= 1, "trainer.max_steps", "must be >= 1")

@@ -21,6 +21,7 @@ class Backend(Protocol):
     is_main: bool
     device: torch.device
     shards_params: bool  # True when a forward pass is collective (ZeRO-3, FSDP)
+    name: str  # what runs, in words (printed at start)
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]: ...
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager: ...
@@ -40,6 +41,18 @@ class Backend(Protocol):
     def end(self) -> None: ...
 
 
+def check_launch_env(trainer_cfg, micro_batch: int) -> None:
+    """The launcher's settings (an `accelerate launch` YAML exports them) must agree with the
+    recipe; raises ConfigError before any process group starts."""
+    if trainer_cfg.backend == "accelerate":
+        from trainer.backends.accelerate import check_launch_env as check
+        check(trainer_cfg.accelerate)
+    else:
+        from trainer.backends.deepspeed import check_accelerate_launch_env, deepspeed_config
+        check_accelerate_launch_env(trainer_cfg.deepspeed)
+        deepspeed_config(trainer_cfg, micro_batch)  # a config_file that contradicts the recipe
+
+
 def make_backend(cfg) -> Backend:
     """The backend of a run config (`trainer.backend`)."""
     t = cfg.trainer
@@ -48,7 +61,8 @@ def make_backend(cfg) -> Backend:
 
         return AccelerateBackend(t)
     if t.backend == "deepspeed":
-        from trainer.backends.deepspeed import DeepSpeedBackend
+        from trainer.backends.deepspeed import AccelerateDeepSpeedBackend, DeepSpeedBackend, engine_via
 
-        return DeepSpeedBackend(t, micro_batch=cfg.data.batch_size)
+        cls = AccelerateDeepSpeedBackend if engine_via(t.deepspeed) == "accelerate" else DeepSpeedBackend
+        return cls(t, micro_batch=cfg.data.batch_size)
     raise ValueError(f"trainer.backend '{t.backend}' is not available")

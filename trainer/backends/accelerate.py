@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -12,6 +13,8 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from safetensors.torch import load_file, load_model, save_file
 from torch import nn
+
+from trainer.config import ConfigError
 
 
 def fsdp_plugin(acc_cfg):
@@ -25,9 +28,24 @@ def fsdp_plugin(acc_cfg):
         cpu_ram_efficient_loading=False)
 
 
+def check_launch_env(acc_cfg) -> None:
+    """`accelerate launch` with a DeepSpeed or FSDP YAML exports ACCELERATE_USE_* and the
+    Accelerator would silently follow them over the recipe: refuse a contradiction."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ConfigError("accelerate launch was given a DeepSpeed config, but the recipe has "
+                         "trainer.backend=accelerate; set trainer.backend=deepspeed (and "
+                         "trainer.deepspeed.zero_stage), or launch with a non-DeepSpeed config")
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc_cfg.strategy != "fsdp":
+        raise ConfigError(f"accelerate launch was given an FSDP config, but the recipe has "
+                         f"trainer.accelerate.strategy={acc_cfg.strategy}; set "
+                         f"trainer.accelerate.strategy=fsdp, or launch with a non-FSDP config")
+
+
 class AccelerateBackend:
     def __init__(self, trainer_cfg):
         acc = trainer_cfg.accelerate
+        check_launch_env(acc)
         self.accelerator = Accelerator(
             mixed_precision=trainer_cfg.mixed_precision,
             # the LR schedule is ours and steps once per optimizer step; a prepared
@@ -37,6 +55,7 @@ class AccelerateBackend:
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))],
         )
         self.fsdp = acc.strategy == "fsdp"
+        self.name = "Accelerate FSDP2 (fully_shard)" if self.fsdp else "Accelerate DDP"
         self.shards_params = self.fsdp  # forward is collective: all ranks must run it
         state = self.accelerator.state
         self.rank, self.world_size = state.process_index, state.num_processes

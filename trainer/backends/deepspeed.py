@@ -1,5 +1,8 @@
-"""DeepSpeed backend: ZeRO stages 0-3, optional CPU offload, launched by torchrun or the
-`deepspeed` launcher (one process per device; gloo on CPU, NCCL on GPUs).
+"""DeepSpeed backend: ZeRO stages 0-3, optional CPU offload (one process per device; gloo
+on CPU, NCCL on GPUs). The engine is built either by us (`deepspeed.initialize`, under
+torchrun or the `deepspeed` launcher) or by Accelerate's DeepSpeed plugin (under
+`accelerate launch` with a DeepSpeed config); `trainer.deepspeed.via` picks, `auto` follows
+the launcher.
 
 Our trainer config is the one source of truth: micro batch, accumulation, clipping and
 precision are mapped into the DeepSpeed config here, never set twice. The optimizer is
@@ -10,6 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +25,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from trainer.config import ConfigError
 
 DS_TAG = "deepspeed"  # engine checkpoints live in <step-N>/deepspeed/
 
@@ -46,20 +55,83 @@ def deepspeed_config(trainer_cfg, micro_batch: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if ds.config_file:  # a user's JSON for everything else (its keys win, ours are checked)
+    if ds.config_file:  # a user's JSON for everything else: its tuning keys win, ours are checked
         extra = json.loads(Path(ds.config_file).read_text())
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             if key in extra and extra[key] != config[key]:
-                raise ValueError(f"trainer.deepspeed.config_file sets {key}={extra[key]}, but the "
-                                 f"trainer config gives {config[key]}; set it in one place")
+                raise ConfigError(f"trainer.deepspeed.config_file {ds.config_file} sets {key}={extra[key]}, "
+                                 f"but the trainer config gives {config[key]}; set it in one place")
+        zero_extra = extra.pop("zero_optimization", {})
+        if zero_extra.get("stage", ds.zero_stage) != ds.zero_stage:
+            raise ConfigError(f"trainer.deepspeed.config_file {ds.config_file} sets zero_optimization.stage="
+                             f"{zero_extra['stage']}, but trainer.deepspeed.zero_stage={ds.zero_stage}; "
+                             f"set it in one place")
+        for key, name, ours in (("offload_optimizer", "offload_optimizer", ds.offload_optimizer),
+                                ("offload_param", "offload_params", ds.offload_params)):
+            device = (zero_extra.get(key) or {}).get("device", "none")
+            if (device != "none") != ours:
+                raise ConfigError(f"trainer.deepspeed.config_file {ds.config_file} sets zero_optimization."
+                                 f"{key}.device={device}, but trainer.deepspeed.{name}={ours}; set it "
+                                 f"in one place")
+        zero.update(zero_extra)  # deep enough: zero_optimization is the only nested section we set
         config.update(extra)
+    world = dist.get_world_size() if dist.is_initialized() else None
+    want = micro_batch * trainer_cfg.grad_accum_steps * world if world else None
+    if want and config.get("train_batch_size", want) != want:
+        raise ConfigError(f"trainer.deepspeed.config_file sets train_batch_size={config['train_batch_size']}, "
+                         f"but data.batch_size={micro_batch} x trainer.grad_accum_steps="
+                         f"{trainer_cfg.grad_accum_steps} x {world} ranks = {want}; set it in one place")
     return config
+
+
+def engine_via(ds_cfg) -> str:
+    """'accelerate' or 'native': who builds the engine (`auto`: Accelerate when `accelerate
+    launch` was given a DeepSpeed config, i.e. ACCELERATE_USE_DEEPSPEED=true)."""
+    if ds_cfg.via != "auto":
+        return ds_cfg.via
+    return "accelerate" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else "native"
+
+
+def check_accelerate_launch_env(ds_cfg) -> None:
+    """An accelerate DeepSpeed YAML that contradicts the recipe is an error, not a silent
+    winner: the recipe decides, the YAML may only agree."""
+    env = os.environ
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage not in (None, "") and int(stage) != ds_cfg.zero_stage:
+        raise ConfigError(f"accelerate launch config says zero_stage={stage}, the recipe's "
+                         f"trainer.deepspeed.zero_stage={ds_cfg.zero_stage}; make them agree")
+    for key, ours in (("OFFLOAD_OPTIMIZER_DEVICE", ds_cfg.offload_optimizer),
+                      ("OFFLOAD_PARAM_DEVICE", ds_cfg.offload_params)):
+        theirs = env.get(f"ACCELERATE_DEEPSPEED_{key}", "none").lower()
+        if theirs not in ("", "none") and (theirs == "cpu") != ours:
+            name = "offload_optimizer" if "OPTIM" in key else "offload_params"
+            raise ConfigError(f"accelerate launch config says {key.lower()}={theirs}, the recipe's "
+                             f"trainer.deepspeed.{name}={ours}; make them agree")
+    theirs = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if theirs not in ("", "none") and not (
+            ds_cfg.config_file and Path(ds_cfg.config_file).resolve() == Path(theirs).resolve()):
+        raise ConfigError(f"accelerate launch config names deepspeed_config_file={theirs}; name it in "
+                         f"the recipe instead (trainer.deepspeed.config_file), which decides")
+
+
+def convert_to_universal(src: Path, dst: Path) -> Optional[str]:
+    """DeepSpeed's ds_to_universal on one rank's behalf (a subprocess: it forks worker pools);
+    None on success, else the converter's output tail."""
+    shutil.rmtree(dst.parent, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(dst), "--num_extract_workers", "2", "--num_merge_workers", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        shutil.rmtree(dst.parent, ignore_errors=True)
+        return (out.stdout + out.stderr)[-3000:]
+    return None
 
 
 class DeepSpeedBackend:
     def __init__(self, trainer_cfg, micro_batch: int):
         import deepspeed
 
+        check_accelerate_launch_env(trainer_cfg.deepspeed)
         self.cfg, self.micro_batch = trainer_cfg, micro_batch
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False,
@@ -67,13 +139,14 @@ class DeepSpeedBackend:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         if torch.cuda.is_available():
-            local = int(__import__("os").environ.get("LOCAL_RANK", 0))
+            local = int(os.environ.get("LOCAL_RANK", 0))
             torch.cuda.set_device(local)
             self.device = torch.device("cuda", local)
         else:
             self.device = torch.device("cpu")
         self.stage = trainer_cfg.deepspeed.zero_stage
         self.shards_params = self.stage == 3  # forward is collective: all ranks must run it
+        self.name = f"DeepSpeed ZeRO-{self.stage}, engine built by deepspeed.initialize"
         self._pending = 0
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -159,16 +232,41 @@ class DeepSpeedBackend:
 
     def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any) -> None:
         saved_ranks = len(list((path / DS_TAG).glob("*optim_states.pt")))
-        if saved_ranks and saved_ranks != self.world_size:
-            raise RuntimeError(
-                f"{path}: DeepSpeed partitions were written by {saved_ranks} ranks, this run has "
-                f"{self.world_size}; resume under DeepSpeed needs the same world size (or start "
-                f"from the gathered weights: trainer.resume=never plus your own init from "
-                f"{path / 'model.safetensors'})")
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+        if not saved_ranks or saved_ranks == self.world_size:
+            self._load(path, DS_TAG)
+            return
+        # another world size: DeepSpeed's universal checkpoint (per-parameter fp32 weights and
+        # Adam moments, re-partitioned on load). Converted next to the checkpoint, which stays
+        # as written, and removed once every rank has loaded it.
+        universal = path.parent / f".{path.name}.universal-{self.world_size}"
+        error = None
+        if self.is_main:
+            error = convert_to_universal(path / DS_TAG, universal / DS_TAG)
+        error = self.broadcast_object(error)
+        if error:
+            raise RuntimeError(f"{path}: written by {saved_ranks} DeepSpeed ranks, this run has "
+                               f"{self.world_size}; converting it to a universal checkpoint failed:\n{error}")
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self._load(universal, DS_TAG)
+            # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the *same*
+            # `step` tensor; torch's Adam increments it in place once per group, so the second
+            # group would take its bias correction one step ahead. One tensor per group.
+            inner = getattr(self.engine.optimizer, "optimizer", None)
+            for state in (inner.state.values() if inner is not None else []):
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+            self.barrier()
+            if self.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
+
+    def _load(self, path: Path, tag: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if load_path is None:
-            raise RuntimeError(f"{path}: DeepSpeed found no engine checkpoint under '{DS_TAG}/'")
+            raise RuntimeError(f"{path}: DeepSpeed found no engine checkpoint under '{tag}/'")
 
     def extra_state(self) -> dict:
         return {}
@@ -179,3 +277,59 @@ class DeepSpeedBackend:
     def end(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+
+class AccelerateDeepSpeedBackend(DeepSpeedBackend):
+    """The same engine built through Accelerate's DeepSpeed plugin. Its config is ours
+    (`deepspeed_config`), so the recipe stays the one source; checkpoints, exports and
+    logs are the native backend's. Accelerate steps the engine inside `backward` at the
+    accumulation boundary, so `step` only reads the norm."""
+
+    def __init__(self, trainer_cfg, micro_batch: int):
+        from accelerate import Accelerator, DeepSpeedPlugin
+        from accelerate.utils import InitProcessGroupKwargs
+
+        check_accelerate_launch_env(trainer_cfg.deepspeed)
+        # the YAML's DeepSpeed keys agree with the recipe (checked above); the plugin would
+        # refuse them beside a config of ours, as if they could disagree
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+        self.cfg, self.micro_batch = trainer_cfg, micro_batch
+        self.stage = trainer_cfg.deepspeed.zero_stage
+        self.shards_params = self.stage == 3
+        self.name = f"DeepSpeed ZeRO-{self.stage}, engine built by Accelerate's DeepSpeed plugin"
+        self._pending = 0
+        # gloo named explicitly on CPU, or Accelerate's DeepSpeed state fails its batch-size
+        # check (FACTS.md)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        kwargs = InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(trainer_cfg, micro_batch),
+                                 gradient_accumulation_steps=trainer_cfg.grad_accum_steps)
+        self.accelerator = Accelerator(
+            deepspeed_plugin=plugin, mixed_precision=trainer_cfg.mixed_precision,
+            gradient_accumulation_steps=trainer_cfg.grad_accum_steps,
+            step_scheduler_with_optimizer=False, kwargs_handlers=[kwargs])
+        state = self.accelerator.state
+        self.rank, self.world_size = state.process_index, state.num_processes
+        self.is_main = self.accelerator.is_main_process
+        device = self.accelerator.device  # "cpu:0" is refused by torch.load (FACTS.md)
+        self.device = torch.device("cpu") if device.type == "cpu" else device
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.engine = self.accelerator.deepspeed_engine_wrapped.engine
+        return model, optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._pending += 1
+        boundary = self._pending >= self.cfg.grad_accum_steps
+        self.accelerator.gradient_state._set_sync_gradients(boundary)
+        # the loop already divided the loss by the accumulation steps
+        self.accelerator.backward(loss, scale_wrt_gas=False)
+
+    def step(self, model: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
+        self._pending = 0  # the engine stepped (and clipped) inside backward
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"), device=self.device)
+
+    def end(self) -> None:
+        self.accelerator.end_training()
