@@ -14,7 +14,7 @@ MODELS := factorized fvsbn nade made
 LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
 
-.PHONY: venv data train test clean
+.PHONY: venv data data-lm train test drills clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -27,6 +27,12 @@ $(STAMP): requirements.txt
 data: venv
 	$(PY) -m launch.make_shards digits --out data/digits
 
+# byte windows of the Python standard library for configs/lm/ (1k, 4k, 16k, 64k contexts)
+data-lm: venv
+	@for n in 1024:1k 4096:4k 16384:16k 65536:64k; do \
+	  $(PY) -m launch.make_shards text stdlib --seq-len $${n%%:*} --out data/lm/stdlib-$${n##*:} || exit 1; \
+	done
+
 train: data
 	@for m in $(MODELS); do \
 	  echo "== $$m"; \
@@ -34,8 +40,12 @@ train: data
 	done
 	$(PY) -m launch.report $(addprefix $(RUNS)/,$(MODELS))
 
+# the suite without the long drills (under 15 minutes on 2 cores); `make drills` runs those
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not drill" tests
+
+drills: venv
+	$(PY) -m pytest -q -m drill tests
 
 clean:
 	rm -rf runs data

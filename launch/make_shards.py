@@ -5,6 +5,8 @@
         --columns image:jpg,caption:txt,meta:json
     python -m launch.make_shards from-folder /data/pictures --out /data/shards/train
     python -m launch.make_shards index /data/img2dataset_out
+    python -m launch.make_shards text stdlib --seq-len 4096 --out data/lm/stdlib-4k
+    python -m launch.make_shards text /data/enwik8 --seq-len 4096 --val-fraction 0.05 --test-fraction 0.05 --out /data/shards/enwik8-4k
     python -m launch.make_shards verify data/digits/train
 """
 
@@ -14,7 +16,9 @@ import argparse
 import logging
 import sys
 
-from data_pipelines.shards import index_shards, verify_shards
+from pathlib import Path
+
+from data_pipelines.shards import MANIFEST, index_shards, verify_shards
 from data_pipelines.sources import digits
 
 
@@ -49,6 +53,19 @@ def main(argv=None) -> int:
     p.add_argument("--require-caption", action="store_true",
                    help="an image without a .txt caption is an error (default: a warning)")
     _add_shard_size(p)
+
+    p = sub.add_parser("text", help="byte windows of text for language models (stdlib, folder, file, datasets column)")
+    p.add_argument("source", help="'stdlib' (the Python standard library, no download), a folder of "
+                                  "text files, one file (e.g. enwik8), or a datasets folder with --column")
+    p.add_argument("--seq-len", type=int, required=True, help="bytes a model sees; samples hold seq_len + 1")
+    p.add_argument("--out", required=True, help="folder to write train/, val/, test/ into")
+    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--test-fraction", type=float, default=0.02)
+    p.add_argument("--pattern", default="*", help="folder source: which files (glob, default all)")
+    p.add_argument("--column", help="datasets source: the text column")
+    p.add_argument("--split", help="datasets source: split of a DatasetDict")
+    p.add_argument("--min-shards", type=int, default=16, help="shards per split at least (readers)")
+    p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("index", help="write manifest.json for existing tars (e.g. img2dataset's)")
     p.add_argument("folder")
@@ -91,6 +108,21 @@ def run(args: argparse.Namespace) -> int:
         m = folder_to_shards(args.folder, args.out, require_caption=args.require_caption,
                              maxcount=args.maxcount, maxsize=args.maxsize)
         print(_summary(args.out, m))
+        return 0
+
+    if args.command == "text":
+        from data_pipelines.sources import text
+
+        out = Path(args.out)
+        if (out / "train" / MANIFEST).exists() and not args.force:
+            print(f"{args.out}: already built (use --force to rebuild)")
+            return 0
+        built = text.build(args.source, out, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction, pattern=args.pattern, column=args.column,
+                           split=args.split, min_shards=args.min_shards)
+        for split, m in built.items():
+            tail = f", {m['dropped_tail_bytes']} tail bytes dropped" if m["dropped_tail_bytes"] else ""
+            print(_summary(out / split, m) + f" of {args.seq_len + 1} bytes{tail}")
         return 0
 
     if args.command == "index":

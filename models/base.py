@@ -50,3 +50,8 @@ class Workload:
     def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
         """n samples as images in [0, 1], shape (n, C, H, W), or None."""
         return None
+
+    @torch.no_grad()
+    def sample_text(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[list[str]]:
+        """Up to n generated texts, or None."""
+        return None

@@ -73,7 +73,8 @@ def test_backends_agree_with_ddp(tmp_path, digits_dir, cpu_env, reference, backe
     assert ours["test/count"] == 360 and ours["val/count"] == 180
 
 
-@pytest.mark.parametrize("backend", ["zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("backend", ["zero2", pytest.param("zero3", marks=pytest.mark.drill),
+                                     pytest.param("fsdp", marks=pytest.mark.drill)])
 def test_sigkill_resume_is_exact(tmp_path, digits_dir, cpu_env, backend):
     args = ("trainer.max_steps=160", "trainer.log_every=1", "trainer.checkpoint_every=40",
             "trainer.eval_every=40")
@@ -176,7 +177,7 @@ def test_accelerate_deepspeed_plugin(tmp_path, digits_dir, cpu_env, reference):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("backend", ["zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["zero2", pytest.param("zero3", marks=pytest.mark.drill)])
 def test_deepspeed_resumes_at_another_world_size(tmp_path, digits_dir, cpu_env, reference, backend):
     """A ZeRO checkpoint written by 2 ranks resumes on 1 rank through DeepSpeed's universal
     checkpoint (weights and Adam moments re-partitioned): its steps equal those of DDP

@@ -274,11 +274,14 @@ class Trainer:
             return
         net = self.backend.unwrap(self.model)
         net.eval()
-        images = self.workload.sample_images(net, self.cfg.trainer.num_samples,
-                                             torch.Generator().manual_seed(self.cfg.trainer.seed))
+        n, seed = self.cfg.trainer.num_samples, self.cfg.trainer.seed
+        images = self.workload.sample_images(net, n, torch.Generator().manual_seed(seed))
+        texts = self.workload.sample_text(net, n, torch.Generator().manual_seed(seed))
         net.train()
         if images is not None and self.backend.is_main:
             self.log.image("samples", images, step)
+        if texts is not None and self.backend.is_main:
+            self.log.samples_text("samples/text", texts, step)
 
     def _finish(self, state: TrainState, session_start: float, last_saved: int) -> dict:
         b, step = self.backend, state.step

@@ -79,6 +79,13 @@ class MetricsLogger:
         if self.enabled:
             self.tb.add_image(tag, image_grid(images), step)
 
+    def samples_text(self, tag: str, texts: list[str], step: int) -> None:
+        """Generated text to TensorBoard's Text tab, one code block each (bytes, not markdown)."""
+        if self.enabled:
+            fence = "`" * 3
+            body = "\n\n".join(f"{fence}\n{t.replace(fence, '~~~')}\n{fence}" for t in texts)
+            self.tb.add_text(tag, body, step)
+
     def text(self, message: str) -> None:
         if not self.enabled:
             return
