@@ -32,7 +32,7 @@ def train(kind: str, run_dir: Path, args, *extra: str) -> dict:
            "-m", "launch.train", "--config", str(ROOT / "configs/lm/causal_4k.yaml"), f"run.dir={run_dir}",
            f"model.attention={kind}", f"model.dim={args.dim}", f"model.depth={depth}",
            f"model.heads={args.heads}", f"model.qk_dim={args.qk_dim}", "model.seq_len=4096",
-           f"data.train.urls={args.data}/train", f"data.val.urls={args.data}/val", "data.test.urls=",
+           f"data.train.urls={args.data}/train", f"data.val.urls={args.data}/val", "data.test.urls=''",
            f"data.batch_size={args.batch}", "trainer.log_every=10", "trainer.eval_every=0",
            "trainer.sample_every=0", "trainer.checkpoint_every=0", "trainer.progress_bar=false",
            f"optim.warmup_steps={args.warmup}", f"optim.lr={args.lr}", "optim.schedule=constant", *extra]

@@ -69,6 +69,27 @@ def kill_tree(pid):
     psutil.wait_procs(procs, timeout=30)
 
 
+def kill_past_checkpoint(cmd, env, run_dir: Path, checkpoint: int, past: int, timeout: float = 300) -> None:
+    """Start a training command, SIGKILL it (launcher and ranks) once checkpoint `step-N` is
+    complete and a step >= `past` is logged, and check it really died mid-run."""
+    import subprocess
+
+    from trainer.metrics import read_jsonl
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def past_checkpoint():
+        m = run_dir / "metrics.jsonl"
+        return (run_dir / f"checkpoints/step-{checkpoint}/COMPLETE.json").exists() and m.exists() and \
+            any(r.get("step", 0) >= past for r in read_jsonl(m)[-3:])
+
+    reached = wait_for(past_checkpoint, proc, timeout=timeout)
+    kill_tree(proc.pid)
+    proc.wait()
+    assert reached, "the run ended before it could be killed mid-way"
+    assert not (run_dir / "final_metrics.json").exists()
+
+
 def wait_for(predicate, proc, timeout):
     deadline = time.time() + timeout
     while time.time() < deadline:

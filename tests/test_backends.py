@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_tree, wait_for
+from conftest import kill_past_checkpoint
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,19 +81,7 @@ def test_sigkill_resume_is_exact(tmp_path, digits_dir, cpu_env, backend):
     run(command(tmp_path / "ref", digits_dir, backend, *args), cpu_env)
     killed = tmp_path / "killed"
     cmd = command(killed, digits_dir, backend, *args)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-
-    def past_checkpoint():
-        m = killed / "metrics.jsonl"
-        return (killed / "checkpoints/step-40/COMPLETE.json").exists() and m.exists() and \
-            any(r.get("step", 0) >= 55 for r in read_jsonl(m)[-2:])
-
-    reached = wait_for(past_checkpoint, proc, timeout=300)
-    kill_tree(proc.pid)
-    proc.wait()
-    assert reached, "the run ended before it could be killed mid-way"
-    assert not (killed / "final_metrics.json").exists()
+    kill_past_checkpoint(cmd, cpu_env, killed, checkpoint=40, past=55)
 
     assert "resumed from" in run(cmd, cpu_env)
     for key in ("train/loss", "train/grad_norm", "train/lr"):

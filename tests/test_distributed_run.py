@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_tree, wait_for
+from conftest import kill_past_checkpoint
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,19 +100,7 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path, digits_dir, cpu_env
 
     killed = tmp_path / "killed"
     cmd = command(killed, digits_dir, *args)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-
-    def past_checkpoint():
-        m = killed / "metrics.jsonl"
-        return (killed / "checkpoints/step-80/COMPLETE.json").exists() and m.exists() and \
-            any(r["step"] >= 97 for r in train_records(killed)[-3:])
-
-    reached = wait_for(past_checkpoint, proc, timeout=240)
-    kill_tree(proc.pid)
-    proc.wait()
-    assert reached, "the run ended before it could be killed mid-way"
-    assert not (killed / "final_metrics.json").exists()
+    kill_past_checkpoint(cmd, cpu_env, killed, checkpoint=80, past=97, timeout=240)
     steps_before = [r["step"] for r in train_records(killed)]
     assert steps_before[-1] > 80  # there is a tail past the checkpoint to discard
 

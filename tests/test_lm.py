@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import kill_tree, wait_for
+from conftest import kill_past_checkpoint
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,6 +173,8 @@ def test_recipe_trains_on_two_ranks(tmp_path, lm_data, cpu_env, recipe):
 @pytest.mark.parametrize("recipe,overrides", [
     ("causal_1k.yaml", ["model.attention=softmax"]),
     pytest.param("masked_4k.yaml", ["model.attention=flash"], marks=pytest.mark.drill),
+    pytest.param("causal_4k.yaml", ["model.attention=linear"], marks=pytest.mark.drill),
+    pytest.param("causal_16k.yaml", ["model.activation_checkpointing=true"], marks=pytest.mark.drill),
 ])
 def test_sigkill_resume_is_exact(tmp_path, lm_data, cpu_env, recipe, overrides):
     """Killed mid-run and restarted: the same per-step losses as an uninterrupted run (the
@@ -185,20 +187,30 @@ def test_sigkill_resume_is_exact(tmp_path, lm_data, cpu_env, recipe, overrides):
     run(torchrun(tmp_path / "ref", recipe, data, *small), cpu_env)
     killed = tmp_path / "killed"
     cmd = torchrun(killed, recipe, data, *small)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def past_checkpoint():
-        m = killed / "metrics.jsonl"
-        return (killed / "checkpoints/step-20/COMPLETE.json").exists() and m.exists() and \
-            any(r.get("step", 0) >= 30 for r in read_jsonl(m)[-2:])
-
-    reached = wait_for(past_checkpoint, proc, timeout=300)
-    kill_tree(proc.pid)
-    proc.wait()
-    assert reached, "the run ended before it could be killed mid-way"
+    kill_past_checkpoint(cmd, cpu_env, killed, checkpoint=20, past=30)
     assert "resumed from" in run(cmd, cpu_env)
 
     def series(d):
         return [(r["step"], r["train/loss"]) for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
     assert series(killed) == series(tmp_path / "ref")
     assert len(series(killed)) == 60
+
+
+@pytest.mark.drill
+def test_compile_switch(tmp_path, lm_data, cpu_env):
+    """model.compile=true trains (inductor on CPU) and exports the plain model's keys."""
+    data = lm_data(256)
+    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/lm/causal_1k.yaml"),
+           f"run.dir={tmp_path}", f"data.train.urls={data}/train", f"data.val.urls={data}/val",
+           "data.test.urls=''", "model.compile=true", "model.seq_len=256", "model.dim=32", "model.depth=2",
+           "model.heads=2", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=0",
+           "trainer.checkpoint_every=0", "trainer.sample_every=0", "model.sample_bytes=4",
+           "optim.warmup_steps=1", "trainer.progress_bar=false"]
+    run(cmd, cpu_env)
+    from safetensors.torch import load_file
+
+    from models.lm.workload import ByteLM, LMConfig
+
+    weights = load_file(str(tmp_path / "best/model.safetensors"))
+    plain = ByteLM(LMConfig(seq_len=256, dim=32, depth=2, heads=2))
+    assert set(weights) == set(plain.state_dict())

@@ -110,7 +110,9 @@ class LMWorkload(Workload):
 
     def build_model(self) -> nn.Module:
         model = ByteLM(self.cfg)
-        return torch.compile(model) if self.cfg.compile else model
+        if self.cfg.compile:
+            model.compile()  # in place: state_dict keys stay those of the plain model
+        return model
 
     def flops_per_token(self) -> float:
         """Forward+backward matmul FLOPs per trained token (3x forward), for MFU."""
