@@ -124,6 +124,7 @@ def test_deepspeed_partitions_consolidate_to_the_export(tmp_path, digits_dir, cp
     assert wl.eval_metrics(sums)["nll"] == pytest.approx(final["test/nll"], rel=1e-5)
 
 
+@pytest.mark.drill
 def test_native_deepspeed_launcher(tmp_path, digits_dir, cpu_env):
     """`deepspeed --num_gpus 2 --module launch.train` (it adds --local_rank; without
     --num_gpus it would start one process on a CPU machine: FACTS.md)."""
