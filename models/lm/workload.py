@@ -46,7 +46,7 @@ class LMConfig:
     mask_span: float = 3.0  # masked objective: mean span length (geometric)
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile the model (GPU runs; slow to start on CPU)
-    sample_prompt: str = "def "  # text samples start here (causal); masked: a val window
+    sample_prompt: str = "def "  # causal text samples continue this prompt
     sample_bytes: int = 200
 
 
@@ -178,8 +178,8 @@ class LMWorkload(Workload):
     @torch.no_grad()
     def sample_text(self, model: nn.Module, n: int, generator: torch.Generator,
                     context: Optional[torch.Tensor] = None) -> list[str]:
-        """Causal: `n` continuations of `sample_prompt`. Masked: `context` windows (or the
-        prompt repeated) with spans hidden and filled by the model, shown as [fill]."""
+        """Causal: `n` continuations of `sample_prompt`. Masked: `context` windows (default:
+        the source of `textwrap`) with spans hidden and filled by the model, shown as [fill]."""
         c, device = self.cfg, next(model.parameters()).device
         n = min(n, 4)
         if c.objective == "causal":
@@ -191,8 +191,12 @@ class LMWorkload(Workload):
                 nxt = torch.multinomial(probs, 1, generator=generator).to(device)
                 seq = torch.cat([seq, nxt], dim=1)
             return [bytes(row).decode("utf-8", "replace") for row in seq.tolist()]
-        if context is None:
-            text = (c.sample_prompt * (c.seq_len // max(1, len(c.sample_prompt)) + 1)).encode()[:c.seq_len]
+        if context is None:  # a fixed, readable window: the source of the stdlib's textwrap
+            import inspect
+            import textwrap
+
+            text = inspect.getsource(textwrap).encode()
+            text = (text * (c.seq_len // len(text) + 1))[:c.seq_len]
             context = torch.tensor([list(text)] * n, device=device)
         x = context[:n, :c.seq_len].to(device)
         g = torch.Generator(device=device).manual_seed(int(generator.initial_seed()))
