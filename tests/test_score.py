@@ -1,0 +1,125 @@
+"""Score SDEs and SMLD against closed forms: perturbation kernels, the DSM loss at the true
+score, and every sampler driven by the exact score of a Gaussian."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+from models.score.sde import (SDES, SubVPSDE, VESDE, VPSDE, annealed_langevin, dsm_loss,
+                              euler_maruyama, geometric_sigmas, predictor_corrector,
+                              probability_flow, sliced_wasserstein, smld_loss)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_kernel_matches_the_moment_odes(name):
+    """For a linear SDE the kernel's mean m and variance v solve m' = f(m), v' = 2 a v + g^2
+    (f = a x): integrate them numerically and compare with the closed form."""
+    sde = SDES[name]()
+
+    def a_of(t):
+        return 0.0 if isinstance(sde, VESDE) else -0.5 * float(sde.beta(torch.tensor(t)))
+
+    def rhs(t, y):
+        m, v = y
+        g2 = float(sde.diffusion(torch.tensor(t, dtype=torch.float64))) ** 2
+        return [a_of(t) * m, 2 * a_of(t) * v + g2]
+
+    x0 = 1.7
+    v0 = sde.sigma_min ** 2 if isinstance(sde, VESDE) else 0.0  # VE's kernel starts at sigma_min
+    for t in (0.1, 0.5, 1.0):
+        sol = solve_ivp(rhs, (0.0, t), [x0, v0], rtol=1e-10, atol=1e-12)
+        mean, std = sde.marginal(torch.tensor([[x0]], dtype=torch.float64), torch.tensor([t], dtype=torch.float64))
+        assert float(mean) == pytest.approx(sol.y[0, -1], rel=1e-6)
+        assert float(std) ** 2 == pytest.approx(sol.y[1, -1], rel=1e-5, abs=1e-9)
+
+
+def test_forward_simulation_matches_the_vp_kernel():
+    sde, g = VPSDE(), torch.Generator().manual_seed(0)
+    x = torch.full((20000, 1), 2.0, dtype=torch.float64)
+    n, t_end = 2000, 0.3
+    dt = t_end / n
+    for i in range(n):
+        t = torch.full((x.shape[0],), i * dt, dtype=torch.float64)
+        x = x + sde.drift(x, t) * dt + sde.diffusion(t)[:, None] * math.sqrt(dt) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    mean, std = sde.marginal(torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([t_end], dtype=torch.float64))
+    assert x.mean().item() == pytest.approx(float(mean), abs=0.02)
+    assert x.std().item() == pytest.approx(float(std), rel=0.03)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_dsm_loss_is_zero_at_the_true_score_of_a_point(name):
+    """Data = one point x0: the score of p_t is the kernel's, -(x - mean) / std^2, and the
+    DSM loss is zero for it (and positive for a slightly wrong one)."""
+    sde, x0 = SDES[name](), torch.randn(64, 3, dtype=torch.float64)
+
+    def true_score(x, t):
+        mean, std = sde.marginal(x0, t)
+        return -(x - mean) / std[:, None] ** 2
+
+    g = torch.Generator().manual_seed(1)
+    assert dsm_loss(true_score, sde, x0, generator=g).item() == pytest.approx(0.0, abs=1e-12)
+    assert dsm_loss(lambda x, t: 1.01 * true_score(x, t), sde, x0, generator=g).item() > 1e-4
+
+
+def gaussian_score(sde, mu, s):
+    """Exact score of p_t when the data is N(mu, s^2 I)."""
+    def score(x, t):
+        m, std = sde.marginal(mu.expand_as(x), t)
+        scale = sde.marginal(torch.ones_like(x), t)[0]
+        var = scale ** 2 * s ** 2 + std[:, None] ** 2
+        return -(x - m) / var
+    return score
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "predictor_corrector", "probability_flow"])
+def test_samplers_recover_a_gaussian_from_its_exact_score(name, sampler):
+    sde, mu, s = SDES[name](), torch.tensor([1.0, -2.0]), 0.5
+    g = torch.Generator().manual_seed(0)
+    shape = (4000, 2)
+    score = gaussian_score(sde, mu, s)
+    if sampler == "probability_flow":
+        x, calls = probability_flow(score, sde, shape, generator=g)
+        assert calls > 10
+    elif sampler == "euler_maruyama":
+        x = euler_maruyama(score, sde, shape, steps=300, generator=g)
+    else:
+        x = predictor_corrector(score, sde, shape, steps=200, generator=g)
+    assert x.shape == shape and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert x.mean(0).tolist() == pytest.approx(mu.tolist(), abs=0.06)
+    assert x.std(0).tolist() == pytest.approx([s, s], abs=0.06)
+    truth = mu + s * torch.randn(shape, generator=g)
+    reference = sliced_wasserstein(mu + s * torch.randn(shape, generator=g), truth, generator=g)
+    assert sliced_wasserstein(x, truth, generator=g) < 3 * reference + 0.03
+
+
+def test_smld_loss_and_annealed_langevin_with_the_exact_score():
+    mu, s = torch.tensor([0.5, 0.5]), 0.3
+    sigmas = geometric_sigmas(3.0, 0.05, 10)  # step_lr / sigma_min^2 = 0.2: stable at every level
+
+    def score(x, sigma):
+        return -(x - mu) / (s ** 2 + sigma[:, None] ** 2)
+
+    g = torch.Generator().manual_seed(0)
+    x0 = mu + s * torch.randn(512, 2, generator=g)
+    exact = smld_loss(score, x0, sigmas, generator=torch.Generator().manual_seed(3))
+    worse = smld_loss(lambda x, sg: 0.8 * score(x, sg), x0, sigmas, generator=torch.Generator().manual_seed(3))
+    assert exact < worse
+    x = annealed_langevin(score, (4000, 2), sigmas, steps_per_level=100, step_lr=5e-4, generator=g)
+    assert x.mean(0).tolist() == pytest.approx(mu.tolist(), abs=0.05)
+    assert x.std(0).tolist() == pytest.approx([s, s], abs=0.05)
+
+
+def test_sliced_wasserstein_of_a_shift():
+    """A shift by d moves every 2-D projection by |d . u|: SW1 = |d| E|cos| = |d| 2 / pi."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5000, 2, generator=g)
+    d = torch.tensor([3.0, 4.0])
+    assert sliced_wasserstein(a, a) == 0.0
+    got = sliced_wasserstein(a + d, a, projections=4000, generator=g)
+    assert got == pytest.approx(5.0 * 2 / np.pi, rel=0.03)
+    with pytest.raises(ValueError, match="differ in shape"):
+        sliced_wasserstein(a, a[:10])
