@@ -54,6 +54,10 @@ def main(argv=None) -> int:
                    help="an image without a .txt caption is an error (default: a warning)")
     _add_shard_size(p)
 
+    p = sub.add_parser("mixture2d", help="points of a 2-D Gaussian mixture (score-based models)")
+    p.add_argument("--out", default="data/mixture2d")
+    p.add_argument("--force", action="store_true", help="rebuild even if already built")
+
     p = sub.add_parser("text", help="byte windows of text for language models (stdlib, folder, file, datasets column)")
     p.add_argument("source", help="'stdlib' (the Python standard library, no download), a folder of "
                                   "text files, one file (e.g. enwik8), or a datasets folder with --column")
@@ -108,6 +112,16 @@ def run(args: argparse.Namespace) -> int:
         m = folder_to_shards(args.folder, args.out, require_caption=args.require_caption,
                              maxcount=args.maxcount, maxsize=args.maxsize)
         print(_summary(args.out, m))
+        return 0
+
+    if args.command == "mixture2d":
+        from data_pipelines.sources import points
+
+        if points.is_built(args.out) and not args.force:
+            print(f"{args.out}: already built (use --force to rebuild)")
+            return 0
+        for split, m in points.build(args.out).items():
+            print(_summary(f"{args.out}/{split}", m))
         return 0
 
     if args.command == "text":

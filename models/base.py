@@ -52,6 +52,12 @@ class Workload:
         return None
 
     @torch.no_grad()
+    def final_metrics(self, model: nn.Module, generator: torch.Generator) -> dict[str, float]:
+        """Metrics computed once at the end of a run from the model itself (e.g. sample
+        quality); they go to final_metrics.json and the final summary line."""
+        return {}
+
+    @torch.no_grad()
     def sample_text(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[list[str]]:
         """Up to n generated texts, or None."""
         return None

@@ -21,6 +21,7 @@ def register(name: str):
 def _load_families() -> None:
     import models.autoregressive  # noqa: F401  (registers its workloads)
     import models.lm.workload  # noqa: F401
+    import models.score.workload  # noqa: F401
 
 
 def names() -> list[str]:
