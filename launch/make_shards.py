@@ -7,6 +7,8 @@
     python -m launch.make_shards index /data/img2dataset_out
     python -m launch.make_shards text stdlib --seq-len 4096 --out data/lm/stdlib-4k
     python -m launch.make_shards text /data/enwik8 --seq-len 4096 --val-fraction 0.05 --test-fraction 0.05 --out /data/shards/enwik8-4k
+    python -m launch.make_shards shapes --out data/shapes --size 32
+    python -m launch.make_shards mixture2d --out data/mixture2d
     python -m launch.make_shards verify data/digits/train
 """
 
@@ -53,6 +55,12 @@ def main(argv=None) -> int:
     p.add_argument("--require-caption", action="store_true",
                    help="an image without a .txt caption is an error (default: a warning)")
     _add_shard_size(p)
+
+    p = sub.add_parser("shapes", help="captioned coloured shapes (text-to-image, detection)")
+    p.add_argument("--out", default="data/shapes")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--max-shapes", type=int, default=1, help="shapes per image at most (1-9)")
+    p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("mixture2d", help="points of a 2-D Gaussian mixture (score-based models)")
     p.add_argument("--out", default="data/mixture2d")
@@ -112,6 +120,18 @@ def run(args: argparse.Namespace) -> int:
         m = folder_to_shards(args.folder, args.out, require_caption=args.require_caption,
                              maxcount=args.maxcount, maxsize=args.maxsize)
         print(_summary(args.out, m))
+        return 0
+
+    if args.command == "shapes":
+        from data_pipelines.sources import shapes
+
+        if not 1 <= args.max_shapes <= len(shapes.POSITIONS):
+            raise ValueError(f"--max-shapes must be 1..{len(shapes.POSITIONS)}, got {args.max_shapes}")
+        if shapes.is_built(args.out) and not args.force:
+            print(f"{args.out}: already built (use --force to rebuild)")
+            return 0
+        for split, m in shapes.build(args.out, size=args.size, max_shapes=args.max_shapes).items():
+            print(_summary(f"{args.out}/{split}", m))
         return 0
 
     if args.command == "mixture2d":

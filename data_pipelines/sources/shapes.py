@@ -1,0 +1,81 @@
+"""Captioned shapes: coloured circles, squares and triangles at named positions on a light
+background, with captions such as "a red circle at the top left" and their boxes. The
+default data of the text-to-image workload (no download), in img2dataset's layout (png +
+txt + json per key); the boxes serve detection models too.
+
+Everything is drawn from a seeded generator, so a build is the same on every machine.
+`dominant_color` is the pixel check that scores generated images against their captions.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from data_pipelines.shards import MANIFEST, write_shards
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+          "yellow": (235, 200, 30), "purple": (150, 60, 190)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0, 1), "center": (1, 1),
+             "right": (2, 1), "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
+BACKGROUND = (240, 240, 240)
+SPLITS = {"train": (5000, 0), "val": (500, 1), "test": (500, 2)}
+
+
+def draw(rng: random.Random, size: int, max_shapes: int = 1) -> tuple[Image.Image, str, dict]:
+    """One image, its caption and a record of its objects (boxes in pixels, x0 y0 x1 y1)."""
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    pen = ImageDraw.Draw(img)
+    cell = size / 3
+    objects, phrases = [], []
+    cells = rng.sample(list(POSITIONS), rng.randint(1, max_shapes))
+    for where in cells:
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        cx, cy = POSITIONS[where]
+        half = cell * rng.uniform(0.3, 0.45)
+        x = (cx + 0.5) * cell + rng.uniform(-0.05, 0.05) * cell
+        y = (cy + 0.5) * cell + rng.uniform(-0.05, 0.05) * cell
+        box = [round(x - half), round(y - half), round(x + half), round(y + half)]
+        if shape == "circle":
+            pen.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            pen.rectangle(box, fill=COLORS[color])
+        else:
+            pen.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=COLORS[color])
+        objects.append({"shape": shape, "color": color, "position": where, "box": box})
+        phrases.append(f"a {color} {shape} at the {where}" if where != "center" else f"a {color} {shape} in the center")
+    return img, " and ".join(phrases), {"objects": objects, "size": size}
+
+
+def dominant_color(image: np.ndarray, min_fraction: float = 0.02) -> Optional[str]:
+    """The palette colour closest to most non-background pixels of an (H, W, 3) uint8 image,
+    or None when fewer than `min_fraction` of the pixels are coloured."""
+    px = image.reshape(-1, 3).astype(np.float32)
+    coloured = np.abs(px - np.array(BACKGROUND, np.float32)).sum(1) > 60
+    if coloured.mean() < min_fraction:
+        return None
+    palette = np.array(list(COLORS.values()), np.float32)
+    nearest = np.argmin(((px[coloured, None, :] - palette[None]) ** 2).sum(-1), axis=1)
+    return list(COLORS)[int(np.bincount(nearest, minlength=len(COLORS)).argmax())]
+
+
+def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: Optional[dict] = None) -> dict:
+    manifests = {}
+    for split, (n, seed) in (counts or SPLITS).items():
+        rng = random.Random(f"shapes-{seed}-{size}-{max_shapes}")
+
+        def samples():
+            for i in range(n):
+                img, caption, record = draw(rng, size, max_shapes)
+                yield {"__key__": f"{split}{i:06d}", "png": np.asarray(img), "txt": caption, "json": record}
+        manifests[split] = write_shards(samples(), Path(out_dir) / split, maxcount=-(-n // 8))
+    return manifests
+
+
+def is_built(out_dir: str | Path) -> bool:
+    return all((Path(out_dir) / split / MANIFEST).exists() for split in SPLITS)
