@@ -95,14 +95,19 @@ def main(argv=None) -> int:
         return 2
 
 
+def _embedded(source, args, **kwargs) -> int:
+    """Build one of the generated datasets (train/val/test) unless it is there already."""
+    if source.is_built(args.out) and not args.force:
+        print(f"{args.out}: already built (use --force to rebuild)")
+        return 0
+    for split, m in source.build(args.out, **kwargs).items():
+        print(_summary(f"{args.out}/{split}", m))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "digits":
-        if digits.is_built(args.out) and not args.force:
-            print(f"{args.out}: already built (use --force to rebuild)")
-            return 0
-        for split, m in digits.build(args.out).items():
-            print(_summary(f"{args.out}/{split}", m))
-        return 0
+        return _embedded(digits, args)
 
     if args.command == "from-datasets":
         from data_pipelines.sources import hf  # imports `datasets`: slow, only when needed
@@ -127,22 +132,12 @@ def run(args: argparse.Namespace) -> int:
 
         if not 1 <= args.max_shapes <= len(shapes.POSITIONS):
             raise ValueError(f"--max-shapes must be 1..{len(shapes.POSITIONS)}, got {args.max_shapes}")
-        if shapes.is_built(args.out) and not args.force:
-            print(f"{args.out}: already built (use --force to rebuild)")
-            return 0
-        for split, m in shapes.build(args.out, size=args.size, max_shapes=args.max_shapes).items():
-            print(_summary(f"{args.out}/{split}", m))
-        return 0
+        return _embedded(shapes, args, size=args.size, max_shapes=args.max_shapes)
 
     if args.command == "mixture2d":
         from data_pipelines.sources import points
 
-        if points.is_built(args.out) and not args.force:
-            print(f"{args.out}: already built (use --force to rebuild)")
-            return 0
-        for split, m in points.build(args.out).items():
-            print(_summary(f"{args.out}/{split}", m))
-        return 0
+        return _embedded(points, args)
 
     if args.command == "text":
         from data_pipelines.sources import text

@@ -161,12 +161,15 @@ def euler_maruyama(score: Score, sde: SDE, shape, *, steps: int = 500, generator
     ts = torch.linspace(1.0, sde.eps, steps, device=device)
     dt = (sde.eps - 1.0) / (steps - 1)
     for i, t in enumerate(ts):
-        tb = t.expand(shape[0])
-        g = _bcast(sde.diffusion(tb), x)
-        mean = x + (sde.drift(x, tb) - g ** 2 * score(x, tb)) * dt
-        last = i == len(ts) - 1
-        x = mean if last else mean + g * math.sqrt(-dt) * torch.randn(shape, generator=generator, device=device)
+        x = _reverse_step(score, sde, x, t.expand(shape[0]), dt, i == len(ts) - 1, generator)
     return x
+
+
+def _reverse_step(score, sde, x, tb, dt: float, last: bool, generator) -> torch.Tensor:
+    """One Euler-Maruyama step of the reverse-time SDE (dt < 0); the last one adds no noise."""
+    g = _bcast(sde.diffusion(tb), x)
+    mean = x + (sde.drift(x, tb) - g ** 2 * score(x, tb)) * dt
+    return mean if last else mean + g * math.sqrt(-dt) * torch.randn(x.shape, generator=generator, device=x.device)
 
 
 @torch.no_grad()
@@ -188,10 +191,7 @@ def predictor_corrector(score: Score, sde: SDE, shape, *, steps: int = 500, snr:
             n_norm = noise.flatten(1).norm(dim=1).mean()
             eps = 2 * alpha_of(tb) * (snr * n_norm / g_norm.clamp_min(1e-12)) ** 2
             x = x + _bcast(eps, x) * grad + _bcast((2 * eps).sqrt(), x) * noise
-        g = _bcast(sde.diffusion(tb), x)
-        mean = x + (sde.drift(x, tb) - g ** 2 * score(x, tb)) * dt
-        last = i == len(ts) - 1
-        x = mean if last else mean + g * math.sqrt(-dt) * torch.randn(shape, generator=generator, device=device)
+        x = _reverse_step(score, sde, x, tb, dt, i == len(ts) - 1, generator)
     return x
 
 
