@@ -153,7 +153,7 @@ def test_recipe_trains_on_two_ranks(tmp_path, lm_data, cpu_env, recipe):
                  "model.sample_bytes=24", "optim.warmup_steps=1"), cpu_env)
     losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    assert 1.0 < losses[0] < 12.0  # bits per byte of an untrained byte model: ~log2(257)
+    assert losses[0] > 1.0 and losses[0] < 12.0  # bits per byte, untrained: about log2(257)
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     assert math.isfinite(final["val/bits_per_byte"]) and math.isfinite(final["test/bits_per_byte"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
