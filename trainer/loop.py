@@ -299,15 +299,16 @@ class Trainer:
             final["best_step"] = state.best_step
         if self.test_shards is not None:
             final.update({f"test/{k}": v for k, v in self.evaluate(self.test_shards).items()})
+        extra: dict = {}
         if b.is_main or b.shards_params:  # sharded: a forward pass needs every rank
             net = b.unwrap(self.model)
             net.eval()
             extra = self.workload.final_metrics(net, torch.Generator().manual_seed(self.cfg.trainer.seed))
             net.train()
-            final.update(extra if b.is_main else {})
         if b.is_main:
+            final.update(extra)
             write_json(self.run_dir / "final_metrics.json", final)
-            self.log.log(step, {k: v for k, v in final.items() if k.startswith("test/")})
+            self.log.log(step, {k: v for k, v in final.items() if k.startswith("test/") or k in extra})
             print(summarize_line(f"[{self.cfg.run.name or self.run_dir.name}] final", final), flush=True)
         self.log.close()
         return final
