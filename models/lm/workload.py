@@ -150,13 +150,13 @@ class LMWorkload(Workload):
             mask = torch.cat(rows)
         return x.masked_fill(mask, MASK), x, mask
 
-    def _nll(self, model: nn.Module, batch: dict, fixed_masks: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nll(self, model: nn.Module, batch: dict, fixed_masks: bool) -> tuple[torch.Tensor, Any]:
         """Summed NLL (nats) over predicted bytes, and how many bytes were predicted."""
         tokens = batch["tokens"]
         if self.cfg.objective == "causal":
             logits = model(tokens[:, :-1])
             nll = F.cross_entropy(logits.float().reshape(-1, VOCAB), tokens[:, 1:].reshape(-1), reduction="sum")
-            return nll, torch.tensor(float(tokens[:, 1:].numel()), device=tokens.device)
+            return nll, tokens[:, 1:].numel()  # a host number: no device tensor per step
         inputs, targets, mask = self._masked_inputs(tokens, batch["seed"] if fixed_masks else None)
         logits = model(inputs)
         nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")  # hidden bytes only
@@ -168,7 +168,7 @@ class LMWorkload(Workload):
 
     def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         nll, count = self._nll(model, batch, fixed_masks=True)
-        return {"nll_sum": nll, "count": count}
+        return {"nll_sum": nll, "count": torch.as_tensor(count, dtype=nll.dtype, device=nll.device)}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         nll = sums["nll_sum"] / sums["count"]
