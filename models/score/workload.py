@@ -1,17 +1,23 @@
-"""Score-based workload on point data (the 2-D mixture of `launch.make_shards mixture2d`):
-a time-conditioned MLP learns the score by denoising score matching under a VE, VP or
-sub-VP SDE, or NCSN's noise levels (`model.sde=smld`). At the end of a run every sampler
-draws points and their sliced Wasserstein distance to fresh mixture samples is reported
-(`swd_<sampler>`), beside the distance between two true samples (`swd_reference`).
+"""Score-based workload on points: the 2-D mixture of `launch.make_shards mixture2d`
+(`model.data_kind=mixture2d`) or the binarized 8x8 digits as 64-vectors in [-1, 1]
+(`model.data_kind=digits`). A time-conditioned MLP learns the score by denoising score
+matching under a VE, VP or sub-VP SDE, or NCSN's noise levels (`model.sde=smld`). At the end
+of a run every sampler draws points and their sliced Wasserstein distance to true data is
+reported (`swd_<sampler>`), beside the distance between two true samples (`swd_reference`):
+fresh mixture samples, or for digits the test split against a draw from the train split.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from models.base import Workload
@@ -29,10 +35,30 @@ def mixture2d(n: int, generator: torch.Generator) -> torch.Tensor:
     return (centers + MIXTURE_STD * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
 
 
+DATA_KINDS = ("mixture2d", "digits")
+DIGIT_SIZE = 8
+
+
+def digit_vectors(split: str) -> torch.Tensor:
+    """One split of scikit-learn's binarized digits (the split the shards are made from) as
+    (N, 64) vectors in [-1, 1], the same values `decode` gives the shards' PNGs."""
+    from data_pipelines.sources.digits import binarized_digits, split_indices
+
+    images, _ = binarized_digits()
+    on = torch.from_numpy(images[split_indices()[split]].reshape(-1, DIGIT_SIZE ** 2)).float()
+    return on * 2 - 1
+
+
+def draw(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """x itself when it has n rows, else n rows drawn with replacement."""
+    return x if len(x) == n else x[torch.randint(len(x), (n,), generator=generator)]
+
+
 @dataclass(kw_only=True)
 class ScoreConfig:
     name: str = "score"
     sde: str = "vp"  # ve | vp | subvp | smld
+    data_kind: str = "mixture2d"  # mixture2d (json points) | digits (8x8 PNGs, dims 64)
     dims: int = 2
     hidden: int = 256
     layers: int = 3
@@ -41,7 +67,7 @@ class ScoreConfig:
     beta_min: float = 0.1  # vp, subvp
     beta_max: float = 20.0
     smld_levels: int = 10
-    eval_samples: int = 2000  # points each sampler draws at the end
+    eval_samples: int = 2000  # points each sampler draws at the end (digits: 360 = the test split)
     sampler_steps: int = 500
     langevin_steps: int = 100  # smld: steps per noise level
     langevin_lr: float = 2e-5  # smld: step = lr (sigma / sigma_min)^2
@@ -74,6 +100,11 @@ class ScoreWorkload(Workload):
     def __init__(self, cfg: ScoreConfig):
         if cfg.sde not in (*S.SDES, "smld"):
             raise ValueError(f"model.sde '{cfg.sde}' is not one of ve, vp, subvp, smld")
+        if cfg.data_kind not in DATA_KINDS:
+            raise ValueError(f"model.data_kind '{cfg.data_kind}' is not one of {', '.join(DATA_KINDS)}")
+        if cfg.data_kind == "digits" and cfg.dims != DIGIT_SIZE ** 2:
+            raise ValueError(f"model.data_kind 'digits' needs model.dims {DIGIT_SIZE ** 2} (8x8 pixels), "
+                             f"got {cfg.dims}")
         super().__init__(cfg)
         c = cfg
         self.sde = {"ve": lambda: S.VESDE(c.sigma_min, c.sigma_max), "vp": lambda: S.VPSDE(c.beta_min, c.beta_max),
@@ -84,6 +115,8 @@ class ScoreWorkload(Workload):
         return ScoreMLP(self.cfg.dims, self.cfg.hidden, self.cfg.layers)
 
     def decode(self, sample: dict) -> torch.Tensor:
+        if self.cfg.data_kind == "digits":
+            return self._decode_digit(sample)
         if "json" not in sample:
             raise KeyError(f"no 'json' field with the point; the sample has "
                            f"{sorted(k for k in sample if not k.startswith('__'))}")
@@ -91,6 +124,17 @@ class ScoreWorkload(Workload):
         if x.shape != (self.cfg.dims,):
             raise ValueError(f"point has shape {tuple(x.shape)}, model.dims is {self.cfg.dims}")
         return x
+
+    def _decode_digit(self, sample: dict) -> torch.Tensor:
+        """A 0/255 8x8 PNG -> 64 pixels mapped linearly to [-1, 1]."""
+        if "png" not in sample:
+            raise KeyError(f"no 'png' field with the digit; the sample has "
+                           f"{sorted(k for k in sample if not k.startswith('__'))}")
+        img = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L"), dtype=np.float32)
+        if img.shape != (DIGIT_SIZE, DIGIT_SIZE):
+            raise ValueError(f"digit image is {img.shape}, model.data_kind 'digits' needs "
+                             f"({DIGIT_SIZE}, {DIGIT_SIZE})")
+        return torch.from_numpy(img.reshape(-1) / 127.5 - 1)
 
     def score_fn(self, model: nn.Module):
         """The model as `score(x, t)` (SDEs) or `score(x, sigma)` (SMLD)."""
@@ -117,15 +161,42 @@ class ScoreWorkload(Workload):
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return {"dsm_loss": sums["dsm_sum"] / sums["count"], "count": sums["count"]}
 
+    @staticmethod
+    def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+        return generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(generator.initial_seed())
+
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """Digits: n probability-flow samples (SMLD: annealed Langevin) as (n, 1, 8, 8) images
+        in [0, 1]; the mixture has no images."""
+        if self.cfg.data_kind != "digits":
+            return None
+        c, device = self.cfg, next(model.parameters()).device
+        g, shape, score = self._device_generator(generator, device), (n, c.dims), self.score_fn(model)
+        if self.sde is None:
+            x = S.annealed_langevin(score, shape, self.sigmas, steps_per_level=c.langevin_steps,
+                                    step_lr=c.langevin_lr, generator=g, device=device)
+        else:
+            x = S.probability_flow(score, self.sde, shape, generator=g, device=device)[0]
+        return ((x + 1) / 2).clamp(0, 1).view(n, 1, DIGIT_SIZE, DIGIT_SIZE)
+
+    def _truth_and_reference(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """eval_samples true points to score samplers against, and as many independent ones."""
+        n = self.cfg.eval_samples
+        if self.cfg.data_kind == "digits":
+            truth = draw(digit_vectors("test"), n, generator)
+            return truth, draw(digit_vectors("train"), n, generator)
+        truth = mixture2d(n, generator)
+        return truth, mixture2d(n, generator)
+
     @torch.no_grad()
     def final_metrics(self, model: nn.Module, generator: torch.Generator) -> dict[str, float]:
         c, device = self.cfg, next(model.parameters()).device
         shape = (c.eval_samples, c.dims)
-        g = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(generator.initial_seed())
+        g = self._device_generator(generator, device)
         score = self.score_fn(model)
-        truth = mixture2d(c.eval_samples, generator).to(device)
-        out = {"swd_reference": S.sliced_wasserstein(mixture2d(c.eval_samples, generator).to(device), truth,
-                                                     generator=generator)}
+        truth, reference = (x.to(device) for x in self._truth_and_reference(generator))
+        out = {"swd_reference": S.sliced_wasserstein(reference, truth, generator=generator)}
         if self.sde is None:
             x = S.annealed_langevin(score, shape, self.sigmas, steps_per_level=c.langevin_steps,
                                     step_lr=c.langevin_lr, generator=g, device=device)
