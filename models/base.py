@@ -57,6 +57,13 @@ class Workload:
         quality); they go to final_metrics.json and the final summary line."""
         return {}
 
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        """After each optimizer step, on the unwrapped model of every rank (e.g. an EMA update)."""
+
+    # A workload that writes artifacts of its own (e.g. a diffusers folder) overrides this.
+    # It runs on the main rank at the end of a run with the full, gathered weights.
+    export = None
+
     @torch.no_grad()
     def sample_text(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[list[str]]:
         """Up to n generated texts, or None."""

@@ -236,6 +236,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.checkpoint_every % t.log_every == 0, "trainer.checkpoint_every",
            f"must be a multiple of trainer.log_every={t.log_every} (a checkpoint closes a log window)")
     _check(t.keep_last_k >= 1, "trainer.keep_last_k", "must be >= 1")
+    if t.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (as in `trainer.mixed_precision=no`) as false
+        t.mixed_precision = "no"
     _check(t.mixed_precision in PRECISIONS, "trainer.mixed_precision",
            f"'{t.mixed_precision}' is not one of {PRECISIONS}")
     if t.mixed_precision == "fp16":

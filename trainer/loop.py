@@ -160,6 +160,7 @@ class Trainer:
             gnorm_sum += b.step(self.model, self.optimizer, t.clip_grad_norm).detach()
             self.scheduler.step()
             state.step += 1
+            self.workload.on_step_end(b.unwrap(self.model), state.step)
             window_steps += 1
             step = state.step
 
@@ -305,8 +306,11 @@ class Trainer:
             net.eval()
             extra = self.workload.final_metrics(net, torch.Generator().manual_seed(self.cfg.trainer.seed))
             net.train()
+        weights = b.full_state_dict(self.model) if self.workload.export is not None else None  # collective
         if b.is_main:
             final.update(extra)
+            if weights is not None:
+                self.workload.export(weights, self.run_dir, final)
             write_json(self.run_dir / "final_metrics.json", final)
             self.log.log(step, {k: v for k, v in final.items() if k.startswith("test/") or k in extra})
             print(summarize_line(f"[{self.cfg.run.name or self.run_dir.name}] final", final), flush=True)
