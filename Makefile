@@ -14,7 +14,7 @@ MODELS := factorized fvsbn nade made
 LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
 
-.PHONY: venv data data-lm train test drills clean
+.PHONY: venv data data-lm data-shapes train train-sd test drills clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -33,12 +33,24 @@ data-lm: venv
 	  $(PY) -m launch.make_shards text stdlib --seq-len $${n%%:*} --out data/lm/stdlib-$${n##*:} || exit 1; \
 	done
 
+# captioned 32x32 shapes for text-to-image, with the CLIP BPE tokenizer trained on their captions
+data-shapes: venv
+	$(PY) -m launch.make_shards shapes --out data/shapes
+
 train: data
 	@for m in $(MODELS); do \
 	  echo "== $$m"; \
 	  $(LAUNCH) --config configs/autoregressive/$$m.yaml run.dir=$(RUNS)/$$m || exit 1; \
 	done
 	$(PY) -m launch.report $(addprefix $(RUNS)/,$(MODELS))
+
+# tiny Stable Diffusion from scratch: the autoencoder stage, its latents of the shapes
+# (once), then the UNet on them
+train-sd: data-shapes
+	$(LAUNCH) --config configs/sd/tiny_vae.yaml
+	test -f data/shapes-latents/val/manifest.json || \
+	  $(PY) -m launch.make_shards latents data/shapes --vae runs/sd/tiny_vae/vae --out data/shapes-latents
+	$(LAUNCH) --config configs/sd/tiny.yaml
 
 # the suite without the long drills (under 15 minutes on 2 cores); `make drills` runs those
 test: venv

@@ -9,6 +9,7 @@
     python -m launch.make_shards text /data/enwik8 --seq-len 4096 --val-fraction 0.05 --test-fraction 0.05 --out /data/shards/enwik8-4k
     python -m launch.make_shards shapes --out data/shapes --size 32
     python -m launch.make_shards mixture2d --out data/mixture2d
+    python -m launch.make_shards latents data/shapes --vae runs/sd/tiny_vae/vae --out data/shapes-latents
     python -m launch.make_shards verify data/digits/train
 """
 
@@ -61,6 +62,15 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--max-shapes", type=int, default=1, help="shapes per image at most (1-9)")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
+
+    p = sub.add_parser("latents", help="precompute VAE latents (and frozen text states) of image-caption shards")
+    p.add_argument("src", help="a shard folder, or a folder of train/val/test shard folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vae", default="", help="AutoencoderKL folder (a `vae` run's vae/)")
+    p.add_argument("--pretrained", default="", help="diffusers SD folder: its VAE, and its frozen text encoder")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--maxcount", type=int, default=0, help="samples per shard (default: as in the source)")
 
     p = sub.add_parser("mixture2d", help="points of a 2-D Gaussian mixture (score-based models)")
     p.add_argument("--out", default="data/mixture2d")
@@ -125,6 +135,23 @@ def run(args: argparse.Namespace) -> int:
         m = folder_to_shards(args.folder, args.out, require_caption=args.require_caption,
                              maxcount=args.maxcount, maxsize=args.maxsize)
         print(_summary(args.out, m))
+        return 0
+
+    if args.command == "latents":
+        from data_pipelines.sources import latents
+
+        if bool(args.vae) == bool(args.pretrained):
+            raise ValueError("give exactly one of --vae and --pretrained")
+        kw = dict(vae_dir=args.vae, pretrained=args.pretrained, image_size=args.image_size,
+                  batch=args.batch, maxcount=args.maxcount)
+        if (Path(args.src) / MANIFEST).exists():
+            out = {args.out: latents.precompute(args.src, args.out, **kw)}
+        else:
+            out = {f"{args.out}/{s}": m for s, m in latents.precompute_splits(args.src, args.out, **kw).items()}
+        if not out:
+            raise FileNotFoundError(f"{args.src}: neither a shard folder ({MANIFEST}) nor train/val/test of them")
+        for folder, m in out.items():
+            print(_summary(folder, m))
         return 0
 
     if args.command == "shapes":

@@ -65,17 +65,25 @@ def dominant_color(image: np.ndarray, min_fraction: float = 0.02) -> Optional[st
 
 
 def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: Optional[dict] = None) -> dict:
-    manifests = {}
+    """Write the splits, then a CLIP BPE tokenizer trained on the train captions into
+    `out_dir/tokenizer` (trained once here and shipped with the shards: FACTS.md)."""
+    from models.sd import tokenizer
+
+    manifests, captions = {}, []
     for split, (n, seed) in (counts or SPLITS).items():
         rng = random.Random(f"shapes-{seed}-{size}-{max_shapes}")
 
         def samples():
             for i in range(n):
                 img, caption, record = draw(rng, size, max_shapes)
+                if split == "train":
+                    captions.append(caption)
                 yield {"__key__": f"{split}{i:06d}", "png": np.asarray(img), "txt": caption, "json": record}
         manifests[split] = write_shards(samples(), Path(out_dir) / split, maxcount=-(-n // 8))
+    tokenizer.train(captions, Path(out_dir) / "tokenizer", vocab_size=256)
     return manifests
 
 
 def is_built(out_dir: str | Path) -> bool:
-    return all((Path(out_dir) / split / MANIFEST).exists() for split in SPLITS)
+    return (all((Path(out_dir) / split / MANIFEST).exists() for split in SPLITS)
+            and (Path(out_dir) / "tokenizer" / "merges.txt").exists())

@@ -1,0 +1,1 @@
+"""Latent diffusion (Stable Diffusion-style) on diffusers and transformers components."""

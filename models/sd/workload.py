@@ -1,0 +1,358 @@
+"""Latent diffusion, Stable Diffusion-style: a UNet2DConditionModel denoises VAE latents
+under cross-attention on CLIP text-encoder states.
+
+Two starts, one code path:
+- `model.pretrained: PATH`: a local diffusers Stable Diffusion folder (unet/, vae/,
+  text_encoder/, tokenizer/, scheduler/); VAE and text encoder frozen by default.
+- from scratch: the UNet and text encoder are built from the keys below, the tokenizer is
+  the one `make_shards shapes` trained on the captions, and the VAE is the `vae/` folder of
+  a finished `vae` workload run (stage one, `model.vae`), as Stable Diffusion was trained.
+
+Training: epsilon or v prediction, min-SNR weighting, caption dropout (the empty prompt,
+which classifier-free guidance uses at sampling), noise offset, an EMA of the UNet that
+lives in the model's state (so checkpoints and exact resume carry it), gradient
+checkpointing, and optional precomputed latents / text states from shards
+(`make_shards latents`). Samples come from a StableDiffusionPipeline built on the EMA UNet;
+the end of a run writes `pipeline/`, which `StableDiffusionPipeline.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.base import Workload
+from models.registry import register
+from models.sd import tokenizer as tok_lib
+from models.sd.data import fields, image_tensor
+
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+@dataclass(kw_only=True)
+class SDConfig:
+    name: str = "sd"
+    pretrained: str = ""  # local diffusers SD folder; empty: build from scratch
+    vae: str = ""  # from scratch: the AutoencoderKL folder of a `vae` run (runs/.../vae)
+    tokenizer: str = ""  # from scratch: folder with vocab.json + merges.txt
+    image_size: int = 32
+    max_length: int = 16  # text tokens (77 for real CLIP)
+    # UNet, from scratch
+    unet_channels: list[int] = field(default_factory=lambda: [64, 128])
+    unet_layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16
+    # also add an attention-pooled text embedding to the timestep embedding (diffusers'
+    # addition_embed_type="text", as in unCLIP/Kandinsky UNets): global attributes such as
+    # colour then reach every ResNet block, which a toy model learns in CPU minutes
+    text_time_embedding: bool = False
+    # text encoder, from scratch
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    train_text_encoder: bool = False
+    # objective
+    prediction_type: str = ""  # epsilon | v_prediction; empty: the pretrained scheduler's, else epsilon
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    snr_gamma: float = 0.0  # min-SNR weighting (5.0 in the paper); 0: plain MSE
+    caption_dropout: float = 0.1
+    noise_offset: float = 0.0
+    ema_decay: float = 0.999  # 0: no EMA
+    gradient_checkpointing: bool = False
+    precomputed: bool = False  # shards carry latent.npy (and text.npy) from `make_shards latents`
+    # sampling
+    sample_steps: int = 25
+    guidance_scale: float = 4.0
+    color_match_samples: int = 90  # 0: skip the captioned-shapes colour check
+
+
+def shape_prompts(n: int) -> list[str]:
+    """n captions in the shapes dataset's words, cycling colour, then shape, then position."""
+    from data_pipelines.sources.shapes import COLORS, POSITIONS, SHAPES
+
+    colors, positions = list(COLORS), list(POSITIONS)
+    out = []
+    for i in range(n):
+        c, s = colors[i % len(colors)], SHAPES[(i // len(colors)) % len(SHAPES)]
+        p = positions[(i // (len(colors) * len(SHAPES))) % len(positions)]
+        out.append(f"a {c} {s} in the center" if p == "center" else f"a {c} {s} at the {p}")
+    return out
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for an MSE on epsilon or on v: the
+    x0-space weight min(SNR, gamma) divided by what the target already carries (SNR for
+    epsilon, SNR + 1 for v)."""
+    return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+
+
+class LatentDiffusion(nn.Module):
+    """The trained parts and the frozen ones, in one module so that a backend wraps, saves
+    and restores them together. `forward(batch)` is the training loss."""
+
+    def __init__(self, cfg: SDConfig, unet, vae, text_encoder, noise_scheduler, empty_ids: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.noise_scheduler = noise_scheduler
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(cfg.train_text_encoder)
+        self.ema_unet = None
+        if cfg.ema_decay > 0:
+            self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.register_buffer("empty_ids", empty_ids, persistent=False)
+        self.latent_scale = float(vae.config.scaling_factor)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # frozen parts never run in train mode
+        if not self.cfg.train_text_encoder:
+            self.text_encoder.eval()
+        if self.ema_unet is not None:
+            self.ema_unet.eval()
+        return self
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.cfg.train_text_encoder and torch.is_grad_enabled()):
+            return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.sample() * self.latent_scale
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        c, sched = self.cfg, self.noise_scheduler
+        latents = batch["latents"] if "latents" in batch else self.encode_images(batch["images"])
+        b = latents.shape[0]
+        drop = torch.rand(b, device=latents.device) < c.caption_dropout
+        if "text_states" in batch:  # precomputed with the frozen encoder
+            states = batch["text_states"]
+            if drop.any():
+                empty = self.encode_text(self.empty_ids[None]).to(states.dtype)
+                states = torch.where(drop[:, None, None], empty, states)
+        else:
+            ids = torch.where(drop[:, None], self.empty_ids[None], batch["input_ids"])
+            states = self.encode_text(ids)
+        noise = torch.randn_like(latents)
+        if c.noise_offset:
+            noise = noise + c.noise_offset * torch.randn(b, latents.shape[1], 1, 1, device=latents.device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=latents.device)
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        pred = self.unet(noisy, t, states).sample
+        per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+        if c.snr_gamma > 0:
+            from diffusers.training_utils import compute_snr
+
+            per_sample = per_sample * min_snr_weight(compute_snr(sched, t), c.snr_gamma, sched.config.prediction_type)
+        return per_sample.mean()
+
+    @torch.no_grad()
+    def ema_update(self, step: int) -> None:
+        if self.ema_unet is None:
+            return
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))  # short memory early on
+        ema = [p for p in self.ema_unet.parameters()]
+        live = [p.detach() for p in self.unet.parameters()]
+        torch._foreach_lerp_(ema, live, 1 - decay)
+
+    def pipeline(self, tokenizer, use_ema: bool = True):
+        """A StableDiffusionPipeline on these modules (the EMA UNet when there is one)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        unet = self.ema_unet if use_ema and self.ema_unet is not None else self.unet
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=tokenizer,
+                                       unet=unet, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config,
+                                                                                     set_alpha_to_one=False),
+                                       safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+@register("sd")
+class SDWorkload(Workload):
+    Config = SDConfig
+    best_metric = "loss"
+
+    def __init__(self, cfg: SDConfig):
+        super().__init__(cfg)
+        if cfg.prediction_type and cfg.prediction_type not in PREDICTIONS:
+            raise ValueError(f"model.prediction_type '{cfg.prediction_type}' is not one of {', '.join(PREDICTIONS)}")
+        if cfg.pretrained:
+            missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                       if not (Path(cfg.pretrained) / s).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"model.pretrained={cfg.pretrained} is not a diffusers Stable Diffusion "
+                                        f"folder: it lacks {', '.join(s + '/' for s in missing)}")
+        else:
+            for key in ("vae", "tokenizer"):
+                if not getattr(cfg, key):
+                    raise ValueError(f"model.{key} is empty: from scratch (no model.pretrained) it must name "
+                                     f"a folder (see configs/sd/)")
+            if not (Path(cfg.vae) / "config.json").is_file():
+                raise FileNotFoundError(f"model.vae={cfg.vae} is not an AutoencoderKL folder (no config.json): "
+                                        f"train stage one first, e.g. configs/sd/tiny_vae.yaml")
+        if not 0 <= cfg.caption_dropout < 1:
+            raise ValueError(f"model.caption_dropout={cfg.caption_dropout} must be in [0, 1)")
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            c = self.cfg
+            if c.pretrained:
+                from transformers import CLIPTokenizer
+
+                self._tokenizer = CLIPTokenizer.from_pretrained(Path(c.pretrained) / "tokenizer")
+            else:
+                self._tokenizer = tok_lib.load(c.tokenizer, c.max_length)
+        return self._tokenizer
+
+    def __getstate__(self):  # data-loader workers build their own tokenizer
+        return {**self.__dict__, "_tokenizer": None}
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer
+        return tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                   return_tensors="pt").input_ids
+
+    def build_model(self) -> nn.Module:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        c = self.cfg
+        if c.pretrained:
+            root = Path(c.pretrained)
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder")
+            override = {"prediction_type": c.prediction_type} if c.prediction_type else {}
+            sched = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **override)
+        else:
+            vae = AutoencoderKL.from_pretrained(c.vae)
+            tok = self.tokenizer
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=len(tok), hidden_size=c.text_hidden, intermediate_size=4 * c.text_hidden,
+                num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
+                max_position_embeddings=c.max_length, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+            scale = 2 ** (len(vae.config.block_out_channels) - 1)
+            if c.image_size % scale:
+                raise ValueError(f"model.image_size={c.image_size} is not a multiple of the VAE's factor {scale}")
+            levels = len(c.unet_channels)
+            unet = UNet2DConditionModel(
+                sample_size=c.image_size // scale, in_channels=vae.config.latent_channels,
+                out_channels=vae.config.latent_channels, block_out_channels=tuple(c.unet_channels),
+                layers_per_block=c.unet_layers_per_block,
+                down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+                cross_attention_dim=c.text_hidden, attention_head_dim=c.attention_head_dim,
+                norm_num_groups=c.norm_num_groups, addition_embed_type="text" if c.text_time_embedding else None,
+                addition_embed_type_num_heads=c.text_heads)
+            # Settings go in at construction: diffusers' from_config (used to derive the
+            # sampling scheduler) drops keys set later by register_to_config that were
+            # defaults at construction, so a v-prediction model would be sampled as epsilon.
+            sched = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                                  beta_start=c.beta_start, beta_end=c.beta_end, clip_sample=False,
+                                  steps_offset=1,  # as Stable Diffusion's scheduler config
+                                  prediction_type=c.prediction_type or "epsilon")
+        return LatentDiffusion(c, unet, vae, text_encoder, sched, self.tokenize([""])[0])
+
+    # ------------------------------------------------------------------ data
+    def decode(self, sample: dict) -> dict:
+        c = self.cfg
+        out: dict = {}
+        if c.precomputed:
+            if "latent.npy" not in sample:
+                raise KeyError(f"model.precomputed is set but the sample has no latent.npy "
+                               f"(fields: {fields(sample)}); make the shards with `make_shards latents`")
+            out["latents"] = torch.from_numpy(np.load(io.BytesIO(sample["latent.npy"]))).float()
+            if "text.npy" in sample and not c.train_text_encoder:
+                out["text_states"] = torch.from_numpy(np.load(io.BytesIO(sample["text.npy"]))).float()
+        else:
+            out["images"] = image_tensor(sample, c.image_size)
+        if "text_states" not in out:
+            if "txt" not in sample:
+                raise KeyError(f"no 'txt' caption; the sample has {fields(sample)}")
+            out["input_ids"] = self.tokenize([sample["txt"].decode("utf-8")])[0]
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch)
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        model.ema_update(step)
+
+    def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        # the same noise, timesteps and caption dropout at every evaluation
+        dev = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(0)
+            loss = model(batch)
+        n = next(iter(batch.values())).shape[0]
+        return {"loss_sum": loss * n, "count": torch.tensor(float(n), device=loss.device)}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"loss": sums["loss_sum"] / sums["count"], "count": sums["count"]}
+
+    # ------------------------------------------------------------------ samples
+    def generate(self, model: LatentDiffusion, prompts: list[str], generator: torch.Generator,
+                 guidance_scale: Optional[float] = None, batch: int = 32) -> np.ndarray:
+        """(n, H, W, 3) floats in [0, 1]; one seeded generator draws every batch's noise."""
+        pipe = model.pipeline(self.tokenizer)
+        g = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        out = []
+        for i in range(0, len(prompts), batch):
+            out.append(pipe(prompts[i:i + batch], num_inference_steps=self.cfg.sample_steps, guidance_scale=g,
+                            generator=generator, output_type="np", height=self.cfg.image_size,
+                            width=self.cfg.image_size).images)
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Guided samples for fixed prompts (colour, shape and position vary along the grid)."""
+        images = self.generate(model, shape_prompts(n), generator)
+        return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def final_metrics(self, model: nn.Module, generator: torch.Generator) -> dict[str, float]:
+        """The fraction of samples whose dominant colour is the caption's, guided and
+        unconditional (the empty prompt), for the captioned-shapes data."""
+        from data_pipelines.sources.shapes import dominant_color
+
+        n = self.cfg.color_match_samples
+        if n <= 0:
+            return {}
+        prompts = shape_prompts(n)
+        wanted = [p.split()[1] for p in prompts]
+        out = {}
+        for key, texts, scale in (("color_match_guided", prompts, None),
+                                  ("color_match_unconditional", [""] * n, 1.0)):
+            images = self.generate(model, texts, generator, guidance_scale=scale)
+            found = [dominant_color((im * 255).round().astype(np.uint8)) for im in images]
+            out[key] = float(np.mean([f == w for f, w in zip(found, wanted)]))
+        return out
+
+    def export(self, weights: dict, out_dir: Path, final: dict) -> None:
+        """`out_dir/pipeline`: a diffusers folder for StableDiffusionPipeline.from_pretrained
+        (the EMA UNet as its unet when EMA is on)."""
+        model = self.build_model()
+        model.load_state_dict(weights)
+        model.pipeline(self.tokenizer).save_pretrained(out_dir / "pipeline", safe_serialization=True)
