@@ -8,7 +8,7 @@ and per-rank batch: decoding a batch of shard samples (PNG + tokenizing, in a lo
 worker in real runs), VAE encode, text encoder forward, UNet forward + backward (with the
 text encoder's backward when it is trained), AdamW step, EMA update, and the whole
 training step as the trainer runs it (`model(batch)`, backward, step, EMA) with images and
-with precomputed latents. The VAE is built untrained from the stage-one recipe (the cost
+with precomputed latents (the recipe's setting). The VAE is built untrained from the stage-one recipe (the cost
 does not depend on its weights). --threads 1 is one rank's share of the 2-core machine
 under `make train-sd`. Prints one JSON object.
 """
@@ -66,6 +66,7 @@ def main(argv=None) -> None:
         vae_model.register_to_config(scaling_factor=0.6)
         vae_model.save_pretrained(tmp)
         cfg.model.vae, cfg.model.tokenizer = tmp, args.tokenizer
+        cfg.model.precomputed = False  # decode images here; the latents path is timed below
         w = build_workload(cfg.model)
         model = w.build_model().train()
     optimizer = build_optimizer(model, cfg.optim)

@@ -252,6 +252,7 @@ def test_missing_vae_stage_is_named(shapes_dir, tmp_path):
 
 
 @pytest.mark.drill
+@pytest.mark.timeout(2400)
 def test_tiny_recipe_from_scratch_reaches_the_colour_target(tmp_path, cpu_env):
     """Both stages of the default CPU recipe on 2 ranks: guided samples match their
     caption's colour at least 90% of the time, far above unconditional samples."""

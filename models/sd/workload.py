@@ -168,6 +168,10 @@ class LatentDiffusion(nn.Module):
         decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))  # short memory early on
         ema = [p for p in self.ema_unet.parameters()]
         live = [p.detach() for p in self.unet.parameters()]
+        if any(hasattr(p, "ds_status") for p in live):  # ZeRO-3 leaves empty placeholders here
+            raise RuntimeError("model.ema_decay > 0 under DeepSpeed ZeRO-3: the UNet's parameters are "
+                               "partitioned away from the module, so the EMA would silently stand still; "
+                               "use ZeRO-2, FSDP or model.ema_decay=0")
         torch._foreach_lerp_(ema, live, 1 - decay)
 
     def pipeline(self, tokenizer, use_ema: bool = True):
