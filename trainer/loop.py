@@ -146,6 +146,7 @@ class Trainer:
         loss_sum, gnorm_sum, window_steps, data_wait = zero.clone(), zero.clone(), 0, 0.0
         window_start = session_start = time.perf_counter()
         self.model.train()
+        net = b.unwrap(self.model)  # for the workload's per-step hook
         while state.step < t.max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
             for micro in range(accum):
@@ -160,7 +161,7 @@ class Trainer:
             gnorm_sum += b.step(self.model, self.optimizer, t.clip_grad_norm).detach()
             self.scheduler.step()
             state.step += 1
-            self.workload.on_step_end(b.unwrap(self.model), state.step)
+            self.workload.on_step_end(net, state.step)
             window_steps += 1
             step = state.step
 

@@ -115,6 +115,7 @@ class LatentDiffusion(nn.Module):
             if cfg.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
         self.register_buffer("empty_ids", empty_ids, persistent=False)
+        self._empty_state: Optional[torch.Tensor] = None
         self.latent_scale = float(vae.config.scaling_factor)
 
     def train(self, mode: bool = True):
@@ -141,9 +142,10 @@ class LatentDiffusion(nn.Module):
         drop = torch.rand(b, device=latents.device) < c.caption_dropout
         if "text_states" in batch:  # precomputed with the frozen encoder
             states = batch["text_states"]
-            if drop.any():
-                empty = self.encode_text(self.empty_ids[None]).to(states.dtype)
-                states = torch.where(drop[:, None, None], empty, states)
+            if self._empty_state is None:  # the frozen encoder's empty prompt, once
+                with torch.no_grad():
+                    self._empty_state = self.encode_text(self.empty_ids[None])
+            states = torch.where(drop[:, None, None], self._empty_state.to(states.dtype), states)
         else:
             ids = torch.where(drop[:, None], self.empty_ids[None], batch["input_ids"])
             states = self.encode_text(ids)
