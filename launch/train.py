@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from data_pipelines.stream import DataError, check_readers, resolve_shards
 from trainer.config import ConfigError, load_config
@@ -46,9 +47,13 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         preflight(cfg)
     except (ConfigError, DataError) as exc:
+        # Every rank finds the same error. Rank 0 reports it; the others wait a moment
+        # first, because a launcher stops all ranks when the first one exits: had rank 1
+        # exited first, rank 0 could be stopped before it printed anything.
         rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            print(f"error: {exc}", file=sys.stderr)
+        if rank != "0":
+            time.sleep(5)
+        print(f"error: {exc}" if rank == "0" else f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
         return 2
 
     from models.registry import build_workload
