@@ -2,9 +2,13 @@
 
     python -m launch.train --config configs/autoregressive/made.yaml run.dir=runs/made trainer.max_steps=500
 
-Run it under `accelerate launch` or `torchrun` for several processes. The config is read
+Run it under `accelerate launch`, `torchrun` or `deepspeed` for several processes. The config is read
 and checked, and the shards counted against ranks x workers, before any process group
 starts, so a bad recipe fails in seconds with the key it is about.
+
+Exit codes: 0 finished; 2 bad config or data layout; 3 bad data met while training;
+75 stopped early by SIGUSR1, SIGTERM or the job's time limit, with a complete checkpoint
+(under SLURM a SIGUSR1 or time-limit stop also requeues the job).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 
 from data_pipelines.stream import DataError, check_readers, resolve_shards
 from trainer.config import ConfigError, load_config
+from trainer.preempt import EXIT_STOPPED, requeue_slurm_job
 
 
 def preflight(cfg) -> None:
@@ -60,6 +65,12 @@ def main(argv=None) -> int:
     from trainer.backends import make_backend
     from trainer.loop import Trainer
 
+    from launch.netif import choose_socket_ifname
+
+    ifname = choose_socket_ifname()  # before any process group: see launch/netif.py
+    if ifname and os.environ.get("RANK", "0") == "0":
+        print(f"collectives over {ifname} (the host name resolves to loopback; "
+              f"set GLOO_SOCKET_IFNAME to choose)", flush=True)
     backend = make_backend(cfg)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if backend.world_size != launched:
@@ -71,8 +82,18 @@ def main(argv=None) -> int:
         return 2
     if backend.is_main:
         print(f"backend: {backend.name} on {backend.world_size} rank(s), {backend.device.type}", flush=True)
+    stopped = 0
     try:
-        Trainer(cfg, build_workload(cfg.model), backend).fit()
+        stopped = Trainer(cfg, build_workload(cfg.model), backend).fit().get("stopped", 0)
+        if stopped:
+            # every rank's part of the checkpoint is on disk (the save ends in a barrier).
+            # Rank 0 requeues before anyone leaves: under `srun --kill-on-bad-exit` the first
+            # rank to exit gets the others killed.
+            if backend.is_main and cfg.trainer.requeue:
+                said = requeue_slurm_job(stopped)
+                if said:
+                    print(said, flush=True)
+            backend.barrier()
     except DataError as exc:
         # from a loader worker the message carries the worker's traceback; its last line
         # is the one that names the shard and sample
@@ -82,7 +103,7 @@ def main(argv=None) -> int:
         return 3
     finally:
         backend.end()
-    return 0
+    return EXIT_STOPPED if stopped else 0
 
 
 if __name__ == "__main__":

@@ -99,3 +99,14 @@ def wait_for(predicate, proc, timeout):
             return False
         time.sleep(0.02)
     return False
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(tmp_path_factory, digits_dir, cpu_env):
+    """The smoke recipe on 2 ranks (one node, accelerate launch), never interrupted: what
+    the SLURM, preemption and two-node runs must reproduce step for step."""
+    from launching import accelerate_cmd, run_ok, smoke_overrides
+
+    run_dir = tmp_path_factory.mktemp("smoke-reference")
+    run_ok(accelerate_cmd() + smoke_overrides(run_dir, digits_dir), cpu_env)
+    return run_dir

@@ -26,6 +26,7 @@ from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batch
 from trainer.checkpoint import Checkpointer, write_json
 from trainer.config import RunConfig, to_yaml
 from trainer.metrics import MetricsLogger, summarize_line
+from trainer.preempt import REASONS, StopAgreement
 
 
 SKIP_KINDS = ("bad_samples", "missing_key", "bad_shards", "missing_shards")
@@ -140,13 +141,22 @@ class Trainer:
         if state.step >= t.max_steps:  # finished before: report again, log nothing new
             self.log.enabled = False
 
+        session_start = time.perf_counter()
+        self.model.train()
+        net = b.unwrap(self.model)  # for the workload's per-step hook
+        self.stopper = StopAgreement(check_every=t.stop_check_every, end_margin_s=t.end_margin_s)
+        try:
+            return self._loop(state, session_start, last_saved, net)
+        finally:
+            self.stopper.close()
+
+    def _loop(self, state: TrainState, session_start: float, last_saved: int, net) -> dict:
+        cfg, t, b = self.cfg, self.cfg.trainer, self.backend
         accum = t.grad_accum_steps
         samples_per_step = cfg.data.batch_size * accum * b.world_size
         zero = torch.zeros((), device=b.device)
         loss_sum, gnorm_sum, window_steps, data_wait = zero.clone(), zero.clone(), 0, 0.0
-        window_start = session_start = time.perf_counter()
-        self.model.train()
-        net = b.unwrap(self.model)  # for the workload's per-step hook
+        window_start = time.perf_counter()
         while state.step < t.max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
             for micro in range(accum):
@@ -201,6 +211,14 @@ class Trainer:
             if stop:
                 self.log.text(f"trainer.max_time={t.max_time}s reached at step {step}")
                 break
+            reason = self.stopper.poll(step)  # a signal or the job's end: all ranks, same step
+            if reason:
+                if last_saved != step:
+                    self._save(state, session_start)
+                self.log.text(f"stopped after step {step} ({REASONS[reason]}); checkpoint "
+                              f"{self.checkpointer.root / f'step-{step}'} is complete")
+                self.log.close()
+                return {"step": step, "stopped": reason}
             window_start += time.perf_counter() - hangers_on  # throughput counts steps only
 
         return self._finish(state, session_start, last_saved)

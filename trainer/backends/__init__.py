@@ -53,9 +53,40 @@ def check_launch_env(trainer_cfg, micro_batch: int) -> None:
         deepspeed_config(trainer_cfg, micro_batch)  # a config_file that contradicts the recipe
 
 
+def init_elastic_process_group(timeout_s: int) -> bool:
+    """Form the default process group under torch elastic (torchrun, accelerate launch) in a
+    key space of this start's own; True if it did.
+
+    The elastic agent keeps one TCPStore for its workers across restarts (torch 2.13), so
+    after `--max-restarts` brings the ranks back, the new group reads the previous ranks'
+    addresses from it and never connects (gloo: "connection refused", or a hang). Every
+    rank counts its own starts in that store; a restart starts all ranks again, so the
+    count is the same on every rank of one attempt and names a fresh prefix. The backends
+    (Accelerate, DeepSpeed) then find the group formed and use it.
+    """
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return False
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    start = store.add(f"tributary/starts/rank{rank}", 1)
+    on_gpu = torch.cuda.is_available() and env.get("ACCELERATE_USE_CPU", "") not in ("1", "true", "True")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if on_gpu else "gloo", rank=rank, world_size=world,
+                            store=dist.PrefixStore(f"tributary/start{start}", store), timeout=timeout)
+    return True
+
+
 def make_backend(cfg) -> Backend:
     """The backend of a run config (`trainer.backend`)."""
     t = cfg.trainer
+    init_elastic_process_group(t.dist_timeout_s)
     if t.backend == "accelerate":
         from trainer.backends.accelerate import AccelerateBackend
 

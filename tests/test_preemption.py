@@ -1,0 +1,73 @@
+"""Stopping early without losing a step, outside SLURM: a signal to one rank stops all of
+them after the same step with a checkpoint and exit code 75; the job's end time does the
+same; torchrun --max-restarts brings a killed rank back from the last checkpoint."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launching import (RECIPE, ROOT, STEPS, accelerate_cmd, assert_matches_reference, last_step, ranks_of,
+                       run_ok, smoke_overrides, torchrun_cmd, train_records, wait_until)
+from trainer.preempt import EXIT_STOPPED
+
+
+def test_usr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, digits_dir, cpu_env,
+                                                                 smoke_reference):
+    run_dir = tmp_path / "run"
+    cmd = accelerate_cmd() + smoke_overrides(run_dir, digits_dir)
+    proc = subprocess.Popen(cmd, env=cpu_env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: 45 <= last_step(run_dir) < STEPS - 50, 120, "step 45", proc)
+    ranks = ranks_of(proc.pid)
+    assert sorted(ranks) == [0, 1]
+    ranks[1].send_signal(signal.SIGUSR1)  # rank 0 never sees a signal
+    out = proc.communicate(timeout=120)[0]
+    stopped = [line for line in out.splitlines() if line.startswith("stopped after step")]
+    assert stopped and "(SIGUSR1)" in stopped[0], out[-3000:]
+    step = int(stopped[0].split()[3])
+    assert 45 <= step < STEPS
+    ckpt = run_dir / "checkpoints" / f"step-{step}"
+    assert (ckpt / "COMPLETE.json").exists()
+    assert sorted(p.name for p in ckpt.glob("data-rank*.json")) == ["data-rank0.json", "data-rank1.json"]
+    assert not (run_dir / "final_metrics.json").exists()
+    assert "exitcode  : 75" in out  # each rank's own code, in the launcher's report
+    assert train_records(run_dir)[-1]["step"] == step
+
+    out = run_ok(cmd, cpu_env)  # the same command again
+    assert f"resumed from {ckpt} (step {step}, exact)" in out
+    assert_matches_reference(run_dir, smoke_reference)
+
+
+def test_job_end_time_stops_and_saves_with_exit_75(tmp_path, digits_dir, cpu_env):
+    """TRIBUTARY_JOB_END (set by slurm/*.sbatch) minus trainer.end_margin_s is a deadline."""
+    run_dir = tmp_path / "run"
+    env = dict(cpu_env, TRIBUTARY_JOB_END=str(time.time() + 3600))
+    # the deadline is an hour away, less a margin of an hour minus 8 s: 8 s from now
+    cmd = [sys.executable, "-m", "launch.train", "--config", RECIPE]
+    cmd += smoke_overrides(run_dir, digits_dir, "trainer.max_steps=100000",
+                           "trainer.checkpoint_every=0", "trainer.end_margin_s=3592")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == EXIT_STOPPED, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "(the job's time limit)" in out.stdout
+    assert "requeued" not in out.stdout  # not under SLURM: nothing to requeue
+    step = train_records(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / f"step-{step}" / "COMPLETE.json").exists()
+
+
+def test_torchrun_max_restarts_resumes_a_killed_rank(tmp_path, digits_dir, cpu_env, smoke_reference):
+    run_dir = tmp_path / "run"
+    cmd = torchrun_cmd(max_restarts=1) + smoke_overrides(run_dir, digits_dir)
+    proc = subprocess.Popen(cmd, env=cpu_env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    done = lambda: (run_dir / "checkpoints/step-80/COMPLETE.json").exists() and last_step(run_dir) >= 90
+    wait_until(done, 120, "checkpoint 80 and step 90", proc)
+    killed_at = last_step(run_dir)
+    assert killed_at < STEPS
+    ranks_of(proc.pid)[1].kill()  # SIGKILL: no chance to save
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-5000:]
+    assert "resumed from" in out and "step-80 (step 80, exact)" in out, out[-3000:]
+    assert_matches_reference(run_dir, smoke_reference)

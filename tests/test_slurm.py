@@ -1,0 +1,83 @@
+"""Against a real SLURM controller on loopback (slurm/loopback.sh: munged, slurmctld and
+slurmd from Debian's packages): `launch.submit` renders and submits the templates in
+slurm/, `sbatch --wait` waits for the job, and the run must match an uninterrupted one step
+for step, through a SIGUSR1, a checkpoint, `scontrol requeue` and a resume."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from launching import (ROOT, STEPS, assert_matches_reference, last_step, smoke_overrides,
+                       wait_until)
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    if shutil.which("sbatch") is None:
+        pytest.skip("SLURM is not installed (apt-get install slurm-wlm munge; .ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("slurm/loopback.sh needs root to start slurmd")
+    out = subprocess.run(["bash", str(ROOT / "slurm/loopback.sh")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr  # installed but would not start: a failure
+    env = dict(os.environ, SLURM_CONF=out.stdout.strip().split("=", 1)[1])
+    return env
+
+
+def submit(env, run_dir, digits_dir, launcher, *, wait):
+    cmd = [sys.executable, "-m", "launch.submit", "--config", str(ROOT / "configs/autoregressive/made.yaml"),
+           "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--launcher", launcher]
+    cmd += ["--wait"] if wait else []
+    cmd += smoke_overrides(run_dir, digits_dir)
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def logs(out):
+    """The batch shell's log and node 0's, from the paths launch.submit printed."""
+    found = re.search(r"batch log +(\S+)", out)
+    assert found, out
+    batch = found.group(1)
+    node0 = re.search(r"node logs +(\S+)", out).group(1).replace("<N>", "0")
+    with open(batch) as b, open(node0) as n:
+        return b.read(), n.read()
+
+
+def test_sbatch_runs_the_smoke_recipe_on_two_ranks(tmp_path, digits_dir, slurm_env, smoke_reference):
+    run_dir = tmp_path / "run"
+    proc = submit(slurm_env, run_dir, digits_dir, "accelerate", wait=True)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    batch_log, node_log = logs(out)
+    assert "restart 0" in batch_log and "training step exited with 0" in batch_log
+    assert "backend: Accelerate DDP on 2 rank(s)" in node_log
+    assert_matches_reference(run_dir, smoke_reference)
+
+
+def test_usr1_saves_requeues_and_resumes_without_losing_a_step(tmp_path, digits_dir, slurm_env,
+                                                                smoke_reference):
+    run_dir = tmp_path / "run"
+    proc = submit(slurm_env, run_dir, digits_dir, "torchrun", wait=True)
+    first = proc.stdout.readline()
+    job = re.search(r"submitted job (\d+)", first).group(1)
+    wait_until(lambda: 45 <= last_step(run_dir), 180, "step 45", proc)
+    # what `#SBATCH --signal=B:USR1@GRACE` does before the time limit: signal the batch shell
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True)
+    out = first + proc.stdout.read()  # (communicate() would skip what readline buffered)
+    proc.wait(timeout=400)
+    assert proc.returncode == 0, out
+
+    batch_log, node_log = logs(out)
+    assert "batch shell: SIGUSR1, telling the ranks" in batch_log
+    assert "restart 0" in batch_log and "restart 1" in batch_log, batch_log
+    stopped = re.search(r"stopped after step (\d+) \(SIGUSR1\)", node_log)
+    assert stopped, node_log[-3000:]
+    step = int(stopped.group(1))
+    assert 45 <= step < STEPS
+    assert f"SLURM job {job} requeued" in node_log
+    assert f"resumed from {run_dir}/checkpoints/step-{step} (step {step}, exact)" in node_log
+    assert_matches_reference(run_dir, smoke_reference)
