@@ -92,6 +92,7 @@ def test_two_process_run_end_to_end(tmp_path, digits_dir, cpu_env):
     assert wl.eval_metrics(sums)["nll"] == pytest.approx(final["test/nll"], rel=1e-5)
 
 
+@pytest.mark.drill  # make test: test_preemption's torchrun restart after a SIGKILL
 def test_sigkill_then_same_command_resumes_exactly(tmp_path, digits_dir, cpu_env):
     args = ("trainer.max_steps=300", "trainer.log_every=1", "trainer.checkpoint_every=40",
             "trainer.eval_every=50", "data.num_workers=2", "data.shuffle_buffer=64")

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from launching import (ROOT, STEPS, assert_matches_reference, last_step, smoke_overrides,
-                       wait_until)
+                       train_records, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,19 @@ def slurm_env():
     return env
 
 
-def submit(env, run_dir, digits_dir, launcher, *, wait):
+def submit(env, run_dir, digits_dir, launcher, *more, wait):
     cmd = [sys.executable, "-m", "launch.submit", "--config", str(ROOT / "configs/autoregressive/made.yaml"),
            "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--launcher", launcher]
     cmd += ["--wait"] if wait else []
-    cmd += smoke_overrides(run_dir, digits_dir)
+    cmd += smoke_overrides(run_dir, digits_dir, *more)
     return subprocess.Popen(cmd, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def job_state(env, job):
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True)
+    found = re.search(r"JobState=(\S+)", out.stdout)
+    return found.group(1) if found else out.stderr.strip()
 
 
 def logs(out):
@@ -58,18 +64,19 @@ def test_sbatch_runs_the_smoke_recipe_on_two_ranks(tmp_path, digits_dir, slurm_e
     assert_matches_reference(run_dir, smoke_reference)
 
 
-def test_usr1_saves_requeues_and_resumes_without_losing_a_step(tmp_path, digits_dir, slurm_env,
-                                                                smoke_reference):
+def preempt_once(tmp_path, digits_dir, slurm_env, launcher, *more):
+    """Submit, SIGUSR1 the batch shell mid-run, wait for the end; the logs and the step."""
     run_dir = tmp_path / "run"
-    proc = submit(slurm_env, run_dir, digits_dir, "torchrun", wait=True)
-    first = proc.stdout.readline()
-    job = re.search(r"submitted job (\d+)", first).group(1)
-    wait_until(lambda: 45 <= last_step(run_dir), 180, "step 45", proc)
+    proc = submit(slurm_env, run_dir, digits_dir, launcher, *more, wait=False)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    job = re.search(r"submitted job (\d+)", out).group(1)
+    wait_until(lambda: 45 <= last_step(run_dir), 180, "step 45")
     # what `#SBATCH --signal=B:USR1@GRACE` does before the time limit: signal the batch shell
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True)
-    out = first + proc.stdout.read()  # (communicate() would skip what readline buffered)
-    proc.wait(timeout=400)
-    assert proc.returncode == 0, out
+    # (polled here: `sbatch --wait` checks at doubling intervals, up to 32 s apart)
+    wait_until(lambda: job_state(slurm_env, job) in ("COMPLETED", "FAILED", "CANCELLED"), 400, "the job's end")
+    assert job_state(slurm_env, job) == "COMPLETED"
 
     batch_log, node_log = logs(out)
     assert "batch shell: SIGUSR1, telling the ranks" in batch_log
@@ -80,4 +87,19 @@ def test_usr1_saves_requeues_and_resumes_without_losing_a_step(tmp_path, digits_
     assert 45 <= step < STEPS
     assert f"SLURM job {job} requeued" in node_log
     assert f"resumed from {run_dir}/checkpoints/step-{step} (step {step}, exact)" in node_log
+    return run_dir
+
+
+def test_usr1_saves_requeues_and_resumes_without_losing_a_step(tmp_path, digits_dir, slurm_env,
+                                                                smoke_reference):
+    run_dir = preempt_once(tmp_path, digits_dir, slurm_env, "torchrun")
     assert_matches_reference(run_dir, smoke_reference)
+
+
+@pytest.mark.drill
+def test_deepspeed_launcher_preemption(tmp_path, digits_dir, slurm_env):
+    """slurm/deepspeed.sbatch (`deepspeed --no_ssh`), ZeRO-2: every rank saves its partition."""
+    run_dir = preempt_once(tmp_path, digits_dir, slurm_env, "deepspeed",
+                           "trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=2")
+    assert [r["step"] for r in train_records(run_dir)] == list(range(1, STEPS + 1))
+    assert (run_dir / "final_metrics.json").exists()
