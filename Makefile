@@ -14,7 +14,7 @@ MODELS := factorized fvsbn nade made
 LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
 
-.PHONY: venv data data-lm data-shapes train train-sd test drills clean
+.PHONY: venv data data-lm data-shapes train train-sd test drills slurm-up slurm-down clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -58,6 +58,14 @@ test: venv
 
 drills: venv
 	$(PY) -m pytest -q -m drill tests
+
+# a one-machine SLURM cluster on 127.0.0.1 (root; Debian's slurm-wlm and munge) to try
+# slurm/*.sbatch and launch.submit --cpu; then export SLURM_CONF=/tmp/tributary-slurm/slurm.conf
+slurm-up:
+	slurm/loopback.sh
+
+slurm-down:
+	slurm/loopback.sh stop
 
 clean:
 	rm -rf runs data

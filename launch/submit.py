@@ -52,8 +52,9 @@ def render(a, recipe: str, overrides: list[str], run_dir: Path, name: str) -> st
     lines = template.splitlines(keepends=True)
     first = next(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
     last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    about = lines[1:lines.index("#\n")]  # the template's first paragraph: what it does
     header = (lines[0] + f"# Rendered by `python -m launch.submit` from slurm/{a.launcher}.sbatch "
-              f"on {time.strftime('%Y-%m-%d %H:%M')}.\n" + "".join(lines[1:first])
+              f"on {time.strftime('%Y-%m-%d %H:%M')}.\n" + "".join(about)
               + "\n".join(sbatch_header(a, name, log_dir)) + "\n")
     body = "".join(lines[last + 1:])
     settings = [f"export PYTHON={shlex.quote(a.python)}",

@@ -171,7 +171,8 @@ def test_recipe_trains_on_two_ranks(tmp_path, lm_data, cpu_env, recipe):
 
 
 @pytest.mark.parametrize("recipe,overrides", [
-    ("causal_1k.yaml", ["model.attention=softmax"]),
+    # (make test's kill-and-resume checks run the smoke recipe: tests/test_preemption.py)
+    pytest.param("causal_1k.yaml", ["model.attention=softmax"], marks=pytest.mark.drill),
     pytest.param("masked_4k.yaml", ["model.attention=flash"], marks=pytest.mark.drill),
     pytest.param("causal_4k.yaml", ["model.attention=linear"], marks=pytest.mark.drill),
     pytest.param("causal_16k.yaml", ["model.activation_checkpointing=true"], marks=pytest.mark.drill),

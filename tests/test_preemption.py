@@ -20,7 +20,7 @@ def test_usr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, digits_
     cmd = accelerate_cmd() + smoke_overrides(run_dir, digits_dir)
     proc = subprocess.Popen(cmd, env=cpu_env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    wait_until(lambda: 45 <= last_step(run_dir) < STEPS - 50, 120, "step 45", proc)
+    wait_until(lambda: 20 <= last_step(run_dir) < STEPS - 100, 120, "step 20", proc)
     ranks = ranks_of(proc.pid)
     assert sorted(ranks) == [0, 1]
     ranks[1].send_signal(signal.SIGUSR1)  # rank 0 never sees a signal
@@ -28,7 +28,7 @@ def test_usr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, digits_
     stopped = [line for line in out.splitlines() if line.startswith("stopped after step")]
     assert stopped and "(SIGUSR1)" in stopped[0], out[-3000:]
     step = int(stopped[0].split()[3])
-    assert 45 <= step < STEPS
+    assert 20 <= step < STEPS
     ckpt = run_dir / "checkpoints" / f"step-{step}"
     assert (ckpt / "COMPLETE.json").exists()
     assert sorted(p.name for p in ckpt.glob("data-rank*.json")) == ["data-rank0.json", "data-rank1.json"]
@@ -71,3 +71,20 @@ def test_torchrun_max_restarts_resumes_a_killed_rank(tmp_path, digits_dir, cpu_e
     assert proc.returncode == 0, out[-5000:]
     assert "resumed from" in out and "step-80 (step 80, exact)" in out, out[-3000:]
     assert_matches_reference(run_dir, smoke_reference)
+
+
+def test_job_end_time_from_the_env_or_from_squeue(tmp_path, monkeypatch):
+    from trainer.preempt import job_end_time
+
+    monkeypatch.setenv("TRIBUTARY_JOB_END", "1800000000")
+    assert job_end_time() == 1800000000.0
+    monkeypatch.delenv("TRIBUTARY_JOB_END")
+    fake = tmp_path / "squeue"
+    fake.write_text("#!/bin/bash\n[[ $* == '-h -j 77 -o %e' ]] && echo 2026-12-01T12:30:00\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert job_end_time() is None  # only the rank that asks (rank 0) asks SLURM
+    assert job_end_time(ask_slurm=True) == time.mktime((2026, 12, 1, 12, 30, 0, 0, 0, -1))
+    fake.write_text("#!/bin/bash\necho UNLIMITED\n")
+    assert job_end_time(ask_slurm=True) is None

@@ -71,7 +71,7 @@ def preempt_once(tmp_path, digits_dir, slurm_env, launcher, *more):
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, out
     job = re.search(r"submitted job (\d+)", out).group(1)
-    wait_until(lambda: 45 <= last_step(run_dir), 180, "step 45")
+    wait_until(lambda: 20 <= last_step(run_dir), 180, "step 20")
     # what `#SBATCH --signal=B:USR1@GRACE` does before the time limit: signal the batch shell
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True)
     # (polled here: `sbatch --wait` checks at doubling intervals, up to 32 s apart)
@@ -84,7 +84,7 @@ def preempt_once(tmp_path, digits_dir, slurm_env, launcher, *more):
     stopped = re.search(r"stopped after step (\d+) \(SIGUSR1\)", node_log)
     assert stopped, node_log[-3000:]
     step = int(stopped.group(1))
-    assert 45 <= step < STEPS
+    assert 20 <= step < STEPS
     assert f"SLURM job {job} requeued" in node_log
     assert f"resumed from {run_dir}/checkpoints/step-{step} (step {step}, exact)" in node_log
     return run_dir

@@ -102,8 +102,9 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | PATH to a step-N checkpoint
     progress_bar: bool = True
     dist_timeout_s: int = 600
-    # preemption (trainer/preempt.py): ranks vote on a stop every this many steps
-    stop_check_every: int = 1
+    # preemption (trainer/preempt.py): ranks vote on a stop every this many steps;
+    # 0 = about once a second, from rank 0's step rate
+    stop_check_every: int = 0
     # with a known job end time (TRIBUTARY_JOB_END, set by slurm/*.sbatch), stop and requeue
     # this many seconds before it: room for the last steps and a checkpoint
     end_margin_s: float = 300.0
@@ -242,7 +243,7 @@ def validate(cfg: RunConfig) -> None:
     _check(t.checkpoint_every % t.log_every == 0, "trainer.checkpoint_every",
            f"must be a multiple of trainer.log_every={t.log_every} (a checkpoint closes a log window)")
     _check(t.keep_last_k >= 1, "trainer.keep_last_k", "must be >= 1")
-    _check(t.stop_check_every >= 1, "trainer.stop_check_every", "must be >= 1")
+    _check(t.stop_check_every >= 0, "trainer.stop_check_every", "must be >= 0 (0 = about once a second)")
     _check(t.end_margin_s >= 0, "trainer.end_margin_s", "must be >= 0")
     if t.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (as in `trainer.mixed_precision=no`) as false
         t.mixed_precision = "no"

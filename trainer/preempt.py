@@ -1,13 +1,15 @@
 """Stopping early without losing a step: preemption signals and the job's time limit.
 
 A signal reaches ranks at different moments (or only some of them), so no rank acts on it
-alone. Each rank notes what it saw; at every step boundary the ranks agree (one MAX
+alone. Each rank notes what it saw; at a step boundary the ranks agree (one MAX
 all-reduce of a small CPU integer over gloo, which never waits on the accelerator's stream)
-and all stop after the same step, save, and leave.
+and all stop after the same step, save, and leave. The vote is held about once a second
+(StopAgreement explains how the ranks agree on when).
 
   SIGUSR1        SLURM's warning (`#SBATCH --signal=B:USR1@GRACE`): save, then requeue the job
-  time limit     the job's end time (TRIBUTARY_JOB_END, epoch seconds; the sbatch templates
-                 set it) minus trainer.end_margin_s: save, then requeue
+  time limit     the job's end time (TRIBUTARY_JOB_END, epoch seconds, which the sbatch
+                 templates set; else squeue's, asked once by rank 0) minus
+                 trainer.end_margin_s: save, then requeue
   SIGTERM        scancel, SLURM's own preemption, a kill: save and exit; SLURM decides
                  whether the job comes back (a requeue here would undo an scancel)
 
@@ -34,30 +36,53 @@ NONE, TERM, REQUEUE_SIGNAL, REQUEUE_DEADLINE = 0, 1, 2, 3  # MAX across ranks wi
 REASONS = {TERM: "SIGTERM", REQUEUE_SIGNAL: "SIGUSR1", REQUEUE_DEADLINE: "the job's time limit"}
 
 
-def job_end_time() -> float | None:
-    """The SLURM job's end time in epoch seconds, from TRIBUTARY_JOB_END; None if unknown."""
+def job_end_time(ask_slurm: bool = False) -> float | None:
+    """The job's end time in epoch seconds: TRIBUTARY_JOB_END (the sbatch templates set
+    it), else, with `ask_slurm` inside a SLURM job, squeue's answer; None if unknown."""
     value = os.environ.get("TRIBUTARY_JOB_END", "").strip()
-    try:
-        return float(value) if value else None
-    except ValueError:
-        log.warning("TRIBUTARY_JOB_END=%r is not epoch seconds; no time-limit stop", value)
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            log.warning("TRIBUTARY_JOB_END=%r is not epoch seconds; no time-limit stop", value)
+            return None
+    job, squeue = os.environ.get("SLURM_JOB_ID"), shutil.which("squeue")
+    if not (ask_slurm and job and squeue):
         return None
+    try:
+        out = subprocess.run([squeue, "-h", "-j", job, "-o", "%e"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+        return time.mktime(time.strptime(out, "%Y-%m-%dT%H:%M:%S"))  # local time, as squeue prints
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None  # no limit ("UNLIMITED"/"N/A") or no answer
 
 
 class StopAgreement:
-    """Per-rank signal handlers plus the per-step vote. `poll()` returns the agreed reason."""
+    """Per-rank signal handlers plus the vote. `poll()` returns the agreed reason.
 
-    def __init__(self, *, check_every: int = 1, end_margin_s: float = 0.0):
-        self.check_every = max(1, check_every)
+    A vote is a collective (hundreds of microseconds over gloo on a busy CPU, a real share of
+    a small model's step), so with `check_every=0` the ranks vote about once per
+    `target_s` seconds: each vote also carries rank 0's proposal for how many steps to the
+    next one, measured from its step rate, and MAX makes every rank take it. A stop then
+    waits at most about `target_s` plus one step. `check_every=N` votes every N steps.
+    """
+
+    def __init__(self, *, check_every: int = 0, end_margin_s: float = 0.0, target_s: float = 1.0):
+        self.check_every, self.target_s = check_every, target_s
         self.seen = NONE
-        end = job_end_time()
-        self.deadline = end - end_margin_s if end is not None else None
         self.group = None
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        # the vote is a MAX, so rank 0 knowing the deadline is enough (and only it asks SLURM)
+        end = job_end_time(ask_slurm=self.rank == 0)
+        self.deadline = end - end_margin_s if end is not None else None
         if self.world > 1:
             # the vote is a CPU collective: with NCCL as the default group, a gloo side group
             self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        self.vote = torch.zeros(1, dtype=torch.int32)
+        self.vote = torch.zeros(2, dtype=torch.int64)  # [reason, steps to the next vote]
+        self.next_vote = 1
+        self.votes = 0
+        self._since = (0, time.perf_counter())  # (step, time) of the last vote
         self._previous = {}
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._handler)
@@ -68,16 +93,28 @@ class StopAgreement:
 
     def poll(self, step: int) -> int:
         """Called by every rank after each optimizer step; the same answer on all of them."""
-        if step % self.check_every:
+        if self.world > 1 and step < self.next_vote:
             return NONE
         local = self.seen
         if self.deadline is not None and time.time() >= self.deadline:
             local = max(local, REQUEUE_DEADLINE)
-        if self.world == 1:
+        if self.world == 1:  # nobody to agree with: look every step
             return local
         self.vote[0] = local
+        self.vote[1] = self._proposal(step) if self.rank == 0 else 0
         dist.all_reduce(self.vote, op=dist.ReduceOp.MAX, group=self.group)
+        self.votes += 1
+        self.next_vote = step + max(1, int(self.vote[1]))
         return int(self.vote[0])
+
+    def _proposal(self, step: int) -> int:
+        if self.check_every:
+            return self.check_every
+        last_step, last_time = self._since
+        now = time.perf_counter()
+        self._since = (step, now)
+        per_step = (now - last_time) / max(1, step - last_step)
+        return max(1, min(1000, int(self.target_s / max(per_step, 1e-6))))
 
     def close(self) -> None:
         for signum, previous in self._previous.items():
