@@ -25,7 +25,10 @@ for tool in munged slurmctld slurmd sinfo; do
 done
 [[ $(id -u) == 0 ]] || { echo "slurm/loopback.sh: needs root (slurmd runs jobs as their users)" >&2; exit 3; }
 
-alive() { [[ -f $DIR/$1.pid ]] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
+alive() {  # running, and not a zombie left by a stop
+  local pid
+  pid=$(cat "$DIR/$1.pid" 2>/dev/null) && [[ -n $pid ]] && [[ $(ps -o stat= -p "$pid" 2>/dev/null) == [^Z]* ]]
+}
 # (a bare `sinfo` with no controller up retries for a minute before it fails)
 if alive slurmctld && alive slurmd; then
   echo "SLURM_CONF=$CONF"; exit 0
