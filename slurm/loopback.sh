@@ -44,7 +44,7 @@ pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
 HOST=$(hostname -s)
 CPUS=$(nproc)
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
-cat > "$CONF" <<CONF
+cat > "$CONF.tmp" <<CONF
 ClusterName=tributary
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
@@ -62,11 +62,14 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SchedulerParameters=sched_interval=2
-MinJobAge=600
+# `sbatch --wait` polls every 2 s only while MinJobAge/2 <= 2; larger values make it sleep
+# 2, 8, then 32 s between polls (a 20 s job returned after 42 s with the default 300)
+MinJobAge=4
 ReturnToService=2
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+mv "$CONF.tmp" "$CONF"
 
 alive slurmctld || /usr/sbin/slurmctld -f "$CONF"
 alive slurmd || /usr/sbin/slurmd -f "$CONF"

@@ -81,6 +81,11 @@ def test_accelerate_two_nodes_stop_on_usr1_and_resume(tmp_path, digits_dir, cpu_
     assert all(code != 0 for code in codes)  # stopped, not finished
     step = int(out[0].split("stopped after step ")[1].split()[0])
     assert 20 <= step < STEPS
+    assert all("exitcode  : 75" in o for o in out)  # each node's rank: stopped, with a checkpoint
+    ckpt = run_dir / "checkpoints" / f"step-{step}"
+    assert (ckpt / "COMPLETE.json").exists()
+    assert sorted(p.name for p in ckpt.glob("data-rank*.json")) == ["data-rank0.json", "data-rank1.json"]
+    assert not (run_dir / "final_metrics.json").exists()
 
     procs, logs = launch("second")
     codes, out = finish(procs, logs)

@@ -14,6 +14,7 @@ from launching import (RECIPE, ROOT, STEPS, accelerate_cmd, assert_matches_refer
 from trainer.preempt import EXIT_STOPPED
 
 
+@pytest.mark.drill  # make test: the same across two nodes, tests/test_multinode.py
 def test_usr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, digits_dir, cpu_env,
                                                                  smoke_reference):
     run_dir = tmp_path / "run"
