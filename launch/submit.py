@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpus-per-node", type=int, required=True, help="ranks per node (one per GPU)")
     p.add_argument("--launcher", choices=sorted(TEMPLATES), default=None,
                    help="default: deepspeed for trainer.backend=deepspeed, else torchrun")
-    p.add_argument("--partition"), p.add_argument("--account"), p.add_argument("--qos")
-    p.add_argument("--constraint")
+    for flag in ("--partition", "--account", "--qos", "--constraint"):
+        p.add_argument(flag, help=f"#SBATCH {flag}")
     p.add_argument("--time", help="the job's time limit, e.g. 2-00:00:00; the run requeues itself past it")
     p.add_argument("--grace", type=int, default=300,
                    help="seconds before the time limit that SIGUSR1 arrives (save + requeue)")
@@ -116,6 +116,9 @@ def main(argv=None) -> int:
             return 2
     if a.launcher is None:
         a.launcher = "deepspeed" if cfg.trainer.backend == "deepspeed" else "torchrun"
+    if a.max_restarts and a.launcher != "torchrun":
+        print(f"error: --max-restarts is a torchrun setting; --launcher is {a.launcher}", file=sys.stderr)
+        return 2
     if a.launcher == "accelerate" and cfg.trainer.backend == "deepspeed":
         print("error: --launcher accelerate with trainer.backend=deepspeed: use --launcher "
               "deepspeed or torchrun (the trainer builds the DeepSpeed engine itself)", file=sys.stderr)

@@ -73,8 +73,9 @@ def test_backends_agree_with_ddp(tmp_path, digits_dir, cpu_env, reference, backe
     assert ours["test/count"] == 360 and ours["val/count"] == 180
 
 
-@pytest.mark.parametrize("backend", ["zero2", pytest.param("zero3", marks=pytest.mark.drill),
-                                     pytest.param("fsdp", marks=pytest.mark.drill)])
+# all drills (CI time): make test resumes ZeRO-2 at another world size below, and kills
+# and resumes the smoke recipe under torchrun (tests/test_multinode.py)
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.drill) for b in ("zero2", "zero3", "fsdp")])
 def test_sigkill_resume_is_exact(tmp_path, digits_dir, cpu_env, backend):
     args = ("trainer.max_steps=160", "trainer.log_every=1", "trainer.checkpoint_every=40",
             "trainer.eval_every=40")

@@ -58,6 +58,7 @@ def test_job_end_time_stops_and_saves_with_exit_75(tmp_path, digits_dir, cpu_env
     assert (run_dir / "checkpoints" / f"step-{step}" / "COMPLETE.json").exists()
 
 
+@pytest.mark.drill  # make test: the same across two nodes, tests/test_multinode.py
 def test_torchrun_max_restarts_resumes_a_killed_rank(tmp_path, digits_dir, cpu_env, smoke_reference):
     run_dir = tmp_path / "run"
     cmd = torchrun_cmd(max_restarts=1) + smoke_overrides(run_dir, digits_dir)

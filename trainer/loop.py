@@ -146,11 +146,15 @@ class Trainer:
         net = b.unwrap(self.model)  # for the workload's per-step hook
         self.stopper = StopAgreement(check_every=t.stop_check_every, end_margin_s=t.end_margin_s)
         try:
-            return self._loop(state, session_start, last_saved, net)
+            stopped, last_saved = self._loop(state, session_start, last_saved, net)
         finally:
-            self.stopper.close()
+            self.stopper.close()  # a signal from here on acts as it normally would
+        if stopped:
+            return {"step": state.step, "stopped": stopped}
+        return self._finish(state, session_start, last_saved)
 
-    def _loop(self, state: TrainState, session_start: float, last_saved: int, net) -> dict:
+    def _loop(self, state: TrainState, session_start: float, last_saved: int, net) -> tuple[int, int]:
+        """Steps until max_steps, max_time or an agreed stop: (stop reason or 0, last saved step)."""
         cfg, t, b = self.cfg, self.cfg.trainer, self.backend
         accum = t.grad_accum_steps
         samples_per_step = cfg.data.batch_size * accum * b.world_size
@@ -218,10 +222,9 @@ class Trainer:
                 self.log.text(f"stopped after step {step} ({REASONS[reason]}); checkpoint "
                               f"{self.checkpointer.root / f'step-{step}'} is complete")
                 self.log.close()
-                return {"step": step, "stopped": reason}
+                return reason, step
             window_start += time.perf_counter() - hangers_on  # throughput counts steps only
-
-        return self._finish(state, session_start, last_saved)
+        return 0, last_saved
 
     # ---------------------------------------------------------------- hangers-on
     def _save(self, state: TrainState, session_start: float) -> None:
