@@ -55,7 +55,7 @@ def reference(tmp_path_factory, digits_dir, cpu_env):
     return run_dir
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["fsdp", pytest.param("zero1", marks=pytest.mark.drill), "zero2", "zero3"])
 def test_backends_agree_with_ddp(tmp_path, digits_dir, cpu_env, reference, backend):
     run(command(tmp_path, digits_dir, backend, "trainer.max_steps=20", "trainer.log_every=1",
                 "trainer.eval_every=10", "trainer.checkpoint_every=10"), cpu_env)

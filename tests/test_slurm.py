@@ -54,6 +54,7 @@ def logs(out):
         return b.read(), n.read()
 
 
+@pytest.mark.drill  # make test: the preempted smoke job below also runs 2 ranks to the end
 def test_sbatch_runs_the_smoke_recipe_on_two_ranks(tmp_path, digits_dir, slurm_env, smoke_reference):
     run_dir = tmp_path / "run"
     proc = submit(slurm_env, run_dir, digits_dir, "accelerate", wait=True)
@@ -66,20 +67,19 @@ def test_sbatch_runs_the_smoke_recipe_on_two_ranks(tmp_path, digits_dir, slurm_e
 
 
 def preempt_once(tmp_path, digits_dir, slurm_env, launcher, *more):
-    """Submit, SIGUSR1 the batch shell mid-run, wait for the end; the logs and the step."""
+    """`launch.submit --wait` (so `sbatch --wait`), SIGUSR1 to the batch shell mid-run, and
+    the job's own requeue and resume; the run dir. sbatch --wait follows the requeued job
+    and returns its exit code."""
     run_dir = tmp_path / "run"
-    proc = submit(slurm_env, run_dir, digits_dir, launcher, *more, wait=False)
-    out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0, out
+    proc = submit(slurm_env, run_dir, digits_dir, launcher, *more, wait=True)
+    out = "".join(proc.stdout.readline() for _ in range(6))  # what submit prints at once
     job = re.search(r"submitted job (\d+)", out).group(1)
-    wait_until(lambda: 20 <= last_step(run_dir), 180, "step 20")
+    wait_until(lambda: 20 <= last_step(run_dir), 180, "step 20", proc)
     # what `#SBATCH --signal=B:USR1@GRACE` does before the time limit: signal the batch shell
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True)
-    # (polled here: `sbatch --wait` checks at doubling intervals, up to 32 s apart)
-    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE")
-    wait_until(lambda: job_state(slurm_env, job) in ended, 400, "the job's end")
+    out += proc.stdout.read()  # (communicate() would miss what readline buffered)
+    assert proc.wait(timeout=400) == 0, out
     assert job_state(slurm_env, job) in ("COMPLETED", "GONE")
-
     batch_log, node_log = logs(out)
     assert batch_log.rstrip().endswith("training step exited with 0"), batch_log[-2000:]
     assert "batch shell: SIGUSR1, telling the ranks" in batch_log
@@ -93,7 +93,7 @@ def preempt_once(tmp_path, digits_dir, slurm_env, launcher, *more):
     return run_dir
 
 
-def test_usr1_saves_requeues_and_resumes_without_losing_a_step(tmp_path, digits_dir, slurm_env,
+def test_smoke_job_saves_on_usr1_requeues_itself_and_finishes(tmp_path, digits_dir, slurm_env,
                                                                 smoke_reference):
     run_dir = preempt_once(tmp_path, digits_dir, slurm_env, "torchrun")
     assert_matches_reference(run_dir, smoke_reference)
