@@ -2,7 +2,7 @@
 
 A signal reaches ranks at different moments (or only some of them), so no rank acts on it
 alone. Each rank notes what it saw; at a step boundary the ranks agree (one MAX
-all-reduce of a small CPU integer over gloo, which never waits on the accelerator's stream)
+all-reduce of two CPU integers over gloo, which never waits on the accelerator's stream)
 and all stop after the same step, save, and leave. The vote is held about once a second
 (StopAgreement explains how the ranks agree on when).
 
