@@ -16,7 +16,11 @@ from torch.utils.data import default_collate
 
 class Workload:
     Config: ClassVar[type]  # keyword-only dataclass with a `name` field
-    best_metric: ClassVar[str] = "loss"  # eval metric minimised for the `best` export
+    best_metric: ClassVar[str] = "loss"  # eval metric that picks the `best` export
+    best_mode: ClassVar[str] = "min"  # "max" for metrics where higher is better (mAP)
+    # metrics of the held-out split (test, else val) that final_metrics.json also carries
+    # under their plain names, e.g. ("map50", "map50_95")
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

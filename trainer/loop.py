@@ -261,9 +261,16 @@ class Trainer:
         if not sums:
             raise RuntimeError(f"rank {b.rank}: no eval samples in {shards.urls[:3]}...; an eval "
                                f"split needs at least {b.world_size} samples")
+        # one collective for every statistic; scalars come back as floats, tensors (e.g.
+        # score histograms) as CPU tensors of their shape
         keys = sorted(sums)
-        totals = b.reduce_sum(torch.stack([sums[k] for k in keys])).tolist()
-        return self.workload.eval_metrics(dict(zip(keys, totals)))
+        totals = b.reduce_sum(torch.cat([sums[k].reshape(-1) for k in keys])).cpu()
+        out, at = {}, 0
+        for k in keys:
+            n = sums[k].numel()
+            out[k] = totals[at].item() if sums[k].dim() == 0 else totals[at:at + n].view(sums[k].shape)
+            at += n
+        return self.workload.eval_metrics(out)
 
     def _eval_and_keep_best(self, state: TrainState) -> dict[str, float]:
         step = state.step
@@ -273,7 +280,8 @@ class Trainer:
         self._last_val = (step, metrics)
         self.log.log(step, {f"val/{k}": v for k, v in metrics.items()})
         value = metrics[self.workload.best_metric]
-        if value < state.best_value:
+        higher = self.workload.best_mode == "max"
+        if state.best_step < 0 or (value > state.best_value if higher else value < state.best_value):
             state.best_value, state.best_step = value, step
             self._export(self.run_dir / "best", {"step": step, f"val/{self.workload.best_metric}": value})
         return metrics
@@ -320,8 +328,15 @@ class Trainer:
         if self.val_shards is not None and best.exists():
             b.load_full_state_dict(self.model, best)
             final["best_step"] = state.best_step
+        held_out = self._last_val[1]
         if self.test_shards is not None:
-            final.update({f"test/{k}": v for k, v in self.evaluate(self.test_shards).items()})
+            held_out = self.evaluate(self.test_shards)
+            final.update({f"test/{k}": v for k, v in held_out.items()})
+        for k in self.workload.headline_metrics:
+            if k not in held_out:
+                raise KeyError(f"headline metric '{k}' needs a data.test or data.val split whose "
+                               f"eval reports it; got {sorted(held_out)}")
+            final[k] = held_out[k]
         extra: dict = {}
         if b.is_main or b.shards_params:  # sharded: a forward pass needs every rank
             net = b.unwrap(self.model)
