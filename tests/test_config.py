@@ -111,3 +111,11 @@ def test_base_chain_errors(tmp_path):
 def test_backend_config_errors(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(RECIPE, [override])
+
+
+@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPE.parents[1]).as_posix()
+                                          for p in RECIPE.parents[1].rglob("*.yaml")))
+def test_every_shipped_recipe_loads(recipe, tmp_path):
+    """Every recipe under configs/ names a registered workload and only known keys."""
+    cfg = load_config(RECIPE.parents[1] / recipe, [f"run.dir={tmp_path}"])
+    assert cfg.model.name and cfg.trainer.max_steps > 0
