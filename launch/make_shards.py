@@ -9,6 +9,8 @@
     python -m launch.make_shards text /data/enwik8 --seq-len 4096 --val-fraction 0.05 --test-fraction 0.05 --out /data/shards/enwik8-4k
     python -m launch.make_shards shapes --out data/shapes --size 32
     python -m launch.make_shards mixture2d --out data/mixture2d
+    python -m launch.make_shards detection --out data/shapes-det
+    python -m launch.make_shards action-streams --out data/action-streams
     python -m launch.make_shards latents data/shapes --vae runs/sd/tiny_vae/vae --out data/shapes-latents
     python -m launch.make_shards verify data/digits/train
 """
@@ -61,6 +63,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="data/shapes")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--max-shapes", type=int, default=1, help="shapes per image at most (1-9)")
+    p.add_argument("--force", action="store_true", help="rebuild even if already built")
+
+    p = sub.add_parser("detection", help="scenes of several shapes with boxes and classes (DETR)")
+    p.add_argument("--out", default="data/shapes-det")
+    p.add_argument("--force", action="store_true", help="rebuild even if already built")
+
+    p = sub.add_parser("action-streams", help="frame-feature streams with action segments, as windows (OadTR)")
+    p.add_argument("--out", default="data/action-streams")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("latents", help="precompute VAE latents (and frozen text states) of image-caption shards")
@@ -160,6 +170,16 @@ def run(args: argparse.Namespace) -> int:
         if not 1 <= args.max_shapes <= len(shapes.POSITIONS):
             raise ValueError(f"--max-shapes must be 1..{len(shapes.POSITIONS)}, got {args.max_shapes}")
         return _embedded(shapes, args, size=args.size, max_shapes=args.max_shapes)
+
+    if args.command == "detection":
+        from data_pipelines.sources import shape_scenes
+
+        return _embedded(shape_scenes, args)
+
+    if args.command == "action-streams":
+        from data_pipelines.sources import action_streams
+
+        return _embedded(action_streams, args)
 
     if args.command == "mixture2d":
         from data_pipelines.sources import points

@@ -27,6 +27,16 @@ BACKGROUND = (240, 240, 240)
 SPLITS = {"train": (5000, 0), "val": (500, 1), "test": (500, 2)}
 
 
+def paint(pen: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
+    """One filled shape inside box (x0, y0, x1, y1; PIL fills x1 and y1 too)."""
+    if shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif shape == "square":
+        pen.rectangle(box, fill=fill)
+    else:
+        pen.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
+
+
 def draw(rng: random.Random, size: int, max_shapes: int = 1) -> tuple[Image.Image, str, dict]:
     """One image, its caption and a record of its objects (boxes in pixels, x0 y0 x1 y1)."""
     img = Image.new("RGB", (size, size), BACKGROUND)
@@ -41,12 +51,7 @@ def draw(rng: random.Random, size: int, max_shapes: int = 1) -> tuple[Image.Imag
         x = (cx + 0.5) * cell + rng.uniform(-0.05, 0.05) * cell
         y = (cy + 0.5) * cell + rng.uniform(-0.05, 0.05) * cell
         box = [round(x - half), round(y - half), round(x + half), round(y + half)]
-        if shape == "circle":
-            pen.ellipse(box, fill=COLORS[color])
-        elif shape == "square":
-            pen.rectangle(box, fill=COLORS[color])
-        else:
-            pen.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=COLORS[color])
+        paint(pen, shape, box, COLORS[color])
         objects.append({"shape": shape, "color": color, "position": where, "box": box})
         phrases.append(f"a {color} {shape} at the {where}" if where != "center" else f"a {color} {shape} in the center")
     return img, " and ".join(phrases), {"objects": objects, "size": size}
