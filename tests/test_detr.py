@@ -1,0 +1,293 @@
+"""DETR: box arithmetic, the Hungarian matching and COCO-style AP against hand-computed
+cases; decode and collate of variable-length object sets; the set loss; a 2-rank run that
+is killed and resumes exactly; and (drill) the default recipe's mAP."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, kill_past_checkpoint
+from models import average_precision as AP
+from models.detr.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
+from models.detr.matching import IOU_THRESHOLDS, hungarian_match, match_detections, matching_cost
+from models.detr.workload import DETRConfig, DETRWorkload
+from trainer.metrics import read_jsonl
+
+T = torch.tensor
+
+
+def test_box_conversions_round_trip():
+    b = T([[0.5, 0.5, 0.2, 0.4]])
+    assert torch.allclose(cxcywh_to_xyxy(b), T([[0.4, 0.3, 0.6, 0.7]]))
+    assert torch.allclose(xyxy_to_cxcywh(cxcywh_to_xyxy(b)), b)
+
+
+def test_iou_and_giou_hand_cases():
+    a = T([[0.0, 0, 2, 2], [0, 0, 1, 1], [0, 0, 4, 4]])
+    b = T([[1.0, 1, 3, 3], [2, 0, 3, 1], [1, 1, 3, 3]])
+    iou, _ = box_iou(a, b)
+    giou = generalized_box_iou(a, b)
+    # overlapping: intersection 1, union 7, hull 3x3 = 9
+    assert iou[0, 0].item() == pytest.approx(1 / 7) and giou[0, 0].item() == pytest.approx(1 / 7 - 2 / 9)
+    # disjoint: IoU 0, hull 3x1 = 3, union 2
+    assert iou[1, 1].item() == 0 and giou[1, 1].item() == pytest.approx(-1 / 3)
+    # nested: IoU 4/16 and the hull is the outer box, so GIoU = IoU
+    assert iou[2, 2].item() == pytest.approx(0.25) and giou[2, 2].item() == pytest.approx(0.25)
+    assert torch.allclose(generalized_box_iou(a, a).diagonal(), torch.ones(3))
+    assert (giou >= -1).all() and (giou <= iou + 1e-7).all()
+
+
+def test_matching_cost_hand_case():
+    probs = T([[0.7, 0.2, 0.1]])  # classes 0, 1 and "no object"
+    boxes, targets = T([[0.5, 0.5, 0.2, 0.2]]), T([[0.6, 0.5, 0.2, 0.2]])
+    # L1 0.1; xyxy [.4,.4,.6,.6] vs [.5,.4,.7,.6]: IoU 0.02/0.06, hull 0.3 x 0.2 = union: GIoU = 1/3
+    cost = matching_cost(probs, boxes, T([1]), targets)
+    assert cost.item() == pytest.approx(-1 * 0.2 + 5 * 0.1 - 2 * (1 / 3), abs=1e-6)
+
+
+def test_hungarian_picks_the_swapped_queries_and_skips_the_far_one():
+    targets = [T([[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2]])]
+    boxes = T([[[0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.5, 0.5], [0.2, 0.2, 0.1, 0.1]]])
+    logits = torch.zeros(1, 3, 3)
+    q, g = hungarian_match(logits, boxes, [T([0, 1])], targets)[0]
+    assert dict(zip(q.tolist(), g.tolist())) == {0: 1, 2: 0}
+
+
+def test_hungarian_is_optimal_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for n_obj in (1, 2, 3, 4):
+        logits, boxes = torch.randn(1, 5, 4, generator=g), torch.rand(1, 5, 4, generator=g) * 0.5 + 0.1
+        labels, targets = torch.randint(3, (n_obj,), generator=g), torch.rand(n_obj, 4, generator=g) * 0.5 + 0.1
+        cost = matching_cost(logits[0].softmax(-1), boxes[0], labels, targets)
+        q, o = hungarian_match(logits, boxes, [labels], [targets])[0]
+        best = min(sum(cost[p[j], j].item() for j in range(n_obj)) for p in itertools.permutations(range(5), n_obj))
+        assert sorted(o.tolist()) == list(range(n_obj))
+        assert cost[q, o].sum().item() == pytest.approx(best, abs=1e-5)
+
+
+def test_hungarian_with_images_without_objects():
+    empty, one = torch.zeros(0, dtype=torch.long), T([2])
+    match = hungarian_match(torch.zeros(2, 4, 4), torch.rand(2, 4, 4), [empty, one],
+                            [torch.zeros(0, 4), T([[0.5, 0.5, 0.2, 0.2]])])
+    assert match[0][0].numel() == 0 and match[1][1].tolist() == [0]
+
+
+def test_match_detections_hand_case():
+    gt = T([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    boxes = T([[0.0, 0, 10, 10],     # object 0 exactly
+               [0, 0, 10, 12],       # IoU 0.83 with object 0, which is taken: duplicate
+               [20, 20, 30, 36],     # IoU 100/160 = 0.625 with object 1
+               [20, 20, 30, 30]])    # object 1 exactly, but the wrong class
+    correct = match_detections(boxes, T([0.9, 0.8, 0.7, 0.95]), T([0, 0, 0, 1]), gt, T([0, 0]))
+    assert correct.shape == (len(IOU_THRESHOLDS), 4)
+    assert correct[:, 0].all() and not correct[:, 1].any() and not correct[:, 3].any()
+    assert correct[:, 2].tolist() == [t <= 0.6 for t in IOU_THRESHOLDS]
+
+
+def test_lower_scored_detection_gets_the_object_at_strict_thresholds():
+    gt = T([[0.0, 0, 10, 10]])
+    boxes = T([[0.0, 0, 10, 16], [0, 0, 10, 11]])  # IoU 0.625, then 0.909
+    correct = match_detections(boxes, T([0.9, 0.5]), T([0, 0]), gt, T([0]))
+    assert correct[:, 0].tolist() == [t <= 0.6 for t in IOU_THRESHOLDS]
+    assert correct[:, 1].tolist() == [0.6 < t <= 0.9 for t in IOU_THRESHOLDS]
+
+
+def test_average_precision_hand_case():
+    # precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1: the envelope is 1 up to recall 0.5
+    # (51 of COCO's 101 recall points) and 2/3 after (50 points)
+    ap = AP.average_precision(T([0.9, 0.8, 0.7]), T([True, False, True]), 2)
+    assert ap == pytest.approx((51 + 50 * 2 / 3) / 101)
+    assert AP.average_precision(T([0.9, 0.1]), T([True, True]), 4) == pytest.approx(51 / 101)  # recall 0.5
+    assert math.isnan(AP.average_precision(T([0.5]), T([False]), 0))
+    assert AP.mean_ignoring_nan([0.5, math.nan, 1.0]) == 0.75
+
+
+def test_histogram_ap_agrees_with_exact_ap():
+    g = torch.Generator().manual_seed(1)
+    for n, p in ((50, 0.7), (2000, 0.3)):
+        scores = torch.rand(n, generator=g)
+        correct = torch.rand(n, generator=g) < p * scores + 0.1
+        n_pos = int(correct.sum()) + 5  # some objects never found
+        exact = AP.average_precision(scores, correct, n_pos)
+        halves = [AP.score_histograms(scores[i::2], correct[i::2]) for i in range(2)]  # two "ranks"
+        assert AP.average_precision_from_histograms(halves[0] + halves[1], n_pos) == pytest.approx(exact, abs=2e-3)
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="png")
+    return buf.getvalue()
+
+
+def _sample(n_objects: int, key="k") -> dict:
+    from PIL import Image
+
+    from data_pipelines.sources.shapes import BACKGROUND
+    objects = [{"label": i % 3, "box": [4 + 20 * i, 4, 14 + 20 * i, 20]} for i in range(n_objects)]
+    return {"__key__": key, "png": _png(Image.new("RGB", (64, 64), BACKGROUND)),
+            "json": json.dumps({"size": 64, "objects": objects}).encode()}
+
+
+def test_decode_and_collate_keep_each_images_objects():
+    w = DETRWorkload(DETRConfig())
+    batch = w.collate([w.decode(_sample(n, f"s{n}")) for n in (0, 3, 1)])
+    assert batch["images"].shape == (3, 3, 64, 64)
+    assert [len(x) for x in batch["labels"]] == [0, 3, 1] and [len(x) for x in batch["boxes"]] == [0, 3, 1]
+    assert batch["labels"][1].tolist() == [0, 1, 2]
+    # box [24, 4, 34, 20] of 64 pixels -> cx cy w h
+    assert torch.allclose(batch["boxes"][1][1], T([29, 12, 10, 16]) / 64)
+    model = w.build_model()
+    loss = w.training_loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.queries.weight.grad.abs().sum() > 0
+
+
+def test_decode_names_bad_samples():
+    w = DETRWorkload(DETRConfig())
+    s = _sample(1, "bad1")
+    del s["json"]
+    with pytest.raises(KeyError, match=r"bad1.*'json' record.*\['png'\]"):
+        w.decode(s)
+    s = _sample(1, "bad2")
+    s["json"] = json.dumps({"objects": [{"label": 5, "box": [0, 0, 4, 4]}]}).encode()
+    with pytest.raises(ValueError, match="bad2.*model.num_classes"):
+        w.decode(s)
+    with pytest.raises(ValueError, match="model.image_size is 32"):
+        DETRWorkload(DETRConfig(image_size=32)).decode(_sample(1))
+
+
+def test_perfect_predictions_score_map_one_and_the_set_loss_is_small():
+    w = DETRWorkload(DETRConfig(num_queries=4))
+    batch = w.collate([w.decode(_sample(n)) for n in (3, 1, 2)])
+
+    class Oracle(torch.nn.Module):
+        """Query j of image i predicts object j when there is one, else "no object"."""
+
+        def forward(self, images):
+            logits, boxes = torch.full((1, 3, 4, 4), -10.0), torch.full((1, 3, 4, 4), 0.5)
+            logits[..., 3] = 10
+            for i, (lab, box) in enumerate(zip(batch["labels"], batch["boxes"])):
+                logits[0, i, :len(lab), 3] = -10
+                logits[0, i, torch.arange(len(lab)), lab] = 10
+                boxes[0, i, :len(lab)] = box
+            return logits, boxes
+
+    sums = w.eval_sums(Oracle(), batch)
+    metrics = w.eval_metrics({k: v.item() if v.dim() == 0 else v for k, v in sums.items()})
+    assert metrics["map50"] == pytest.approx(1.0) and metrics["map50_95"] == pytest.approx(1.0)
+    assert metrics["loss_l1"] < 1e-6 and metrics["loss_giou"] < 1e-6 and metrics["loss_ce"] < 1e-3
+    assert sums["n_gt"].tolist() == [3, 2, 1]  # labels 0 1 2, 0, 0 1
+
+
+SMALL = ["model.backbone_width=8", "model.d_model=32", "model.heads=2", "model.ffn=64", "model.enc_layers=1",
+         "model.dec_layers=2", "model.num_queries=8", "data.batch_size=8", "data.eval_batch_size=20",
+         "data.num_workers=1", "data.shuffle_buffer=50", "trainer.max_steps=12", "trainer.log_every=1",
+         "trainer.eval_every=6", "trainer.checkpoint_every=4", "trainer.sample_every=0", "trainer.num_samples=4",
+         "trainer.progress_bar=false", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def scenes_dir(tmp_path_factory):
+    from data_pipelines.sources import shape_scenes
+
+    out = tmp_path_factory.mktemp("scenes")
+    shape_scenes.build(out, counts={"train": (240, 0), "val": (40, 1), "test": (40, 2)})
+    return out
+
+
+def _torchrun(run_dir, scenes):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "launch.train", "--config", str(ROOT / "configs/detr/shapes.yaml"), f"run.dir={run_dir}",
+            f"data.train.urls={scenes}/train", f"data.val.urls={scenes}/val", f"data.test.urls={scenes}/test",
+            *SMALL]
+
+
+def _run(cmd, env):
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_two_ranks_killed_and_resumed_match_an_unbroken_run(tmp_path, scenes_dir, cpu_env):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _run(_torchrun(ref, scenes_dir), cpu_env)
+    kill_past_checkpoint(_torchrun(killed, scenes_dir), cpu_env, killed, checkpoint=4, past=6)
+    assert "resumed from" in _run(_torchrun(killed, scenes_dir), cpu_env)
+
+    def series(d):
+        return [(r["step"], r["train/loss"]) for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
+    assert len(series(ref)) == 12 and series(killed) == series(ref)
+    final = {d: json.loads((d / "final_metrics.json").read_text()) for d in (ref, killed)}
+    assert final[ref] == final[killed]
+    assert 0 <= final[ref]["map50_95"] <= final[ref]["map50"] <= 1
+    assert final[ref]["map50"] == final[ref]["test/map50"]
+
+
+@pytest.mark.drill
+@pytest.mark.timeout(1500)
+def test_default_recipe_reaches_map50(tmp_path, cpu_env):
+    """The default recipe on 2 CPU ranks, on the full scenes data (`make data-detr`)."""
+    data = ROOT / "data/shapes-det"
+    if not (data / "test/manifest.json").exists():
+        subprocess.run([sys.executable, "-m", "launch.make_shards", "detection", "--out", str(data)],
+                       cwd=ROOT, check=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "launch.train", "--config", str(ROOT / "configs/detr/shapes.yaml"), f"run.dir={tmp_path}",
+           "trainer.progress_bar=false"]
+    _run(cmd, cpu_env)
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert final["map50"] >= 0.5, final
+
+
+def test_map_agrees_with_pycocotools():
+    """Our histogram mAP against COCO's own evaluator on noisy detections of random scenes:
+    near-misses, duplicates, wrong classes and misses, 60 images, 3 classes."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from models.detr.workload import detection_histograms, map_from_histograms
+    g = torch.Generator().manual_seed(3)
+    images, annotations, results = [], [], []
+    scores, classes, boxes, gt_labels, gt_boxes = [], [], [], [], []
+    for i in range(60):
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 40
+        gt = torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 16], 1)
+        lab = torch.randint(3, (n,), generator=g)
+        of = torch.randint(n, (12,), generator=g)  # the object each detection is near (some twice)
+        det = gt[of] + torch.randn(12, 4, generator=g) * 1.5
+        det[8:] = torch.tensor([30.0, 30, 50, 50]) + torch.randn(4, 4, generator=g) * 8  # junk
+        det[:, 2:] = torch.maximum(det[:, 2:], det[:, :2] + 1)
+        cls = torch.where(torch.rand(12, generator=g) < 0.8, lab[of], torch.randint(3, (12,), generator=g))
+        sc = torch.rand(12, generator=g)
+        images.append({"id": i, "width": 64, "height": 64})
+        for b, k in zip(gt.tolist(), lab.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": k, "iscrowd": 0,
+                                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])})
+        for b, k, s in zip(det.tolist(), cls.tolist(), sc.tolist()):
+            results.append({"image_id": i, "category_id": k, "score": s, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+        scores.append(sc), classes.append(cls), boxes.append(det), gt_labels.append(lab), gt_boxes.append(gt)
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": k} for k in range(3)]}
+    coco.createIndex()
+    ev = COCOeval(coco, coco.loadRes(results), "bbox")
+    ev.evaluate(), ev.accumulate()
+    # precision[T, R, K, area "all", maxDets 100]: COCO's AP per threshold and class
+    precision = ev.eval["precision"][:, :, :, 0, 2]
+    hist = [detection_histograms(scores[i:i + 20], classes[i:i + 20], boxes[i:i + 20], gt_labels[i:i + 20],
+                                 gt_boxes[i:i + 20], 3, 1000) for i in (0, 20, 40)]  # three "batches"
+    ours = map_from_histograms(sum(h for h, _ in hist), sum(n for _, n in hist))
+    assert ours["map50"] == pytest.approx(precision[0].mean(), abs=2e-3)
+    assert ours["map75"] == pytest.approx(precision[5].mean(), abs=2e-3)
+    assert ours["map50_95"] == pytest.approx(precision.mean(), abs=2e-3)
+    assert 0.2 < ours["map50_95"] < ours["map50"] < 0.95  # neither trivial nor hopeless
