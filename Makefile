@@ -14,7 +14,8 @@ MODELS := factorized fvsbn nade made
 LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
 
-.PHONY: venv data data-lm data-shapes train train-sd test drills slurm-up slurm-down clean
+.PHONY: venv data data-lm data-shapes data-detr data-oad train train-sd train-detr train-oad test drills \
+        slurm-up slurm-down clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -37,6 +38,13 @@ data-lm: venv
 data-shapes: venv
 	$(PY) -m launch.make_shards shapes --out data/shapes
 
+# shapes scenes with boxes for DETR; frame-feature streams as windows for OadTR
+data-detr: venv
+	$(PY) -m launch.make_shards detection --out data/shapes-det
+
+data-oad: venv
+	$(PY) -m launch.make_shards action-streams --out data/action-streams
+
 train: data
 	@for m in $(MODELS); do \
 	  echo "== $$m"; \
@@ -51,6 +59,16 @@ train-sd: data-shapes
 	test -f data/shapes-latents/val/manifest.json || \
 	  $(PY) -m launch.make_shards latents data/shapes --vae runs/sd/tiny_vae/vae --out data/shapes-latents
 	$(LAUNCH) --config configs/sd/tiny.yaml
+
+# DETR on the shapes scenes (test-split map50 / map50_95 in runs/detr/shapes/final_metrics.json)
+train-detr: data-detr
+	$(LAUNCH) --config configs/detr/shapes.yaml
+
+# OadTR and its GRU baseline on the same streams, then their test-split frame mAP side by side
+train-oad: data-oad
+	$(LAUNCH) --config configs/oadtr/oadtr.yaml
+	$(LAUNCH) --config configs/oadtr/gru.yaml
+	$(PY) -m launch.report --metrics frame_map runs/oadtr/oadtr runs/oadtr/gru
 
 # the suite without the long drills (under 15 minutes on 2 cores); `make drills` runs those
 test: venv

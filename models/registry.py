@@ -22,6 +22,7 @@ def _load_families() -> None:
     import models.autoregressive  # noqa: F401  (registers its workloads)
     import models.detr.workload  # noqa: F401
     import models.lm.workload  # noqa: F401
+    import models.oadtr.workload  # noqa: F401
     import models.score.workload  # noqa: F401
     import models.sd.vae  # noqa: F401
     import models.sd.workload  # noqa: F401
