@@ -32,6 +32,7 @@ from models.detr.boxes import cxcywh_to_xyxy, generalized_box_iou
 from models.detr.matching import IOU_THRESHOLDS, hungarian_match, match_detections
 from models.detr.net import DETR
 from models.registry import register
+from models.sd.data import IMAGE_FIELDS, fields  # not image_tensor: its resize and crop would move the boxes
 
 
 @dataclass(kw_only=True)
@@ -59,15 +60,11 @@ class DETRConfig:
     score_bins: int = 1000  # resolution of the mAP score histograms
 
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
-
-
 def _fields(sample: dict) -> tuple[bytes, dict]:
-    have = sorted(k for k in sample if not k.startswith("__"))
-    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    image = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
     if image is None or "json" not in sample:
         raise KeyError(f"sample {sample.get('__key__', '?')}: a detection sample needs an image "
-                       f"({'/'.join(IMAGE_KEYS)}) and a 'json' record of its objects; it has {have}")
+                       f"({'/'.join(IMAGE_FIELDS)}) and a 'json' record of its objects; it has {fields(sample)}")
     return image, json.loads(sample["json"])
 
 

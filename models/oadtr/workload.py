@@ -25,6 +25,7 @@ from models.average_precision import average_precision_from_histograms, mean_ign
 from models.base import Workload
 from models.oadtr.model import OadTR, WindowGRU
 from models.registry import register
+from models.sd.data import fields
 
 NO_TARGET = -1  # a future frame past the stream's end
 
@@ -64,10 +65,6 @@ def future_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[t
     return ce, (targets != NO_TARGET).sum()
 
 
-def _fields(sample: dict) -> list[str]:
-    return sorted(k for k in sample if not k.startswith("__"))
-
-
 class FrameDetection(Workload):
     """Decoding, loss and per-frame mAP shared by both detectors."""
 
@@ -79,7 +76,7 @@ class FrameDetection(Workload):
         c = self.cfg
         for field in ("npy", "json"):
             if field not in sample:
-                raise KeyError(f"no '{field}' field; the sample has {_fields(sample)}")
+                raise KeyError(f"no '{field}' field; the sample has {fields(sample)}")
         frames = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
         if frames.shape != (c.window, c.feature_dim):
             raise ValueError(f"window has shape {frames.shape}, model.window x model.feature_dim is "
