@@ -141,11 +141,22 @@ class DETRWorkload(Workload):
                 "labels": [x["labels"] for x in samples], "boxes": [x["boxes"] for x in samples]}
 
     # ---------------------------------------------------------------- loss
-    def set_loss(self, logits: torch.Tensor, boxes: torch.Tensor, labels: list, targets: list) -> dict:
-        """The set loss of one decoder layer's output: logits (B, Q, C+1), boxes (B, Q, 4)."""
+    def match(self, logits: torch.Tensor, boxes: torch.Tensor, labels: list, targets: list) -> list:
+        """Hungarian matches of several decoder layers at once: logits (L, B, Q, C+1), boxes
+        (L, B, Q, 4) -> L lists of B (query, object) index pairs. One cost matrix, so one
+        device-to-host copy per step rather than one per layer."""
+        c, n_layers, b = self.cfg, logits.shape[0], logits.shape[1]
+        flat = hungarian_match(logits.flatten(0, 1), boxes.flatten(0, 1), labels * n_layers, targets * n_layers,
+                               w_class=c.cost_class, w_l1=c.cost_l1, w_giou=c.cost_giou)
+        return [flat[i * b:(i + 1) * b] for i in range(n_layers)]
+
+    def set_loss(self, logits: torch.Tensor, boxes: torch.Tensor, labels: list, targets: list,
+                 match: Optional[list] = None) -> dict:
+        """The set loss of one decoder layer's output: logits (B, Q, C+1), boxes (B, Q, 4);
+        `match` from `match`, else matched here."""
         c = self.cfg
-        match = hungarian_match(logits, boxes, labels, targets, w_class=c.cost_class, w_l1=c.cost_l1,
-                                w_giou=c.cost_giou)
+        if match is None:
+            match = self.match(logits[None], boxes[None], labels, targets)[0]
         b, q, k = logits.shape
         target_classes = torch.full((b, q), c.num_classes, dtype=torch.long, device=logits.device)
         rows = [torch.full_like(qi, i) for i, (qi, _) in enumerate(match)]
@@ -165,8 +176,11 @@ class DETRWorkload(Workload):
 
     def _loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict, tuple]:
         logits, boxes = model(batch["images"])
-        layers = range(len(logits)) if self.cfg.aux_loss else [len(logits) - 1]
-        parts = [self.set_loss(logits[i], boxes[i], batch["labels"], batch["boxes"]) for i in layers]
+        if not self.cfg.aux_loss:
+            logits, boxes = logits[-1:], boxes[-1:]
+        matches = self.match(logits, boxes, batch["labels"], batch["boxes"])
+        parts = [self.set_loss(logits[i], boxes[i], batch["labels"], batch["boxes"], matches[i])
+                 for i in range(len(logits))]
         return sum(p["total"] for p in parts), parts[-1], (logits[-1], boxes[-1])
 
     def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
