@@ -14,7 +14,7 @@ MODELS := factorized fvsbn nade made
 LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
 
-.PHONY: venv data data-lm data-shapes data-detr data-oad train train-sd train-detr train-oad test drills \
+.PHONY: venv data data-lm data-shapes data-detr data-oad train train-sd train-detr train-oad test drills fault-drills \
         slurm-up slurm-down clean
 
 venv: $(STAMP)
@@ -74,8 +74,14 @@ train-oad: data-oad
 test: venv
 	$(PY) -m pytest -q -m "not drill" tests
 
-drills: venv
-	$(PY) -m pytest -q -m drill tests
+# every long drill: the fault drills at full strength (tests/drills/README.md), then the rest
+drills: fault-drills
+	$(PY) -m pytest -q -m drill tests --ignore=tests/drills
+
+fault-drills: venv
+	rm -f runs/drills/report.jsonl
+	TRIBUTARY_DRILL_TRIALS=10 TRIBUTARY_DRILL_REPORT=runs/drills/report.jsonl $(PY) -m pytest -q tests/drills
+	@cat runs/drills/report.jsonl
 
 # a one-machine SLURM cluster on 127.0.0.1 (root; Debian's slurm-wlm and munge) to try
 # slurm/*.sbatch and launch.submit --cpu; then export SLURM_CONF=/tmp/tributary-slurm/slurm.conf

@@ -98,6 +98,14 @@ def resolve_shards(spec: str, manifest: str = "", *, key: str = "data.urls") -> 
         m = read_manifest(mpath)
         if not m["shards"]:
             raise DataError(f"{key}: manifest {mpath} lists no shards")
+        for s in m["shards"]:
+            # a manifest is data, not config: it may only name files inside its folder.
+            # `pipe:` commands and remote URLs come from the recipe alone.
+            name = str(s["url"])
+            if ":" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise DataError(f"{key}: manifest {mpath} names shard '{name}', which is not a "
+                                "file inside its folder; refusing it (pipe: and remote URLs "
+                                "belong in the recipe's urls)")
         return ShardList([str(Path(spec) / s["url"]) for s in m["shards"]],
                          [s["samples"] for s in m["shards"]])
 
@@ -344,8 +352,9 @@ class ShardStream(IterableDataset):
                  on_error: str = "skip", resampled: bool = False, with_keys: bool = False,
                  key: str = "data.train.urls"):
         self.sources = [Source(shards)] if isinstance(shards, ShardList) else list(shards)
-        for src in self.sources:
-            check_readers(len(src.shards.urls), world_size, num_workers, key=key)
+        for src in self.sources:  # a mixture's sources are named by their config key
+            check_readers(len(src.shards.urls), world_size, num_workers,
+                          key=src.name if src.name.startswith("data.") else key)
         total = sum(s.weight for s in self.sources)
         self.weights = np.array([s.weight / total for s in self.sources])
         self.decode, self.collate = decode, collate

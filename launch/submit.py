@@ -153,7 +153,7 @@ def main(argv=None) -> int:
           f"  script       {path}\n"
           f"  batch log    {log_dir}/{name}-{job}.out\n"
           f"  node logs    {log_dir}/{name}-{job}-node<N>.out\n"
-          f"  tensorboard  tensorboard --logdir {run_dir / 'tensorboard'}\n"
+          f"  tensorboard  tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1\n"
           f"  follow       squeue -j {job}; tail -f {log_dir}/{name}-{job}.out", flush=True)
     if not a.wait:
         proc.wait()

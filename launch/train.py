@@ -7,6 +7,9 @@ and checked, and the shards counted against ranks x workers, before any process 
 starts, so a bad recipe fails in seconds with the key it is about.
 
 Exit codes: 0 finished; 2 bad config or data layout; 3 bad data met while training;
+4 another rank died or stopped answering (trainer.dist_timeout_s); 5 a checkpoint or log could
+not be written (full disk, read-only run dir; the previous checkpoint is intact); 6 a NaN/Inf loss
+under trainer.nonfinite=halt (nothing after the last good checkpoint is saved);
 75 stopped early by SIGUSR1, SIGTERM or the job's time limit, with a complete checkpoint
 (under SLURM a SIGUSR1 or time-limit stop also requeues the job).
 """
@@ -18,18 +21,34 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from data_pipelines.stream import DataError, check_readers, resolve_shards
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, load_config, resolve_global_batch
 from trainer.preempt import EXIT_STOPPED, requeue_slurm_job
+
+EXIT_LOST_RANK, EXIT_CHECKPOINT, EXIT_NONFINITE = 4, 5, 6
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank is gone or silent. torch 2.13 raises gloo's
+    socket errors and timeouts as plain RuntimeError, so the text decides too."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(s in text for s in (
+        "third_party/gloo", "Connection reset by peer", "Connection closed by peer",
+        "Timed out waiting", "NCCL communicator was aborted", "Watchdog caught collective"))
 
 
 def preflight(cfg) -> None:
     """Checks that need no process group: shards exist and can feed every reader."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolve_global_batch(cfg, world)
     d = cfg.data
-    train = resolve_shards(d.train.urls, d.train.manifest, key="data.train.urls")
-    check_readers(len(train.urls), world, d.num_workers, key="data.train.urls")
+    for key, split in [("data.train.urls", d.train)] + [(f"data.mix.{i}.urls", m) for i, m in enumerate(d.mix)]:
+        shards = resolve_shards(split.urls, split.manifest, key=key)
+        check_readers(len(shards.urls), world, d.num_workers, key=key)
     for split in ("val", "test"):
         s = getattr(d, split)
         if s.urls:
@@ -63,7 +82,8 @@ def main(argv=None) -> int:
 
     from models.registry import build_workload
     from trainer.backends import make_backend
-    from trainer.loop import Trainer
+    from trainer.checkpoint import CheckpointError, latest
+    from trainer.loop import NonFiniteError, Trainer
 
     from launch.netif import choose_socket_ifname
 
@@ -82,9 +102,17 @@ def main(argv=None) -> int:
         return 2
     if backend.is_main:
         print(f"backend: {backend.name} on {backend.world_size} rank(s), {backend.device.type}", flush=True)
-    stopped = 0
+    stopped, lost = 0, False
+    trainer = Trainer(cfg, build_workload(cfg.model), backend)
+
+    def fail(code: int, message: str, agreed: bool = False) -> int:
+        if agreed and not backend.is_main:
+            time.sleep(5)  # every rank has this error: let rank 0 say it before a launcher stops it
+        print(f"error: rank {backend.rank}: {message}", file=sys.stderr, flush=True)
+        return code
+
     try:
-        stopped = Trainer(cfg, build_workload(cfg.model), backend).fit().get("stopped", 0)
+        stopped = trainer.fit().get("stopped", 0)
         if stopped:
             # every rank's part of the checkpoint is on disk (the save ends in a barrier).
             # Rank 0 requeues before anyone leaves: under `srun --kill-on-bad-exit` the first
@@ -99,10 +127,32 @@ def main(argv=None) -> int:
         # is the one that names the shard and sample
         message = [line for line in str(exc).splitlines() if line.strip()][-1]
         message = message.split("DataError: ", 1)[-1]
-        print(f"error: rank {backend.rank}: {message}", file=sys.stderr, flush=True)
-        return 3
+        return fail(3, message)
+    except NonFiniteError as exc:
+        return fail(EXIT_NONFINITE, str(exc), agreed=True)
+    except CheckpointError as exc:
+        return fail(EXIT_CHECKPOINT, str(exc), agreed=True)
+    except OSError as exc:  # e.g. a full disk or a read-only run dir while logging
+        kept = latest(Path(cfg.run.dir) / "checkpoints")
+        return fail(EXIT_CHECKPOINT, f"cannot write {exc.filename or cfg.run.dir} (run.dir={cfg.run.dir}): "
+                    f"{exc.strerror or exc}. Last complete checkpoint: {kept or 'none'}; make room "
+                    "and rerun the job to resume from it")
+    except RuntimeError as exc:
+        # gloo: a dead peer resets its sockets at once; a hung one times out. NCCL: the
+        # watchdog aborts after the same timeout. Either way this rank cannot go on alone.
+        if not lost_peer(exc):
+            raise
+        lost = True  # no goodbye collectives: the group is broken
+        step = getattr(getattr(trainer, "state", None), "step", "?")
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        kept = latest(Path(cfg.run.dir) / "checkpoints")
+        return fail(EXIT_LOST_RANK, f"lost contact with another rank after step {step} (it died, hung "
+                    f"or lost its network; trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}): "
+                    f"{first[:300]}. Last complete checkpoint: {kept or 'none'}; rerun the job to "
+                    "resume from it")
     finally:
-        backend.end()
+        if not lost:
+            backend.end()
     return EXIT_STOPPED if stopped else 0
 
 

@@ -156,3 +156,18 @@ def test_skips_are_counted_in_metrics_and_tensorboard(tmp_path, digits_dir, cpu_
                          env=cpu_env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "error:" in out.stderr and samples[5]["__key__"] in out.stderr and victim.name in out.stderr
+
+
+@pytest.mark.parametrize("name", ["pipe:touch PWNED", "../elsewhere/s-000000.tar", "/etc/s.tar",
+                                  "https://example.com/s.tar"])
+def test_a_manifest_cannot_name_commands_or_files_outside_its_folder(tmp_path, digits_dir, name):
+    """Shard folders are data, maybe someone else's: their manifest.json names files inside
+    the folder and nothing else; `pipe:` commands come only from the recipe."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    manifest = json.loads((digits_dir / "val" / "manifest.json").read_text())
+    manifest["shards"][0]["url"] = name
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"data\.val\.urls: manifest .* names shard .*refusing it"):
+        resolve_shards(str(folder), key="data.val.urls")
+    assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()

@@ -106,3 +106,36 @@ def test_resume_path_must_be_complete(tmp_path, backend):
         ck.resolve(str(path))
     assert ck.resolve("never") is None
     assert ck.resolve("auto") is None
+
+
+class _Payload:
+    """Unpickling this runs a command: what a tampered checkpoint file could carry."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.flag}",))
+
+
+def test_checkpoint_files_load_weights_only(tmp_path):
+    """Our files, and DeepSpeed's (which it reads with weights_only=False), load without
+    running pickled code: a planted payload is refused and never runs."""
+    import pickle
+
+    from trainer.backends.deepspeed import weights_only_torch_load
+    from trainer.checkpoint import load_weights_only
+
+    flag = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state": _Payload(flag)}, evil)
+    with pytest.raises(pickle.UnpicklingError):
+        load_weights_only(evil)
+    with weights_only_torch_load(), pytest.raises(pickle.UnpicklingError):
+        torch.load(evil, weights_only=False)  # as DeepSpeed's checkpoint engine calls it
+    assert torch.load.__module__.startswith("torch")  # restored after the block
+    assert not flag.exists()
+    torch.load(evil, weights_only=False)  # the payload is real: unguarded, it runs
+    assert flag.exists()

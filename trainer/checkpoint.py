@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from data_pipelines.shards import sha256_file
+from trainer.faults import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,10 @@ def verify(path: Path) -> Optional[str]:
         return f"{path}: no {MARKER} (half-written)"
     try:
         meta = json.loads(marker.read_text())
-    except (OSError, ValueError) as exc:
-        return f"{path}: unreadable {MARKER} ({exc})"
-    for name, digest in meta["files"].items():
+        files = dict(meta["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{path}: unreadable {MARKER} ({type(exc).__name__}: {exc})"
+    for name, digest in files.items():
         f = path / name
         if not f.exists():
             return f"{path}: {name} is missing"
@@ -124,6 +126,8 @@ def complete_checkpoints(root: Path, *, check: bool = False) -> list[Path]:
         if p.name.startswith(".step-") and p.name.endswith(".partial"):
             log.warning("ignoring unfinished checkpoint %s", p)
             continue
+        if p.name.startswith(".step-") and p.name.endswith(".deleting"):
+            continue  # being pruned
         if step_of(p) is None or not p.is_dir():
             continue
         if not (p / MARKER).exists():
@@ -151,24 +155,40 @@ class Checkpointer:
 
     def save(self, step: int, *, model, optimizer, scheduler, trainer_state: dict,
              data_state: dict) -> Path:
+        """Write step-N; on any rank's failure (a full disk, an unwritable folder) every rank
+        raises CheckpointError, the partial folder is removed and older checkpoints stay."""
         b = self.backend
         final = self.root / f"step-{step}"
         tmp = self.root / f".step-{step}.partial"
-        if b.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        b.barrier()
 
-        torch.save(rng_state(), tmp / f"rng-rank{b.rank}.pt")
-        write_json(tmp / f"data-rank{b.rank}.json", data_state)
-        b.save_model_and_optimizer(tmp, model, optimizer)
-        if b.is_main:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(b.extra_state(), tmp / "extra.pt")
-            write_json(tmp / "trainer_state.json", trainer_state)
-        b.barrier()  # every rank's files are on disk
+        def phase(point: str, work) -> None:
+            error = None
+            try:
+                failpoint(point, step=step, rank=b.rank)
+                work()
+            except Exception as exc:  # torch.save reports ENOSPC as a RuntimeError
+                error = exc
+            self._agree(error, step, tmp)  # also the barrier between phases
 
-        if b.is_main:
+        def start():
+            if b.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+
+        def rank_files():
+            torch.save(rng_state(), tmp / f"rng-rank{b.rank}.pt")
+            write_json(tmp / f"data-rank{b.rank}.json", data_state)
+
+        def model_files():
+            b.save_model_and_optimizer(tmp, model, optimizer)
+            if b.is_main:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(b.extra_state(), tmp / "extra.pt")
+                write_json(tmp / "trainer_state.json", trainer_state)
+
+        def marker():
+            if not b.is_main:
+                return
             files = {p.relative_to(tmp).as_posix(): sha256_file(p)
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             expected = {f"rng-rank{r}.pt" for r in range(b.world_size)}
@@ -177,17 +197,58 @@ class Checkpointer:
             write_json(tmp / MARKER, {"step": step, "world_size": b.world_size,
                                       "time": time.time(), "files": files})
             _fsync_dir(tmp)
+
+        def rename():
+            if not b.is_main:
+                return
             if final.exists():  # a stale copy of this step, e.g. from a resumed run
-                shutil.rmtree(final)
+                self._discard(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
+
+        phase("save.start", start)
+        phase("save.files", rank_files)
+        phase("save.model", model_files)  # every rank's files are on disk after this
+        phase("save.marker", marker)
+        phase("save.rename", rename)
+        failpoint("save.prune", step=step, rank=b.rank)
+        if b.is_main:
             self.prune()
         b.barrier()
         return final
 
+    def _agree(self, error: Optional[BaseException], step: int, tmp: Path) -> None:
+        """A barrier that fails on every rank when any rank failed, so none waits forever."""
+        b = self.backend
+        failed = error is not None
+        if b.world_size > 1:
+            flag = torch.tensor(float(failed), device=b.device)
+            failed = b.reduce_sum(flag).item() > 0
+        if not failed:
+            return
+        if b.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        keep = latest(self.root) if b.is_main else None
+        why = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
+        kept = f"the last complete checkpoint, {keep}, is intact" if keep else "no earlier checkpoint exists"
+        raise CheckpointError(f"checkpoint step-{step} could not be written under {self.root} "
+                              f"(rank {b.rank}: {why}); {kept}; nothing was renamed into place")
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        """Rename out of the step-N namespace first, so a kill mid-delete leaves no half
+        checkpoint under a name that `latest` would consider."""
+        doomed = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def prune(self) -> None:
         for old in complete_checkpoints(self.root)[:-self.keep_last_k]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._discard(old)
+        # left by a run killed mid-prune or mid-save; no other save is in flight now
+        for leftover in [*self.root.glob(".step-*.deleting"), *self.root.glob(".step-*.partial")]:
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def resolve(self, resume: str) -> Optional[Path]:
         """The checkpoint to resume from (chosen on rank 0, agreed by all)."""

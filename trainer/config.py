@@ -44,6 +44,10 @@ class DataConfig:
     val: SplitConfig = field(default_factory=SplitConfig)
     test: SplitConfig = field(default_factory=SplitConfig)
     batch_size: int = 64  # per rank, per micro step
+    # samples per optimizer step over all ranks; 0 = batch_size x grad_accum_steps x ranks.
+    # When set, grad_accum_steps follows from the world size, so one recipe keeps its
+    # global batch from a laptop to many nodes (resolve_global_batch)
+    global_batch_size: int = 0
     eval_batch_size: int = 256
     num_workers: int = 1
     shuffle_buffer: int = 256
@@ -101,7 +105,12 @@ class TrainerConfig:
     keep_last_k: int = 3
     resume: str = "auto"  # auto | never | PATH to a step-N checkpoint
     progress_bar: bool = True
-    dist_timeout_s: int = 600
+    dist_timeout_s: int = 600  # a collective waiting this long for a lost rank fails the run
+    # a NaN/Inf loss or grad norm: halt (stop with exit 6 before any checkpoint of the poisoned
+    # weights; the last good one is kept) | skip (leave the weights alone, count it, go on;
+    # one host sync per step; halts after nonfinite_max_skips skips in a row)
+    nonfinite: str = "halt"
+    nonfinite_max_skips: int = 20
     # preemption (trainer/preempt.py): ranks vote on a stop every this many steps;
     # 0 = about once a second, from rank 0's step rate
     stop_check_every: int = 0
@@ -242,6 +251,12 @@ def validate(cfg: RunConfig) -> None:
         _check(getattr(t, key) >= 0, f"trainer.{key}", "must be >= 0 (0 = only at the end)")
     _check(t.checkpoint_every % t.log_every == 0, "trainer.checkpoint_every",
            f"must be a multiple of trainer.log_every={t.log_every} (a checkpoint closes a log window)")
+    _check(t.nonfinite in ("halt", "skip"), "trainer.nonfinite", f"'{t.nonfinite}' is not halt or skip")
+    _check(t.nonfinite != "skip" or t.backend == "accelerate", "trainer.nonfinite",
+           "skip needs trainer.backend=accelerate (a DeepSpeed engine steps inside itself; "
+           "its fp16 loss scaler skips overflowing steps on its own)")
+    _check(t.nonfinite_max_skips >= 1, "trainer.nonfinite_max_skips", "must be >= 1")
+    _check(t.dist_timeout_s >= 1, "trainer.dist_timeout_s", "must be >= 1")
     _check(t.keep_last_k >= 1, "trainer.keep_last_k", "must be >= 1")
     _check(t.stop_check_every >= 0, "trainer.stop_check_every", "must be >= 0 (0 = about once a second)")
     _check(t.end_margin_s >= 0, "trainer.end_margin_s", "must be >= 0")
@@ -262,9 +277,11 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= o.warmup_steps < t.max_steps, "optim.warmup_steps",
            f"must be in [0, trainer.max_steps={t.max_steps})")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+    _check(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    _check(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
     _check(bool(d.train.urls), "data.train.urls", "no training shards given")
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _check(d.global_batch_size >= 0, "data.global_batch_size", "must be >= 0 (0 = batch_size x ranks)")
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1 (1 = no sample shuffle)")
@@ -276,6 +293,22 @@ def validate(cfg: RunConfig) -> None:
         _check(m.weight > 0, f"data.mix.{i}.weight", "must be > 0")
     if t.eval_every > 0:
         _check(bool(d.val.urls), "data.val.urls", "trainer.eval_every > 0 needs validation shards")
+
+
+def resolve_global_batch(cfg: RunConfig, world_size: int) -> None:
+    """With data.global_batch_size set, derive trainer.grad_accum_steps for `world_size` ranks."""
+    d, t = cfg.data, cfg.trainer
+    if not d.global_batch_size:
+        return
+    per_step = d.batch_size * world_size
+    _check(d.global_batch_size % per_step == 0, "data.global_batch_size",
+           f"{d.global_batch_size} is not a multiple of data.batch_size={d.batch_size} x "
+           f"{world_size} rank(s) = {per_step}")
+    accum = d.global_batch_size // per_step
+    _check(t.grad_accum_steps in (1, accum), "trainer.grad_accum_steps",
+           f"{t.grad_accum_steps} contradicts data.global_batch_size={d.global_batch_size} "
+           f"(which needs {accum} on {world_size} rank(s)); set one of them")
+    t.grad_accum_steps = accum
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -23,13 +23,18 @@ from safetensors.torch import save_file
 
 from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, resolve_shards,
                                    truncate_ledgers)
-from trainer.checkpoint import Checkpointer, write_json
+from trainer.checkpoint import Checkpointer, latest, write_json
 from trainer.config import RunConfig, to_yaml
+from trainer.faults import failpoint, poison
 from trainer.metrics import MetricsLogger, summarize_line
 from trainer.preempt import REASONS, StopAgreement
 
 
 SKIP_KINDS = ("bad_samples", "missing_key", "bad_shards", "missing_shards")
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or grad norm under trainer.nonfinite=halt (or too many skips in a row)."""
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -64,6 +69,7 @@ class TrainState:
     train_time_s: float = 0.0
     best_value: float = math.inf
     best_step: int = -1
+    skipped_nonfinite: int = 0  # steps left out under trainer.nonfinite=skip
 
 
 class Trainer:
@@ -129,7 +135,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self._build()
-        state = self._resume()
+        state = self.state = self._resume()
         self.log = MetricsLogger(self.run_dir, enabled=b.is_main, resume_step=state.step,
                                  total_steps=t.max_steps, progress_bar=t.progress_bar)
         if self.resumed_from is not None:
@@ -159,10 +165,16 @@ class Trainer:
         accum = t.grad_accum_steps
         samples_per_step = cfg.data.batch_size * accum * b.world_size
         zero = torch.zeros((), device=b.device)
-        loss_sum, gnorm_sum, window_steps, data_wait = zero.clone(), zero.clone(), 0, 0.0
+        loss_sum, gnorm_sum = zero.clone(), zero.clone()
+        window_steps, kept, data_wait, skips_in_a_row = 0, 0, 0.0, 0
         window_start = time.perf_counter()
+        skip_nonfinite = t.nonfinite == "skip"
+        # halt: the first step whose loss was NaN/Inf on this rank (0: none), kept on the
+        # device (no sync) and looked at with the log reduce, before anything is saved
+        first_bad = torch.zeros((), dtype=torch.float64, device=b.device)
         while state.step < t.max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
+            step_loss = zero.clone()
             for micro in range(accum):
                 tw = time.perf_counter()
                 batch = send_to_device(next(self.loader), b.device)
@@ -170,52 +182,85 @@ class Trainer:
                 sync = contextlib.nullcontext() if micro == accum - 1 else b.no_sync(self.model)
                 with sync:
                     loss = self.workload.training_loss(self.model, batch) / accum
+                    loss = poison("step.loss", loss, step=state.step + 1, rank=b.rank)
                     b.backward(loss)
-                loss_sum += loss.detach()
-            gnorm_sum += b.step(self.model, self.optimizer, t.clip_grad_norm).detach()
+                step_loss += loss.detach()
+            norm = b.step(self.model, self.optimizer, t.clip_grad_norm, skip_nonfinite).detach()
             self.scheduler.step()
             state.step += 1
-            self.workload.on_step_end(net, state.step)
-            window_steps += 1
             step = state.step
+            failpoint("step.end", step=step, rank=b.rank)
+            self.workload.on_step_end(net, step)
+            window_steps += 1
+            if skip_nonfinite and not torch.isfinite(norm):  # the norm is global: all ranks agree
+                state.skipped_nonfinite += 1
+                skips_in_a_row += 1
+                self.log.text(f"step {step}: grad norm {norm.item()}, step skipped "
+                              f"(trainer.nonfinite=skip; {state.skipped_nonfinite} so far)")
+                if skips_in_a_row >= t.nonfinite_max_skips:
+                    raise NonFiniteError(f"{skips_in_a_row} non-finite steps in a row up to step {step} "
+                                         f"(trainer.nonfinite_max_skips={t.nonfinite_max_skips}); "
+                                         f"{self._kept_checkpoint()}")
+            else:
+                skips_in_a_row = 0
+                kept += 1
+                loss_sum += step_loss
+                gnorm_sum += norm
+                if not skip_nonfinite:
+                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), step, first_bad)
 
             stop = False
-            if step % t.log_every == 0 or step == t.max_steps:
+            log_step = step % t.log_every == 0 or step == t.max_steps
+            if log_step:
                 now = time.perf_counter()
                 elapsed = now - window_start
                 skips = self.loader.stats()
-                local = torch.cat([torch.stack([loss_sum, gnorm_sum]).double(), torch.tensor(
+                local = torch.cat([self._slot(first_bad), torch.stack([loss_sum, gnorm_sum]).double(), torch.tensor(
                     [float(skips.get(k, 0)) for k in SKIP_KINDS], dtype=torch.float64, device=b.device)])
                 totals = b.reduce_sum(local).tolist()
-                record = {"train/loss": totals[0] / (b.world_size * window_steps),
+                w = b.world_size
+                self._halt_if_nonfinite(totals[:w], totals[w + 1], step - window_steps + 1, step)
+                kept_div = w * max(kept, 1)
+                record = {"train/loss": totals[w] / kept_div,
                           "train/lr": lr,
-                          "train/grad_norm": totals[1] / (b.world_size * window_steps),
+                          "train/grad_norm": totals[w + 1] / kept_div,
                           "train/samples_per_s": window_steps * samples_per_step / elapsed,
                           "train/data_wait_frac": data_wait / elapsed,
                           "train/samples_seen": self.loader.samples_seen}
-                record.update({f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, totals[2:]) if v})
+                record.update({f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, totals[w + 2:]) if v})
+                if not kept:  # every step of the window skipped: no loss to show
+                    del record["train/loss"], record["train/grad_norm"]
+                if state.skipped_nonfinite:
+                    record["train/skipped_nonfinite"] = state.skipped_nonfinite
                 if self.loader.epoch is not None:
                     record["train/epoch"] = self.loader.epoch
                 self.log.log(step, record, bar_keys=("train/loss", "train/lr", "train/samples_per_s"))
-                loss_sum.zero_(), gnorm_sum.zero_()
-                window_steps, data_wait, window_start = 0, 0.0, now
+                loss_sum.zero_(), gnorm_sum.zero_(), first_bad.zero_()
+                window_steps, kept, data_wait, window_start = 0, 0, 0.0, now
                 if t.max_time > 0:  # agreed by all ranks, at a log step
                     over = state.train_time_s + (now - session_start) >= t.max_time
                     stop = b.reduce_sum(torch.tensor(float(over), device=b.device)).item() > 0
             self.log.advance(step)
 
             hangers_on = time.perf_counter()
-            if t.eval_every and step % t.eval_every == 0 and self.val_shards:
+            evals = t.eval_every and step % t.eval_every == 0 and self.val_shards
+            samples = t.sample_every and step % t.sample_every == 0
+            saves = t.checkpoint_every and step % t.checkpoint_every == 0
+            reason = self.stopper.poll(step)  # a signal or the job's end: all ranks, same step
+            if not log_step and (evals or samples or saves or reason):
+                # nothing of this window's weights is evaluated, shown or saved unchecked
+                totals = b.reduce_sum(torch.cat([self._slot(first_bad), gnorm_sum.double().view(1)])).tolist()
+                self._halt_if_nonfinite(totals[:-1], totals[-1], step - window_steps + 1, step)
+            if evals:
                 self._eval_and_keep_best(state)
-            if t.sample_every and step % t.sample_every == 0:
+            if samples:
                 self._log_samples(step)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 or stop:
+            if saves or stop:
                 self._save(state, session_start)
                 last_saved = step
             if stop:
                 self.log.text(f"trainer.max_time={t.max_time}s reached at step {step}")
                 break
-            reason = self.stopper.poll(step)  # a signal or the job's end: all ranks, same step
             if reason:
                 if last_saved != step:
                     self._save(state, session_start)
@@ -225,6 +270,31 @@ class Trainer:
                 return reason, step
             window_start += time.perf_counter() - hangers_on  # throughput counts steps only
         return 0, last_saved
+
+    def _kept_checkpoint(self) -> str:
+        kept = latest(self.checkpointer.root) if self.backend.is_main else None
+        return (f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written") + \
+            " and nothing after it is saved"
+
+    def _slot(self, value: torch.Tensor) -> torch.Tensor:
+        """A world-sized vector holding `value` at this rank's index: summed, it says who."""
+        out = torch.zeros(self.backend.world_size, dtype=torch.float64, device=value.device)
+        out[self.backend.rank] = value
+        return out
+
+    def _halt_if_nonfinite(self, first_bad: list[float], gnorm_sum: float, first: int, last: int) -> None:
+        """Stop every rank (same reduced numbers, same verdict) before poisoned weights are kept."""
+        bad = {r: int(s) for r, s in enumerate(first_bad) if s}
+        if not bad and math.isfinite(gnorm_sum):
+            return
+        if bad:
+            at = min(bad.values())
+            where = f"loss at step {at} on rank(s) {[r for r, s in bad.items() if s == at]}"
+        else:
+            where = "grad norm in steps " + (f"{first}-{last}" if first < last else str(last))
+        raise NonFiniteError(f"non-finite {where} (caught at step {last}, trainer.nonfinite=halt); "
+                             f"{self._kept_checkpoint()}. Resume from it with a lower optim.lr or "
+                             "trainer.clip_grad_norm, or set trainer.nonfinite=skip")
 
     # ---------------------------------------------------------------- hangers-on
     def _save(self, state: TrainState, session_start: float) -> None:

@@ -73,13 +73,21 @@ class AccelerateBackend:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def step(self, model: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
-        """Clip (max_norm 0: measure only), step, zero; the global norm before clipping."""
+    def step(self, model: nn.Module, optimizer: Any, max_norm: float,
+             skip_nonfinite: bool = False) -> torch.Tensor:
+        """Clip (max_norm 0: measure only), step, zero; the global norm before clipping.
+
+        skip_nonfinite: leave the weights and optimizer state alone when the norm is NaN or
+        Inf (one host sync). The norm is global, so every rank makes the same choice. Under
+        fp16 the grad scaler already skips such steps and lowers its scale: it is left to it.
+        """
         limit = max_norm if max_norm > 0 else float("inf")
         norm = self.accelerator.clip_grad_norm_(model.parameters(), limit)
-        optimizer.step()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
+        if not (skip_nonfinite and self.accelerator.scaler is None and not torch.isfinite(norm)):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
+        return norm
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)

@@ -28,6 +28,29 @@ from torch import nn
 
 from trainer.config import ConfigError
 
+
+@contextlib.contextmanager
+def weights_only_torch_load():
+    """DeepSpeed 0.19 reads its checkpoint files with torch.load(weights_only=False), which
+    runs any pickle a tampered file holds. Inside this block torch.load is weights-only,
+    allowing just the few DeepSpeed types its optimizer-state files name."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real
+
 DS_TAG = "deepspeed"  # engine checkpoints live in <step-N>/deepspeed/
 
 
@@ -56,7 +79,12 @@ def deepspeed_config(trainer_cfg, micro_batch: int) -> dict:
         "wall_clock_breakdown": False,
     }
     if ds.config_file:  # a user's JSON for everything else: its tuning keys win, ours are checked
-        extra = json.loads(Path(ds.config_file).read_text())
+        try:
+            extra = json.loads(Path(ds.config_file).read_text())
+        except (OSError, ValueError) as exc:
+            what = "is not valid JSON" if isinstance(exc, ValueError) else "cannot be read"
+            raise ConfigError(f"config key 'trainer.deepspeed.config_file': {ds.config_file} "
+                              f"{what} ({exc})") from None
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             if key in extra and extra[key] != config[key]:
                 raise ConfigError(f"trainer.deepspeed.config_file {ds.config_file} sets {key}={extra[key]}, "
@@ -167,7 +195,8 @@ class DeepSpeedBackend:
         if self._pending < self.cfg.grad_accum_steps:
             self.engine.step()  # not a boundary: the engine only counts
 
-    def step(self, model: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
+    def step(self, model: nn.Module, optimizer: Any, max_norm: float,
+             skip_nonfinite: bool = False) -> torch.Tensor:
         """Optimizer step at the boundary (clipping is the engine's); the global grad norm."""
         self.engine.step()
         self._pending = 0
@@ -263,8 +292,9 @@ class DeepSpeedBackend:
                 shutil.rmtree(universal, ignore_errors=True)
 
     def _load(self, path: Path, tag: str) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+        with weights_only_torch_load():
+            load_path, _ = self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
         if load_path is None:
             raise RuntimeError(f"{path}: DeepSpeed found no engine checkpoint under '{tag}/'")
 
@@ -326,7 +356,8 @@ class AccelerateDeepSpeedBackend(DeepSpeedBackend):
         # the loop already divided the loss by the accumulation steps
         self.accelerator.backward(loss, scale_wrt_gas=False)
 
-    def step(self, model: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
+    def step(self, model: nn.Module, optimizer: Any, max_norm: float,
+             skip_nonfinite: bool = False) -> torch.Tensor:
         self._pending = 0  # the engine stepped (and clipped) inside backward
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float(norm) if norm is not None else float("nan"), device=self.device)
