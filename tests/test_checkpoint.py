@@ -139,3 +139,12 @@ def test_checkpoint_files_load_weights_only(tmp_path):
     assert not flag.exists()
     torch.load(evil, weights_only=False)  # the payload is real: unguarded, it runs
     assert flag.exists()
+
+
+def test_failpoint_spec_is_read_and_bad_specs_are_named():
+    from trainer.faults import _parse
+
+    assert _parse("save.marker@80/0=pause, step.loss@12=nan") == {
+        ("save.marker", 80): (0, "pause"), ("step.loss", 12): (None, "nan")}
+    with pytest.raises(ValueError, match="cannot read 'save.marker80=pause'"):
+        _parse("save.marker80=pause")

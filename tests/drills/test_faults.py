@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -62,10 +63,14 @@ class Chain:
         self.flag = tmp / "failpoint-hit"
         self.cmd = accelerate_cmd() + smoke_overrides(self.run_dir, digits_dir, *more)
         self.resume_from = 0  # the checkpoint step the next launch must resume from
+        self.damaged = ""  # a checkpoint the next launch must skip, with a warning
         self.launches = self.exact = self.wrong_choice = 0
         self.ref = {r["step"]: r for r in train_records(reference)}
 
     def _expect_resume(self, out: str) -> None:
+        if self.damaged:  # the launch after a corruption says what it skipped
+            assert "skipping damaged checkpoint" in out and self.damaged in out, out[-3000:]
+            self.damaged = ""
         if self.resume_from:
             want = f"resumed from {self.root / f'step-{self.resume_from}'} (step {self.resume_from}, exact)"
             if want not in out:
@@ -122,12 +127,12 @@ def below(step: int) -> int:
     return (step - 1) // EVERY * EVERY
 
 
-def corrupt(ckpt: Path, rng: random.Random) -> str:
+def corrupt(ckpt: Path, rng: random.Random, flip: bool) -> str:
     """Flip one bit of, or truncate, one file of a complete checkpoint."""
     name = rng.choice(sorted(json.loads((ckpt / MARKER).read_text())["files"]))
     path = ckpt / name
     data = bytearray(path.read_bytes())
-    if rng.random() < 0.5:
+    if flip:
         at = rng.randrange(len(data))
         data[at] ^= 1 << rng.randrange(8)
         how = f"bit flip at byte {at} of {name}"
@@ -148,6 +153,7 @@ def test_sigkill_at_random_steps_and_inside_saves(tmp_path, digits_dir, cpu_env,
     stages = (SAVE_STAGES * TRIALS)[:TRIALS]  # every stage once before any twice
     rng.shuffle(stages)
     corrupted, random_kills, save_kills = [], 0, 0
+    first_flip = rng.randrange(2)  # then truncations and bit flips alternate
     for i in range(TRIALS):
         k = rng.randrange(chain.resume_from + 1, STEPS)  # killed after step k, rank r paused there
         chain.kill_at(f"step.end@{k}/{rng.randrange(2)}")
@@ -157,22 +163,26 @@ def test_sigkill_at_random_steps_and_inside_saves(tmp_path, digits_dir, cpu_env,
         saves = list(range(chain.resume_from + EVERY, STEPS + 1, EVERY))
         stage = stages[i] if saves[0] < STEPS else rng.choice(SAVE_STAGES[:-1])
         step = rng.choice(saves if stage != "save.prune" else saves[:-1] or saves)
-        if stage == "save.prune" and step == STEPS:
-            stage = "save.rename"  # a finished run has nothing left to kill
-        chain.kill_at(f"{stage}@{step}/{rng.randrange(2)}")
-        if stage in ("save.model", "save.marker", "save.rename"):
+        rank = rng.randrange(2)
+        if step == STEPS and stage in ("save.rename", "save.prune"):
+            # a finished run has nothing left to kill: stop rank 0 before its rename
+            stage, rank = "save.rename", 0
+        chain.kill_at(f"{stage}@{step}/{rank}")
+        # the paused rank stops before its part of that stage; the others do theirs. Rank 0
+        # alone writes the marker and renames, so rank 1 paused at save.rename means renamed
+        renamed = stage == "save.prune" or (stage == "save.rename" and rank == 1)
+        if stage in ("save.model", "save.marker") or (stage == "save.rename" and rank == 0):
             assert (chain.root / f".step-{step}.partial").is_dir()  # half-written, on disk
-        chain.expect_latest(step if stage == "save.prune" else below(step))
+        chain.expect_latest(step if renamed else below(step))
         save_kills += 1
         if chain.resume_from and (TRIALS == 1 or i % 3 == 2):
             newest = chain.root / f"step-{chain.resume_from}"
-            corrupted.append(corrupt(newest, rng))
+            corrupted.append(corrupt(newest, rng, flip=(len(corrupted) + first_flip) % 2 == 0))
             assert verify(newest) is not None
+            chain.damaged = str(newest)
             older = [int(p.name.split("-")[1]) for p in complete_checkpoints(chain.root)]
             chain.expect_latest(max([s for s in older if s < chain.resume_from], default=0))
-    out = chain.finish()
-    if corrupted:
-        assert "skipping damaged checkpoint" in out
+    chain.finish()
     report("kills", seed=rng.seed_value, random_step_kills=random_kills, kills_inside_save=save_kills,
            corrupted_checkpoints=corrupted, launches=chain.launches,
            resumed_exactly=f"{chain.launches - 1}/{chain.launches - 1}",
@@ -273,7 +283,7 @@ def test_nonfinite_loss_halt(tmp_path, digits_dir, cpu_env):
     assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step-20", "step-40"]
     assert not list((run_dir / "checkpoints").glob(".step-*"))
     assert verify(run_dir / "checkpoints/step-40") is None
-    report("nonfinite_halt", exit_code=out.returncode, message=msg[0][:200])
+    report("nonfinite_halt", rank_exit_code=6, message=msg[0][:200])
 
 
 # The disk drills run the job in a mount namespace of its own, on a tmpfs that the drill
@@ -334,5 +344,6 @@ def test_disk_full_or_read_only_during_a_save(mode, tmp_path, digits_dir, cpu_en
     out = run_ok(cmd, cpu_env)
     assert f"resumed from {run_dir / 'checkpoints' / kept[-1]}" in out
     assert_matches_reference(run_dir, smoke_reference)
-    report("disk", mode=mode, exit_code=rc, failed_save=failed, kept=kept[-1], error=errors[0][:240],
+    codes = sorted({int(c) for c in re.findall(r"exitcode\s+:\s+(-?\d+)", log)})
+    report("disk", mode=mode, rank_exit_codes=codes, failed_save=failed, kept=kept[-1], error=errors[0][:240],
            resumed_exactly="1/1")
