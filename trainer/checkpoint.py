@@ -230,9 +230,13 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         keep = latest(self.root) if b.is_main else None
         why = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
+        try:  # torch.save reports a full disk as "unexpected pos N vs M", without the errno
+            free = f"; {shutil.disk_usage(self.root).free / 1e6:.1f} MB free on its disk"
+        except OSError:
+            free = ""
         kept = f"the last complete checkpoint, {keep}, is intact" if keep else "no earlier checkpoint exists"
         raise CheckpointError(f"checkpoint step-{step} could not be written under {self.root} "
-                              f"(rank {b.rank}: {why}); {kept}; nothing was renamed into place")
+                              f"(rank {b.rank}: {why}{free}); {kept}; nothing was renamed into place")
 
     @staticmethod
     def _discard(path: Path) -> None:

@@ -7,7 +7,9 @@ Set `TRIBUTARY_FAILPOINTS` to a comma-separated list of `POINT@STEP[/RANK]=ACTIO
     step.loss@12/1=nan          rank 1's loss of step 12 becomes NaN (also: inf)
 
 Actions: `pause` writes "POINT STEP RANK" to `TRIBUTARY_FAILPOINT_FLAG` (a file path) and
-sleeps until killed, so a drill can SIGKILL the job at a known place; `kill` sends SIGKILL
+sleeps until killed, so a drill can SIGKILL the job at a known place; `sleep` writes the
+same and goes on after TRIBUTARY_FAILPOINT_SLEEP seconds (3), so a drill can break the disk
+under a save in progress; `kill` sends SIGKILL
 to the rank itself; `stop` sends SIGSTOP (a hung rank); `nan`/`inf` poison a value. Without
 the variable every call is a dictionary lookup on an empty dict.
 
@@ -58,13 +60,14 @@ def failpoint(point: str, *, step: int, rank: int) -> None:
     action = _action(point, step, rank)
     if action is None:
         return
-    if action == "pause":
+    if action in ("pause", "sleep"):
         flag = os.environ.get("TRIBUTARY_FAILPOINT_FLAG")
         if flag:
             with open(flag, "a") as f:
                 f.write(f"{point} {step} {rank}\n")
-        while True:
+        while action == "pause":
             time.sleep(60)
+        time.sleep(float(os.environ.get("TRIBUTARY_FAILPOINT_SLEEP", "3")))
     elif action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "stop":

@@ -286,18 +286,19 @@ def test_nonfinite_loss_halt(tmp_path, digits_dir, cpu_env):
     report("nonfinite_halt", rank_exit_code=6, message=msg[0][:200])
 
 
-# The disk drills run the job in a mount namespace of its own, on a tmpfs that the drill
-# fills up (or remounts read-only) once checkpoint step-40 is complete, so a later save
-# meets a real ENOSPC (EROFS). The run directory is then copied out and resumed.
+# The disk drills run the job in a mount namespace of its own, on a tmpfs. Rank 0 stops
+# for 3 s at the start of the step-80 save (a `sleep` failpoint); meanwhile the drill fills
+# the tmpfs (or remounts it read-only), so the save meets a real ENOSPC (EROFS) mid-way.
+# Checkpoint step-40 is complete by then. The run directory is copied out and resumed.
 DISK_SCRIPT = r"""
 set -u
 mount -t tmpfs -o size=64m tmpfs "$RUN"
 "$@" > "$OUT/job.log" 2>&1 &
 job=$!
-while [ ! -e "$RUN/checkpoints/step-40/COMPLETE.json" ] && kill -0 $job 2>/dev/null; do sleep 0.02; done
+while [ ! -e "$TRIBUTARY_FAILPOINT_FLAG" ] && kill -0 $job 2>/dev/null; do sleep 0.02; done
 if [ "$MODE" = full ]; then
   free=$(df --output=avail -B1 "$RUN" | tail -1)
-  fallocate -l $((free - 96 * 1024)) "$RUN/filler"   # 96 KiB left: logs fit, a checkpoint not
+  fallocate -l $((free - 96 * 1024)) "$RUN/filler"   # 96 KiB left: a checkpoint needs 170
 else
   mount -o remount,ro "$RUN"
 fi
@@ -317,7 +318,9 @@ def test_disk_full_or_read_only_during_a_save(mode, tmp_path, digits_dir, cpu_en
     (out_dir / "run").mkdir(parents=True)
     cmd = accelerate_cmd() + smoke_overrides(run_dir, digits_dir)
     as_root = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
-    env = dict(cpu_env, RUN=str(run_dir), OUT=str(out_dir), MODE=mode)
+    env = dict(cpu_env, RUN=str(run_dir), OUT=str(out_dir), MODE=mode,
+               TRIBUTARY_FAILPOINTS=f"save.start@{2 * EVERY}/0=sleep",
+               TRIBUTARY_FAILPOINT_FLAG=str(tmp_path / "failpoint-hit"))
     done = subprocess.run(as_root + ["bash", "-c", DISK_SCRIPT, "drill", *cmd], env=env,
                           capture_output=True, text=True, timeout=300)
     log = (out_dir / "job.log").read_text() if (out_dir / "job.log").exists() else ""
@@ -326,16 +329,17 @@ def test_disk_full_or_read_only_during_a_save(mode, tmp_path, digits_dir, cpu_en
     root = out_dir / "run/checkpoints"
     kept = [p.name for p in complete_checkpoints(root)]
     errors = [x for x in log.splitlines() if x.startswith("error: rank 0")]
-    if mode == "full":
-        assert rc != 0 and "exitcode  : 5" in log, log[-3000:]
-        assert errors and "No space left on device" in errors[0] and "could not be written" in errors[0], log[-3000:]
-        failed = int(errors[0].split("checkpoint step-")[1].split()[0])
-        assert f"step-{failed - EVERY}, is intact" in errors[0]
-        assert kept[-1] == f"step-{failed - EVERY}"
-        assert not list(root.glob(".step-*"))  # the half-written save was removed
+    assert rc != 0 and "exitcode  : 5" in log, log[-3000:]
+    assert errors and "checkpoint step-80 could not be written" in errors[0], log[-3000:]
+    if mode == "full":  # torch.save's own words for ENOSPC do not say so; the free space does
+        free = float(re.search(r"; ([\d.]+) MB free on its disk", errors[0]).group(1))
+        assert free < 0.2 or "No space left on device" in errors[0], errors[0]
     else:
-        assert rc != 0 and errors and "Read-only file system" in errors[0], log[-3000:]
-        failed = None
+        assert "Read-only file system" in errors[0], errors[0]
+    assert f"step-40, is intact" in errors[0]
+    assert kept == ["step-40"]
+    if mode == "full":
+        assert not list(root.glob(".step-*"))  # the half-written save was removed
     newest = root / kept[-1]
     assert verify(newest) is None  # intact: every checksum holds
     # room again: copy the run back and resume, exactly
@@ -345,5 +349,5 @@ def test_disk_full_or_read_only_during_a_save(mode, tmp_path, digits_dir, cpu_en
     assert f"resumed from {run_dir / 'checkpoints' / kept[-1]}" in out
     assert_matches_reference(run_dir, smoke_reference)
     codes = sorted({int(c) for c in re.findall(r"exitcode\s+:\s+(-?\d+)", log)})
-    report("disk", mode=mode, rank_exit_codes=codes, failed_save=failed, kept=kept[-1], error=errors[0][:240],
+    report("disk", mode=mode, rank_exit_codes=codes, failed_save=80, kept=kept[-1], error=errors[0][:240],
            resumed_exactly="1/1")
