@@ -168,7 +168,7 @@ class Trainer:
         loss_sum, gnorm_sum = zero.clone(), zero.clone()
         window_steps, kept, data_wait, skips_in_a_row = 0, 0, 0.0, 0
         window_start = time.perf_counter()
-        skip_nonfinite = t.nonfinite == "skip"
+        skip_nonfinite, fp16 = t.nonfinite == "skip", t.mixed_precision == "fp16"
         # halt: the first step whose loss was NaN/Inf on this rank (0: none), kept on the
         # device (no sync) and looked at with the log reduce, before anything is saved
         first_bad = torch.zeros((), dtype=torch.float64, device=b.device)
@@ -186,6 +186,8 @@ class Trainer:
                     b.backward(loss)
                 step_loss += loss.detach()
             norm = b.step(self.model, self.optimizer, t.clip_grad_norm, skip_nonfinite).detach()
+            if fp16:  # an overflow is the loss scaler's to skip (and to lower its scale), not ours
+                norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
             self.scheduler.step()
             state.step += 1
             step = state.step
