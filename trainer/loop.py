@@ -174,7 +174,7 @@ class Trainer:
         first_bad = torch.zeros((), dtype=torch.float64, device=b.device)
         while state.step < t.max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
-            step_loss = zero.clone()
+            step_loss = None  # this step's loss over its micro-batches
             for micro in range(accum):
                 tw = time.perf_counter()
                 batch = send_to_device(next(self.loader), b.device)
@@ -184,7 +184,7 @@ class Trainer:
                     loss = self.workload.training_loss(self.model, batch) / accum
                     loss = poison("step.loss", loss, step=state.step + 1, rank=b.rank)
                     b.backward(loss)
-                step_loss += loss.detach()
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             norm = b.step(self.model, self.optimizer, t.clip_grad_norm, skip_nonfinite).detach()
             if fp16:  # an overflow is the loss scaler's to skip (and to lower its scale), not ours
                 norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
