@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from data_pipelines.stream import DataError, _is_local, check_readers, resolve_shards
-from trainer.config import ConfigError, load_config, resolve_global_batch
+from trainer.config import ConfigError, load_config, resolve_global_batch, training_splits
 
 Say = Callable[[str, str, str], None]  # (level, check, message)
 OVERHEAD, PER_RANK = 64_000, 32_000  # scheduler and trainer state; RNG and data position per rank
@@ -101,7 +101,7 @@ def check_batch(cfg, world: int, say: Say) -> Optional[int]:
 
 def check_shards(cfg, world: int, global_batch: Optional[int], say: Say) -> None:
     d = cfg.data
-    training = [("data.train.urls", d.train)] + [(f"data.mix.{i}.urls", m) for i, m in enumerate(d.mix)]
+    training = training_splits(d)
     train_keys = {key for key, _ in training}
     total_weight = sum(split.weight for _, split in training)
     splits = training + [(f"data.{s}.urls", getattr(d, s)) for s in ("val", "test") if getattr(d, s).urls]

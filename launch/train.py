@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from data_pipelines.stream import DataError, check_readers, resolve_shards
-from trainer.config import ConfigError, load_config, resolve_global_batch
+from trainer.config import ConfigError, load_config, resolve_global_batch, training_splits
 from trainer.preempt import EXIT_STOPPED, requeue_slurm_job
 
 EXIT_LOST_RANK, EXIT_CHECKPOINT, EXIT_NONFINITE = 4, 5, 6
@@ -46,7 +46,7 @@ def preflight(cfg) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resolve_global_batch(cfg, world)
     d = cfg.data
-    for key, split in [("data.train.urls", d.train)] + [(f"data.mix.{i}.urls", m) for i, m in enumerate(d.mix)]:
+    for key, split in training_splits(d):
         shards = resolve_shards(split.urls, split.manifest, key=key)
         check_readers(len(shards.urls), world, d.num_workers, key=key)
     for split in ("val", "test"):

@@ -295,6 +295,11 @@ def validate(cfg: RunConfig) -> None:
         _check(bool(d.val.urls), "data.val.urls", "trainer.eval_every > 0 needs validation shards")
 
 
+def training_splits(d: DataConfig) -> list[tuple[str, SplitConfig]]:
+    """(config key of its urls, split) of every training source: data.train, then data.mix.<i>."""
+    return [("data.train.urls", d.train)] + [(f"data.mix.{i}.urls", m) for i, m in enumerate(d.mix)]
+
+
 def resolve_global_batch(cfg: RunConfig, world_size: int) -> None:
     """With data.global_batch_size set, derive trainer.grad_accum_steps for `world_size` ranks."""
     d, t = cfg.data, cfg.trainer

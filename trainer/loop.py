@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, resolve_shards,
                                    truncate_ledgers)
 from trainer.checkpoint import Checkpointer, latest, write_json
-from trainer.config import RunConfig, to_yaml
+from trainer.config import RunConfig, to_yaml, training_splits
 from trainer.faults import failpoint, poison
 from trainer.metrics import MetricsLogger, summarize_line
 from trainer.preempt import REASONS, StopAgreement
@@ -94,8 +94,7 @@ class Trainer:
 
         d = cfg.data
         sources = [Source(resolve_shards(split.urls, split.manifest, key=key), split.weight, key)
-                   for key, split in [("data.train.urls", d.train)] +
-                   [(f"data.mix.{i}.urls", m) for i, m in enumerate(d.mix)]]
+                   for key, split in training_splits(d)]
         stream = ShardStream(sources, decode=self.workload.decode, collate=self.workload.collate,
                              batch_size=d.batch_size, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
                              rank=b.rank, world_size=b.world_size, num_workers=d.num_workers,
