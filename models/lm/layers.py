@@ -17,8 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTENTION_KINDS = ("softmax", "linear", "flash", "flash_quad")
+# softmax attention's SDPA kernel (`model.sdpa_backend`); auto lets torch choose per call
+SDPA_BACKENDS = {"auto": None, "math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,7 +71,10 @@ class Rotary(nn.Module):
             inv_freq = self.base ** -(torch.arange(0, self.dim, 2, device=device, dtype=exact) / self.dim)
             angles = torch.outer(torch.arange(length, device=device, dtype=exact), inv_freq)
             angles = torch.cat([angles, angles], -1)
-            cached = self._cache[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+            cached = (angles.cos().to(dtype), angles.sin().to(dtype))
+            if torch.compiler.is_compiling():  # a cache filled inside a traced call fails its guard: a recompile
+                return cached
+            self._cache[key] = cached
         return cached
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -153,11 +160,16 @@ class _MultiHeadBlock(nn.Module):
 
 
 class SoftmaxBlock(_MultiHeadBlock):
-    def __init__(self, dim: int, heads: int, causal: bool, mlp_ratio: int = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, causal: bool, mlp_ratio: int = 4, dropout: float = 0.0,
+                 sdpa_backend: str = "auto"):
         super().__init__(dim, heads, causal, mlp_ratio, dropout)
+        self.sdpa_backend = SDPA_BACKENDS[sdpa_backend]
 
     def mix(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if self.sdpa_backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        with sdpa_kernel(self.sdpa_backend):  # here: activation checkpointing recomputes with the same kernel
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
 
 
 class LinearBlock(_MultiHeadBlock):
@@ -271,9 +283,10 @@ class FlashBlock(nn.Module):
 # ---------------------------------------------------------------- choosing and counting
 
 def make_block(kind: str, *, dim: int, heads: int, causal: bool, chunk_size: int = 256,
-               expansion: int = 2, qk_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.0) -> nn.Module:
+               expansion: int = 2, qk_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.0,
+               sdpa_backend: str = "auto") -> nn.Module:
     if kind == "softmax":
-        return SoftmaxBlock(dim, heads, causal, mlp_ratio=mlp_ratio, dropout=dropout)
+        return SoftmaxBlock(dim, heads, causal, mlp_ratio=mlp_ratio, dropout=dropout, sdpa_backend=sdpa_backend)
     if kind == "linear":
         return LinearBlock(dim, heads, causal, chunk_size=chunk_size, mlp_ratio=mlp_ratio, dropout=dropout)
     if kind in ("flash", "flash_quad"):

@@ -69,6 +69,7 @@ class SDConfig:
     noise_offset: float = 0.0
     ema_decay: float = 0.999  # 0: no EMA
     gradient_checkpointing: bool = False
+    channels_last: bool = False  # the UNet's convolutions in NHWC memory format (weights' shapes unchanged)
     precomputed: bool = False  # shards carry latent.npy (and text.npy) from `make_shards latents`
     # sampling
     sample_steps: int = 25
@@ -107,6 +108,8 @@ class LatentDiffusion(nn.Module):
         self.noise_scheduler = noise_scheduler
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(cfg.train_text_encoder)
+        if cfg.channels_last:  # before the EMA copy, which then samples in the same format
+            self.unet.to(memory_format=torch.channels_last)
         self.ema_unet = None
         if cfg.ema_decay > 0:
             self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
@@ -154,6 +157,8 @@ class LatentDiffusion(nn.Module):
             noise = noise + c.noise_offset * torch.randn(b, latents.shape[1], 1, 1, device=latents.device)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=latents.device)
         noisy = sched.add_noise(latents, noise, t)
+        if c.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         pred = self.unet(noisy, t, states).sample
         per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
@@ -300,6 +305,8 @@ class SDWorkload(Workload):
         return out
 
     # ------------------------------------------------------------------ steps
+    throughput_unit = "images"
+
     def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(batch)
 
