@@ -21,6 +21,9 @@ class Workload:
     # metrics of the held-out split (test, else val) that final_metrics.json also carries
     # under their plain names, e.g. ("map50", "map50_95")
     headline_metrics: ClassVar[tuple[str, ...]] = ()
+    # what train throughput is counted in besides samples ("tokens", "images"; "samples":
+    # nothing more), with units_per_sample() of them in each sample
+    throughput_unit: ClassVar[str] = "samples"
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -41,6 +44,21 @@ class Workload:
     def training_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Scalar loss of one micro-batch; `model` is the backend-wrapped module."""
         raise NotImplementedError
+
+    def units_per_sample(self) -> int:
+        """Tokens (or images) in one training sample, for `perf/<unit>_per_s`."""
+        return 1
+
+    def flops_per_sample(self, batch: Any, batch_size: int) -> float:
+        """Model FLOPs of one training step per sample, for MFU (models/flops.py says how)."""
+        from models.flops import train_flops_per_sample
+
+        return train_flops_per_sample(self, batch, batch_size)
+
+    def flops_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The loss whose forward and backward FLOPs are counted for MFU, run on a meta-device
+        model and batch (models/flops.py); override when the training loss needs host values."""
+        return self.training_loss(model, batch)
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Additive statistics of one eval batch (summed over batches and ranks)."""

@@ -69,6 +69,9 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.1
+    # torch AdamW's implementation: auto (torch picks: foreach on GPUs, a for-loop on CPU)
+    # | for-loop | foreach | fused (benchmarks/RESULTS.md: speed_features)
+    impl: str = "auto"
 
 
 @dataclass(kw_only=True)
@@ -118,6 +121,13 @@ class TrainerConfig:
     # this many seconds before it: room for the last steps and a checkpoint
     end_margin_s: float = 300.0
     requeue: bool = True  # after a SIGUSR1 or time-limit stop under SLURM, `scontrol requeue`
+    # MFU's denominator, TFLOP/s of one rank's device; 0 = the data sheet of a known GPU
+    # (A100, H100, H200) at the run's precision, or a matmul probe on a CPU (models/flops.py)
+    peak_tflops: float = 0.0
+    # [first, last]: a torch.profiler trace of these steps, per rank, in run.dir/profile
+    # (TensorBoard with torch-tb-profiler, or ui.perfetto.dev); [] = off
+    profile_steps: list[int] = field(default_factory=list)
+    compile: bool = False  # torch.compile the model before wrapping (compiles at the first steps)
 
 
 @dataclass(kw_only=True)
@@ -277,6 +287,12 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= o.warmup_steps < t.max_steps, "optim.warmup_steps",
            f"must be in [0, trainer.max_steps={t.max_steps})")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(o.impl in ("auto", "for-loop", "foreach", "fused"), "optim.impl",
+           f"'{o.impl}' is not auto, for-loop, foreach or fused")
+    _check(t.peak_tflops >= 0, "trainer.peak_tflops", "must be >= 0 (0 = known GPU or CPU probe)")
+    p = t.profile_steps
+    _check(not p or (len(p) == 2 and 1 <= p[0] <= p[1]), "trainer.profile_steps",
+           f"{list(p)} is not [] or [first, last] with 1 <= first <= last")
     _check(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
     _check(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
     _check(bool(d.train.urls), "data.train.urls", "no training shards given")

@@ -25,12 +25,14 @@ from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batch
                                    truncate_ledgers)
 from trainer.checkpoint import Checkpointer, latest, write_json
 from trainer.config import RunConfig, to_yaml, training_splits
+from models.flops import peak_tflops
 from trainer.faults import failpoint, poison
 from trainer.metrics import MetricsLogger, summarize_line
 from trainer.preempt import REASONS, StopAgreement
 
 
 SKIP_KINDS = ("bad_samples", "missing_key", "bad_shards", "missing_shards")
+_no_label = contextlib.nullcontext  # torch.profiler.record_function while a profile runs
 
 
 class NonFiniteError(RuntimeError):
@@ -60,7 +62,25 @@ def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr,
-                             betas=(o.beta1, o.beta2), eps=o.eps)
+                             betas=(o.beta1, o.beta2), eps=o.eps, **optimizer_impl(o.impl))
+
+
+def optimizer_impl(impl: str) -> dict:
+    """torch AdamW's foreach/fused flags for `optim.impl` (None: torch decides)."""
+    return {"foreach": {"foreach": True}.get(impl, False if impl == "for-loop" else None),
+            "fused": True if impl == "fused" else None}
+
+
+def build_loader(cfg: RunConfig, workload, rank: int, world_size: int, ledger: Path | None = None) -> StreamLoader:
+    """This rank's training batches from every training source of the recipe."""
+    d = cfg.data
+    sources = [Source(resolve_shards(split.urls, split.manifest, key=key), split.weight, key)
+               for key, split in training_splits(d)]
+    stream = ShardStream(sources, decode=workload.decode, collate=workload.collate,
+                         batch_size=d.batch_size, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
+                         rank=rank, world_size=world_size, num_workers=d.num_workers,
+                         on_error=d.on_error, resampled=d.resampled, with_keys=d.key_ledger)
+    return StreamLoader(stream, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, ledger=ledger)
 
 
 @dataclass
@@ -85,6 +105,8 @@ class Trainer:
         cfg, b, t = self.cfg, self.backend, self.cfg.trainer
         seed_all(t.seed)  # identical initial weights on every rank
         model = self.workload.build_model().to(b.device)
+        if t.compile:
+            model.compile()  # in place: the state_dict keys stay those of the plain model
         optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
             lr_factor, warmup=cfg.optim.warmup_steps, total=t.max_steps,
@@ -92,19 +114,11 @@ class Trainer:
         self.model, self.optimizer = b.prepare(model, optimizer)
         seed_all(t.seed + 1000 * b.rank)  # per-rank randomness (dropout, noise)
 
-        d = cfg.data
-        sources = [Source(resolve_shards(split.urls, split.manifest, key=key), split.weight, key)
-                   for key, split in training_splits(d)]
-        stream = ShardStream(sources, decode=self.workload.decode, collate=self.workload.collate,
-                             batch_size=d.batch_size, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
-                             rank=b.rank, world_size=b.world_size, num_workers=d.num_workers,
-                             on_error=d.on_error, resampled=d.resampled, with_keys=d.key_ledger)
         ledger = None
-        if d.key_ledger:
+        if cfg.data.key_ledger:
             (self.run_dir / "ledger").mkdir(parents=True, exist_ok=True)
             ledger = self.run_dir / "ledger" / f"rank{b.rank}.jsonl"
-        self.loader = StreamLoader(stream, num_workers=d.num_workers,
-                                   prefetch_factor=d.prefetch_factor, ledger=ledger)
+        self.loader = build_loader(cfg, self.workload, b.rank, b.world_size, ledger=ledger)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", b, t.keep_last_k)
 
     def _resume(self) -> TrainState:
@@ -115,6 +129,8 @@ class Trainer:
             trainer_state, data_states = self.checkpointer.load(
                 path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             state = TrainState(**trainer_state)
+            for group in self.optimizer.param_groups:  # the checkpoint's flags are the old run's
+                group.update(optimizer_impl(self.cfg.optim.impl))
             self.resume_mode = self.loader.load_state_dict(data_states)
             if self.resume_mode == "elastic":
                 old = data_states[0]
@@ -146,6 +162,12 @@ class Trainer:
         if state.step >= t.max_steps:  # finished before: report again, log nothing new
             self.log.enabled = False
 
+        # MFU's denominator (every rank at once: a CPU probe then shares the cores as training does)
+        self.peak, peak_source = peak_tflops(b.device, t.mixed_precision, t.peak_tflops)
+        self.flops_per_sample: float | None = None
+        if state.step < t.max_steps:
+            self.log.text(f"MFU against {self.peak} TFLOP/s per rank ({peak_source})" if self.peak
+                          else f"perf/mfu is not logged: {peak_source}")
         session_start = time.perf_counter()
         self.model.train()
         net = b.unwrap(self.model)  # for the workload's per-step hook
@@ -163,34 +185,58 @@ class Trainer:
         cfg, t, b = self.cfg, self.cfg.trainer, self.backend
         accum = t.grad_accum_steps
         samples_per_step = cfg.data.batch_size * accum * b.world_size
-        zero = torch.zeros((), device=b.device)
-        loss_sum, gnorm_sum = zero.clone(), zero.clone()
-        window_steps, kept, data_wait, skips_in_a_row = 0, 0, 0.0, 0
+        # the window's losses and measured grad norms stay on the device, unreduced, until
+        # the log step (no host sync, no tensor op per step); halt looks at them there, and
+        # before anything is evaluated or saved
+        losses: list[torch.Tensor] = []
+        loss_steps: list[int] = []
+        norms: list[torch.Tensor] = []
+        window_steps, data_wait, skips_in_a_row = 0, 0.0, 0
         window_start = time.perf_counter()
         skip_nonfinite, fp16 = t.nonfinite == "skip", t.mixed_precision == "fp16"
-        # halt: the first step whose loss was NaN/Inf on this rank (0: none), kept on the
-        # device (no sync) and looked at with the log reduce, before anything is saved
-        first_bad = torch.zeros((), dtype=torch.float64, device=b.device)
+        profiler, label = None, _no_label
         while state.step < t.max_steps:
+            if t.profile_steps and t.profile_steps[0] <= state.step + 1 <= t.profile_steps[1] and profiler is None:
+                profiler, label = self._start_profiler(), torch.profiler.record_function
+            if profiler:  # a step marker, as profiler.step() would write with a schedule
+                step_mark = label(f"ProfilerStep#{state.step + 1}")
+                step_mark.__enter__()
             lr = self.optimizer.param_groups[0]["lr"]
             step_loss = None  # this step's loss over its micro-batches
             for micro in range(accum):
                 tw = time.perf_counter()
-                batch = send_to_device(next(self.loader), b.device)
+                with label("data"):
+                    batch = send_to_device(next(self.loader), b.device)
                 data_wait += time.perf_counter() - tw
+                if self.flops_per_sample is None and b.is_main:
+                    window_start += self._count_flops(batch)  # once; not counted as training time
                 sync = contextlib.nullcontext() if micro == accum - 1 else b.no_sync(self.model)
                 with sync:
-                    loss = self.workload.training_loss(self.model, batch) / accum
-                    loss = poison("step.loss", loss, step=state.step + 1, rank=b.rank)
-                    b.backward(loss)
+                    with label("forward"):
+                        loss = self.workload.training_loss(self.model, batch)
+                        if accum > 1:
+                            loss = loss / accum
+                        loss = poison("step.loss", loss, step=state.step + 1, rank=b.rank)
+                    with label("backward"):
+                        b.backward(loss)
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-            norm = b.step(self.model, self.optimizer, t.clip_grad_norm, skip_nonfinite).detach()
-            if fp16:  # an overflow is the loss scaler's to skip (and to lower its scale), not ours
+            # without clipping the norm is measured for the log only: at log steps (and every
+            # step under skip, which decides by it)
+            nxt = state.step + 1
+            measure = t.clip_grad_norm > 0 or skip_nonfinite or nxt % t.log_every == 0 or nxt == t.max_steps
+            with label("optimizer"):
+                norm = b.step(self.model, self.optimizer, t.clip_grad_norm, skip_nonfinite, measure)
+            if norm is not None and fp16:  # an overflow is the loss scaler's to skip, not ours
                 norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
             self.scheduler.step()
             state.step += 1
             step = state.step
             failpoint("step.end", step=step, rank=b.rank)
+            if profiler:
+                step_mark.__exit__(None, None, None)
+                if step == t.profile_steps[1] or step == t.max_steps:
+                    self._stop_profiler(profiler)
+                    profiler, label = False, _no_label  # False: done for this session
             self.workload.on_step_end(net, step)
             window_steps += 1
             if skip_nonfinite and not torch.isfinite(norm):  # the norm is global: all ranks agree
@@ -204,11 +250,10 @@ class Trainer:
                                          f"{self._kept_checkpoint()}")
             else:
                 skips_in_a_row = 0
-                kept += 1
-                loss_sum += step_loss
-                gnorm_sum += norm
-                if not skip_nonfinite:
-                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), step, first_bad)
+                losses.append(step_loss)
+                loss_steps.append(step)
+                if norm is not None:
+                    norms.append(norm.detach())
 
             stop = False
             log_step = step % t.log_every == 0 or step == t.max_steps
@@ -216,28 +261,30 @@ class Trainer:
                 now = time.perf_counter()
                 elapsed = now - window_start
                 skips = self.loader.stats()
-                local = torch.cat([self._slot(first_bad), torch.stack([loss_sum, gnorm_sum]).double(), torch.tensor(
+                local = torch.cat([self._window_sums(losses, norms), torch.tensor(
                     [float(skips.get(k, 0)) for k in SKIP_KINDS], dtype=torch.float64, device=b.device)])
                 totals = b.reduce_sum(local).tolist()
                 w = b.world_size
-                self._halt_if_nonfinite(totals[:w], totals[w + 1], step - window_steps + 1, step)
-                kept_div = w * max(kept, 1)
-                record = {"train/loss": totals[w] / kept_div,
+                if not skip_nonfinite:
+                    self._halt_if_nonfinite(totals[0], totals[1], losses, loss_steps, step - window_steps + 1, step)
+                samples_per_s = window_steps * samples_per_step / elapsed
+                record = {"train/loss": totals[0] / (w * max(len(losses), 1)),
                           "train/lr": lr,
-                          "train/grad_norm": totals[w + 1] / kept_div,
-                          "train/samples_per_s": window_steps * samples_per_step / elapsed,
+                          "train/grad_norm": totals[1] / (w * max(len(norms), 1)),
+                          "train/samples_per_s": samples_per_s,
                           "train/data_wait_frac": data_wait / elapsed,
                           "train/samples_seen": self.loader.samples_seen}
-                record.update({f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, totals[w + 2:]) if v})
-                if not kept:  # every step of the window skipped: no loss to show
+                record.update(self._perf(samples_per_s))
+                record.update({f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, totals[2:]) if v})
+                if not losses:  # every step of the window skipped: no loss to show
                     del record["train/loss"], record["train/grad_norm"]
                 if state.skipped_nonfinite:
                     record["train/skipped_nonfinite"] = state.skipped_nonfinite
                 if self.loader.epoch is not None:
                     record["train/epoch"] = self.loader.epoch
                 self.log.log(step, record, bar_keys=("train/loss", "train/lr", "train/samples_per_s"))
-                loss_sum.zero_(), gnorm_sum.zero_(), first_bad.zero_()
-                window_steps, kept, data_wait, window_start = 0, 0, 0.0, now
+                losses, loss_steps, norms = [], [], []
+                window_steps, data_wait, window_start = 0, 0.0, now
                 if t.max_time > 0:  # agreed by all ranks, at a log step
                     over = state.train_time_s + (now - session_start) >= t.max_time
                     stop = b.reduce_sum(torch.tensor(float(over), device=b.device)).item() > 0
@@ -248,10 +295,10 @@ class Trainer:
             samples = t.sample_every and step % t.sample_every == 0
             saves = t.checkpoint_every and step % t.checkpoint_every == 0
             reason = self.stopper.poll(step)  # a signal or the job's end: all ranks, same step
-            if not log_step and (evals or samples or saves or reason):
+            if not log_step and not skip_nonfinite and (evals or samples or saves or reason):
                 # nothing of this window's weights is evaluated, shown or saved unchecked
-                totals = b.reduce_sum(torch.cat([self._slot(first_bad), gnorm_sum.double().view(1)])).tolist()
-                self._halt_if_nonfinite(totals[:-1], totals[-1], step - window_steps + 1, step)
+                totals = b.reduce_sum(self._window_sums(losses, norms)).tolist()
+                self._halt_if_nonfinite(totals[0], totals[1], losses, loss_steps, step - window_steps + 1, step)
             if evals:
                 self._eval_and_keep_best(state)
             if samples:
@@ -272,25 +319,81 @@ class Trainer:
             window_start += time.perf_counter() - hangers_on  # throughput counts steps only
         return 0, last_saved
 
+    # ---------------------------------------------------------------- speed
+    def _count_flops(self, batch) -> float:
+        """Model FLOPs per sample from the first batch (models/flops.py); seconds it took."""
+        t0 = time.perf_counter()
+        try:
+            self.flops_per_sample = float(self.workload.flops_per_sample(batch, self.cfg.data.batch_size))
+        except Exception as exc:  # noqa: BLE001 - MFU is a gauge; a model it cannot count still trains
+            self.flops_per_sample = 0.0
+            self.log.text(f"perf/mfu is not logged: the model's FLOPs could not be counted on the "
+                          f"meta device ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        return time.perf_counter() - t0
+
+    def _perf(self, samples_per_s: float) -> dict[str, float]:
+        """Throughput in the workload's unit, achieved TFLOP/s per rank and MFU (rank 0)."""
+        out = {}
+        unit = self.workload.throughput_unit
+        if unit != "samples":
+            out[f"perf/{unit}_per_s"] = samples_per_s * self.workload.units_per_sample()
+        if self.flops_per_sample:
+            tflops = self.flops_per_sample * samples_per_s / self.backend.world_size / 1e12
+            out["perf/tflops_per_rank"] = tflops
+            if self.peak:
+                out["perf/mfu"] = tflops / self.peak
+        return out
+
+    def _start_profiler(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.backend.device.type == "cuda" else [])
+        profiler = profile(activities=activities, record_shapes=True, profile_memory=True)
+        profiler.start()
+        return profiler
+
+    def _stop_profiler(self, profiler) -> None:
+        """The trace (Chrome format, as TensorBoard's profiler plugin names it) and a table."""
+        profiler.stop()
+        first, last = self.cfg.trainer.profile_steps[0], self.state.step
+        out = self.run_dir / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"rank{self.backend.rank}.steps{first}-{last}"
+        profiler.export_chrome_trace(str(out / f"{name}.pt.trace.json"))
+        by = "self_cuda_time_total" if self.backend.device.type == "cuda" else "self_cpu_time_total"
+        (out / f"{name}.txt").write_text(profiler.key_averages().table(sort_by=by, row_limit=30))
+        self.log.text(f"profile of steps {first}-{last}: {out}/{name}.pt.trace.json")
+
     def _kept_checkpoint(self) -> str:
         kept = latest(self.checkpointer.root) if self.backend.is_main else None
         return (f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written") + \
             " and nothing after it is saved"
 
-    def _slot(self, value: torch.Tensor) -> torch.Tensor:
-        """A world-sized vector holding `value` at this rank's index: summed, it says who."""
-        out = torch.zeros(self.backend.world_size, dtype=torch.float64, device=value.device)
-        out[self.backend.rank] = value
+    def _window_sums(self, losses: list, norms: list) -> torch.Tensor:
+        """[loss sum, grad norm sum] of this rank's window, float64 on the device. A NaN or
+        Inf loss anywhere makes the sum non-finite, so the sums say whether to look closer."""
+        out = torch.zeros(2, dtype=torch.float64, device=self.backend.device)
+        if losses:
+            out[0] = torch.stack(losses).sum(dtype=torch.float64)
+        if norms:
+            out[1] = torch.stack(norms).sum(dtype=torch.float64)
         return out
 
-    def _halt_if_nonfinite(self, first_bad: list[float], gnorm_sum: float, first: int, last: int) -> None:
-        """Stop every rank (same reduced numbers, same verdict) before poisoned weights are kept."""
-        bad = {r: int(s) for r, s in enumerate(first_bad) if s}
-        if not bad and math.isfinite(gnorm_sum):
+    def _halt_if_nonfinite(self, loss_sum: float, gnorm_sum: float, losses: list, loss_steps: list[int],
+                           first: int, last: int) -> None:
+        """Stop every rank (same reduced sums, same verdict) before poisoned weights are kept;
+        collective when it stops: the ranks then agree on who saw the first bad loss."""
+        if math.isfinite(loss_sum) and math.isfinite(gnorm_sum):
             return
-        if bad:
-            at = min(bad.values())
-            where = f"loss at step {at} on rank(s) {[r for r, s in bad.items() if s == at]}"
+        b = self.backend
+        slots = torch.zeros(b.world_size, dtype=torch.float64, device=b.device)  # summed: who, when
+        if losses:
+            bad = [s for s, v in zip(loss_steps, torch.stack(losses).tolist()) if not math.isfinite(v)]
+            slots[b.rank] = bad[0] if bad else 0
+        found = {r: int(s) for r, s in enumerate(b.reduce_sum(slots).tolist()) if s}
+        if found:
+            at = min(found.values())
+            where = f"loss at step {at} on rank(s) {[r for r, s in found.items() if s == at]}"
         else:
             where = "grad norm in steps " + (f"{first}-{last}" if first < last else str(last))
         raise NonFiniteError(f"non-finite {where} (caught at step {last}, trainer.nonfinite=halt); "

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
+
 import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> torch.Tensor:
@@ -65,8 +68,10 @@ class MetricsLogger:
             return
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        for k, v in values.items():
-            self.tb.add_scalar(k, v, step)
+        # one event holding every scalar: SummaryWriter.add_scalar costs ~0.15 ms per
+        # value (a 10-value log every 10 steps was 10% of a 1.5 ms step); readers see the same
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+        self.tb._get_file_writer().add_summary(summary, step, time.time())
         if self.bar is not None and bar_keys:
             self.bar.set_postfix({k.split("/")[-1]: f"{values[k]:.4g}" for k in bar_keys if k in values},
                                  refresh=False)

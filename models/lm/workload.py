@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.base import Workload
-from models.lm.layers import ATTENTION_KINDS, attention_flops_per_token, make_block
+from models.lm.layers import ATTENTION_KINDS, SDPA_BACKENDS, attention_flops_per_token, make_block
 from models.registry import register
 
 MASK = 256
@@ -46,6 +46,7 @@ class LMConfig:
     mask_span: float = 3.0  # masked objective: mean span length (geometric)
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile the model (GPU runs; slow to start on CPU)
+    sdpa_backend: str = "auto"  # softmax attention's kernel: auto (torch chooses) | math | flash | efficient | cudnn
     sample_prompt: str = "def "  # causal text samples continue this prompt
     sample_bytes: int = 200
 
@@ -61,7 +62,7 @@ class ByteLM(nn.Module):
         self.blocks = nn.ModuleList([
             make_block(cfg.attention, dim=cfg.dim, heads=cfg.heads, causal=cfg.objective == "causal",
                        chunk_size=chunk, expansion=cfg.expansion, qk_dim=cfg.qk_dim,
-                       mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
+                       mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, sdpa_backend=cfg.sdpa_backend)
             for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, VOCAB, bias=False)
@@ -106,6 +107,8 @@ class LMWorkload(Workload):
             raise ValueError(f"model.attention '{cfg.attention}' is not one of {ATTENTION_KINDS}")
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"model.objective '{cfg.objective}' is not one of {OBJECTIVES}")
+        if cfg.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"model.sdpa_backend '{cfg.sdpa_backend}' is not one of {tuple(SDPA_BACKENDS)}")
         super().__init__(cfg)
 
     def build_model(self) -> nn.Module:
@@ -137,6 +140,16 @@ class LMWorkload(Workload):
         return {"tokens": tokens, "seed": torch.tensor(zlib.crc32(sample["__key__"].encode()))}
 
     # ------------------------------------------------------------------ objectives
+    def _logits(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        try:
+            return model(inputs)
+        except RuntimeError as exc:  # eager or from torch.compile's tracing: the same words
+            if self.cfg.sdpa_backend == "auto" or "No viable backend" not in str(exc):
+                raise
+            raise RuntimeError(f"model.sdpa_backend={self.cfg.sdpa_backend}: torch {torch.__version__} has no "
+                               f"{self.cfg.sdpa_backend} attention kernel for this model on {inputs.device.type} "
+                               f"(device, dtype and head size decide); use auto or math") from exc
+
     def _masked_inputs(self, tokens: torch.Tensor, seeds: Optional[torch.Tensor]):
         x = tokens[:, :-1]
         c = self.cfg
@@ -154,13 +167,24 @@ class LMWorkload(Workload):
         """Summed NLL (nats) over predicted bytes, and how many bytes were predicted."""
         tokens = batch["tokens"]
         if self.cfg.objective == "causal":
-            logits = model(tokens[:, :-1])
+            logits = self._logits(model, tokens[:, :-1])
             nll = F.cross_entropy(logits.float().reshape(-1, VOCAB), tokens[:, 1:].reshape(-1), reduction="sum")
             return nll, tokens[:, 1:].numel()  # a host number: no device tensor per step
         inputs, targets, mask = self._masked_inputs(tokens, batch["seed"] if fixed_masks else None)
-        logits = model(inputs)
+        logits = self._logits(model, inputs)
         nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")  # hidden bytes only
         return nll, mask.sum().float()
+
+    throughput_unit = "tokens"
+
+    def units_per_sample(self) -> int:
+        return self.cfg.seq_len
+
+    def flops_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        # the masked objective picks hidden bytes by value (host-side on the meta device);
+        # the loss itself is elementwise, so the forward over the window is what counts
+        tokens = batch["tokens"]
+        return model(tokens[:, :-1] if self.cfg.objective == "causal" else tokens).float().sum()
 
     def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         nll, count = self._nll(model, batch, fixed_masks=False)

@@ -79,6 +79,8 @@ class VAEWorkload(Workload):
     def decode(self, sample: dict) -> torch.Tensor:
         return image_tensor(sample, self.cfg.image_size)
 
+    throughput_unit = "images"
+
     def training_loss(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         recon, posterior, _ = model(images)
         kl = posterior.kl().mean() / images[0].numel()  # per pixel, like the MSE

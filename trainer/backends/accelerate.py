@@ -65,28 +65,48 @@ class AccelerateBackend:
         self.device = torch.device("cpu") if device.type == "cpu" else device
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        return self.accelerator.prepare(model, optimizer)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.world_size == 1 and isinstance(model, nn.parallel.DistributedDataParallel):
+            # a launcher's group of one makes Accelerate wrap DDP anyway, whose buffer
+            # broadcast and gradient buckets cost ~1 ms a step for nothing; the inner
+            # module keeps Accelerate's autocast forward
+            model = model.module
+        return model, optimizer
 
     def no_sync(self, model: nn.Module):
         return self.accelerator.no_sync(model) if self.world_size > 1 else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        if self.accelerator.scaler is None:
+            loss.backward()  # what accelerator.backward does here, less a division by 1 (we accumulate)
+        else:
+            self.accelerator.backward(loss)  # fp16: the loss scaler's
 
     def step(self, model: nn.Module, optimizer: Any, max_norm: float,
-             skip_nonfinite: bool = False) -> torch.Tensor:
-        """Clip (max_norm 0: measure only), step, zero; the global norm before clipping.
+             skip_nonfinite: bool = False, measure: bool = True) -> Optional[torch.Tensor]:
+        """Clip to max_norm (0: no clipping), step, zero; the global norm before clipping,
+        or None when there is no clipping and no `measure` (a norm costs a pass over the grads).
 
         skip_nonfinite: leave the weights and optimizer state alone when the norm is NaN or
         Inf (one host sync). The norm is global, so every rank makes the same choice. Under
         fp16 the grad scaler already skips such steps and lowers its scale: it is left to it.
         """
-        limit = max_norm if max_norm > 0 else float("inf")
-        norm = self.accelerator.clip_grad_norm_(model.parameters(), limit)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
+        norm = None
+        if max_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        elif measure or skip_nonfinite:
+            self.accelerator.unscale_gradients()  # fp16: the norm of the true gradients
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if norm is not None:
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
+            norm = norm.detach()
+        # Accelerate's optimizer wrapper looks for an optional package and inspects a
+        # signature on every call (~0.5 ms a step on a CPU); without a grad scaler it does
+        # nothing else for us (we never use its accumulation), so step the torch optimizer
+        inner = optimizer.optimizer if self.accelerator.scaler is None else optimizer
         if not (skip_nonfinite and self.accelerator.scaler is None and not torch.isfinite(norm)):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            inner.step()
+        inner.zero_grad(set_to_none=True)
         return norm
 
     def unwrap(self, model: nn.Module) -> nn.Module:

@@ -196,12 +196,15 @@ class DeepSpeedBackend:
             self.engine.step()  # not a boundary: the engine only counts
 
     def step(self, model: nn.Module, optimizer: Any, max_norm: float,
-             skip_nonfinite: bool = False) -> torch.Tensor:
-        """Optimizer step at the boundary (clipping is the engine's); the global grad norm."""
+             skip_nonfinite: bool = False, measure: bool = True) -> torch.Tensor:
+        """Optimizer step at the boundary (clipping is the engine's); the global grad norm
+        (the engine computes it every step anyway, so `measure` changes nothing)."""
         self.engine.step()
         self._pending = 0
-        norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float(norm) if norm is not None else float("nan"), device=self.device)
+        norm = self.engine.get_global_grad_norm()  # a tensor or a float, by stage and version
+        if isinstance(norm, torch.Tensor):
+            return norm.detach().reshape(()).to(self.device)  # no host sync
+        return torch.tensor(float(norm) if norm is not None else float("nan"), device=self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if hasattr(model, "module") else model
@@ -359,8 +362,10 @@ class AccelerateDeepSpeedBackend(DeepSpeedBackend):
     def step(self, model: nn.Module, optimizer: Any, max_norm: float,
              skip_nonfinite: bool = False) -> torch.Tensor:
         self._pending = 0  # the engine stepped (and clipped) inside backward
-        norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float(norm) if norm is not None else float("nan"), device=self.device)
+        norm = self.engine.get_global_grad_norm()  # a tensor or a float, by stage and version
+        if isinstance(norm, torch.Tensor):
+            return norm.detach().reshape(()).to(self.device)  # no host sync
+        return torch.tensor(float(norm) if norm is not None else float("nan"), device=self.device)
 
     def end(self) -> None:
         self.accelerator.end_training()
