@@ -61,7 +61,7 @@ def _config(recipe: str, backend: str, run_dir: Path, steps: int):
     cfg = load_config(ROOT / RECIPES[recipe], [
         f"run.dir={run_dir}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
         "trainer.sample_every=0", "trainer.checkpoint_every=0", f"trainer.backend={backend}",
-        "trainer.deepspeed.zero_stage=2"])
+        "trainer.deepspeed.zero_stage=2", f"optim.warmup_steps={min(10, steps // 2)}"])
     cfg.trainer.log_every = type(cfg.trainer)().log_every  # the trainer's default interval
     for split in (cfg.data.val, cfg.data.test):  # no eval at the end either
         split.urls = ""

@@ -332,6 +332,7 @@ def test_datasets_shards_train_the_smoke_model(tmp_path, cpu_env):
     assert final["test/count"] == 60
 
 
+@pytest.mark.drill  # make test trains on converted shards in the test above (CI time)
 def test_img2dataset_layouts_train_the_smoke_model(tmp_path, cpu_env):
     write_webdataset_layout(tmp_path / "train", [100, 100, 100])        # output_format=webdataset
     write_files_layout(tmp_path / "val_files", 60, start=300)          # output_format=files

@@ -58,6 +58,7 @@ def finish(procs, logs, timeout=300):
     return codes, [open(f).read() for f in logs]
 
 
+@pytest.mark.drill  # make test: two torchrun nodes below; this one in make drills (CI time)
 def test_accelerate_two_nodes_stop_on_usr1_and_resume(tmp_path, digits_dir, cpu_env, two_nodes,
                                                       smoke_reference):
     run_dir = tmp_path / "run"

@@ -150,3 +150,19 @@ def test_windows_hold_one_log_step_each():
     from benchmarks.overhead import windows
 
     assert windows([1.0] * 5 + [2.0] * 20 + [9.0] * 3, warmup=5, width=10) == [2.0, 2.0]
+
+
+@pytest.mark.drill  # compiling takes tens of seconds on a CPU
+def test_trainer_compile_takes_the_same_steps(tmp_path, digits_dir, cpu_env):
+    def losses(name, *more):
+        run_dir = tmp_path / name
+        cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/autoregressive/made.yaml"),
+               f"run.dir={run_dir}", f"data.train.urls={digits_dir}/train", f"data.val.urls={digits_dir}/val",
+               f"data.test.urls={digits_dir}/test", "model.hidden=[32]", "trainer.progress_bar=false",
+               "trainer.max_steps=6", "trainer.log_every=1", "optim.warmup_steps=2", "trainer.eval_every=0", *more]
+        out = subprocess.run(cmd, cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+    eager, compiled = losses("eager"), losses("compiled", "trainer.compile=true")
+    assert len(eager) == 6 and compiled == pytest.approx(eager, rel=1e-4)

@@ -193,6 +193,7 @@ def run(cmd, env):
     return out.stdout + out.stderr
 
 
+@pytest.mark.drill  # 37 s; make test trains the SD step in the tests above (CI time)
 def test_finetune_from_local_folder_resumes_exactly_and_exports(tmp_path, shapes_dir, pretrained_dir, cpu_env):
     """The fine-tune recipe on a tiny local SD folder, 2 CPU ranks: SIGKILL after a
     checkpoint and resume gives the same losses and the same EMA UNet as an unbroken run;

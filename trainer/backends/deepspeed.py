@@ -360,7 +360,7 @@ class AccelerateDeepSpeedBackend(DeepSpeedBackend):
         self.accelerator.backward(loss, scale_wrt_gas=False)
 
     def step(self, model: nn.Module, optimizer: Any, max_norm: float,
-             skip_nonfinite: bool = False) -> torch.Tensor:
+             skip_nonfinite: bool = False, measure: bool = True) -> torch.Tensor:
         self._pending = 0  # the engine stepped (and clipped) inside backward
         norm = self.engine.get_global_grad_norm()  # a tensor or a float, by stage and version
         if isinstance(norm, torch.Tensor):
