@@ -72,7 +72,7 @@ train-oad: data-oad
 
 # the suite without the long drills (under 15 minutes on 2 cores); `make drills` runs those
 test: venv
-	$(PY) -m pytest -q -m "not drill" tests
+	$(PY) -m pytest -q -m "not drill" --durations=25 tests
 
 # every long drill: the fault drills at full strength (tests/drills/README.md), then the rest
 drills: fault-drills
