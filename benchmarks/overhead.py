@@ -55,14 +55,14 @@ WARMUP = {"made": 100, "lm": 10}
 
 
 # ---------------------------------------------------------------- the worker (one rank)
-def _config(recipe: str, backend: str, run_dir: Path, steps: int):
+def _config(recipe: str, backend: str, run_dir: Path, steps: int, log_every: int = 0):
     from trainer.config import load_config
 
     cfg = load_config(ROOT / RECIPES[recipe], [
         f"run.dir={run_dir}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
         "trainer.sample_every=0", "trainer.checkpoint_every=0", f"trainer.backend={backend}",
         "trainer.deepspeed.zero_stage=2", f"optim.warmup_steps={min(10, steps // 2)}"])
-    cfg.trainer.log_every = type(cfg.trainer)().log_every  # the trainer's default interval
+    cfg.trainer.log_every = log_every or type(cfg.trainer)().log_every  # default: the trainer's default
     for split in (cfg.data.val, cfg.data.test):  # no eval at the end either
         split.urls = ""
     return cfg
@@ -209,11 +209,11 @@ def worker(args) -> None:
         dist.init_process_group("nccl" if _device().type == "cuda" else "gloo")
     rank = dist.get_rank()
     steps = STEPS[args.recipe][1 if args.quick else 0]
-    width = TrainerConfig().log_every
+    width = args.log_every if 0 < args.log_every <= 100 else TrainerConfig().log_every  # a log step per window
     ours_w: list[float] = []
     bare_w: list[float] = []
     for r in range(args.rounds):
-        cfg = _config(args.recipe, args.backend, Path(args.scratch) / f"round{r}", steps)
+        cfg = _config(args.recipe, args.backend, Path(args.scratch) / f"round{r}", steps, args.log_every)
         dist.barrier()
         ours, bare = paired_run(cfg, args.backend, args.data)
         ours_w += windows(ours, WARMUP[args.recipe], width)
@@ -234,12 +234,12 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_one(recipe: str, backend: str, nproc: int, rounds: int, quick: bool, data: str) -> dict:
+def run_one(recipe: str, backend: str, nproc: int, rounds: int, quick: bool, data: str, log_every: int = 0) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="tributary-overhead-"))
     out = scratch / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "benchmarks.overhead", "--worker", "--recipe", recipe, "--backend", backend,
-           "--rounds", str(rounds), "--data", data, "--scratch", str(scratch), "--out", str(out)] + (["--quick"] if quick else [])
+           "--rounds", str(rounds), "--data", data, "--log-every", str(log_every), "--scratch", str(scratch), "--out", str(out)] + (["--quick"] if quick else [])
     env = dict(os.environ, ACCELERATE_USE_CPU=os.environ.get("ACCELERATE_USE_CPU", "0" if _has_cuda() else "1"),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc))))
     t0 = time.perf_counter()
@@ -267,6 +267,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=0, help="fresh runs per configuration (default 2; quick 1)")
     p.add_argument("--data", choices=("memory", "stream"), default="memory",
                    help="batches cycled from memory (default) or the recipe's stream")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="the trainer's log interval (default: TrainerConfig's default, 10)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
@@ -280,7 +282,7 @@ def main(argv=None) -> None:
     for recipe in args.recipes.split(","):
         for backend in args.backends.split(","):
             for nproc in (int(n) for n in args.nprocs.split(",")):
-                row = run_one(recipe, backend, nproc, rounds, args.quick, args.data)
+                row = run_one(recipe, backend, nproc, rounds, args.quick, args.data, args.log_every)
                 print(json.dumps(row), flush=True)
                 ratios.setdefault(backend, []).append(row["ratio"])
     print(json.dumps({f"ratio_{b}": max(r) for b, r in ratios.items()}))
