@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer.metrics import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 # name: (recipe, steps, log_every, extra overrides); the data each needs comes from `make data*`
 RECIPES = {
@@ -56,8 +58,7 @@ def run(name: str, scale: float) -> dict:
     try:
         if out.returncode != 0:
             return {"recipe": name, "error": out.stderr.strip().splitlines()[-1][:300]}
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        windows = [r for r in records if "train/samples_per_s" in r][1:]  # the first holds warm-up
+        windows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/samples_per_s" in r][1:]  # the first holds warm-up
         peak = re.search(r"MFU against (\S+) TFLOP/s per rank \((.*)\)\s*$", out.stdout, re.M)
         row = {"recipe": name, "config": recipe + (" " + " ".join(extra) if extra else ""), "steps": steps,
                "peak_tflops": float(peak.group(1)) if peak else None, "peak_from": peak.group(2) if peak else None}

@@ -47,6 +47,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer.metrics import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"made": "configs/autoregressive/made.yaml", "lm": "configs/lm/causal_1k.yaml"}
 # steps (full, quick), log interval and warm-up windows skipped: the MADE step is ~10-25 ms,
@@ -86,8 +88,7 @@ def launch(recipe: str, ranks: int, threads: int, variant: str, steps: int, run_
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)}\nfailed ({done.returncode}):\n{done.stderr[-3000:]}")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "train/samples_per_s" in r]
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/samples_per_s" in r]
 
 
 def measure(recipe: str, ranks: int, threads: int, variant: str, quick: bool) -> dict:

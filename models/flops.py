@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.flop_counter import FlopCounterMode
 
 # dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets
@@ -36,16 +37,6 @@ GPU_PEAK_TFLOPS = {
     "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
-
-
-def _to_meta(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return torch.empty_like(obj, device="meta")
-    if isinstance(obj, dict):
-        return {k: _to_meta(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_meta(v) for v in obj)
-    return obj
 
 
 def train_flops_per_sample(workload, batch: Any, batch_size: int) -> float:
@@ -59,7 +50,7 @@ def train_flops_per_sample(workload, batch: Any, batch_size: int) -> float:
             m.gradient_checkpointing = False
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = workload.flops_loss(model, _to_meta(batch))
+        loss = workload.flops_loss(model, send_to_device(batch, "meta"))
         if loss.requires_grad:
             loss.backward()
     return counter.get_total_flops() / batch_size

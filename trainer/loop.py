@@ -65,10 +65,13 @@ def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
                              betas=(o.beta1, o.beta2), eps=o.eps, **optimizer_impl(o.impl))
 
 
+# `optim.impl` -> torch AdamW's (foreach, fused) flags; None lets torch decide
+OPTIMIZER_IMPLS = {"auto": (None, None), "for-loop": (False, None), "foreach": (True, None), "fused": (None, True)}
+
+
 def optimizer_impl(impl: str) -> dict:
-    """torch AdamW's foreach/fused flags for `optim.impl` (None: torch decides)."""
-    return {"foreach": {"foreach": True}.get(impl, False if impl == "for-loop" else None),
-            "fused": True if impl == "fused" else None}
+    foreach, fused = OPTIMIZER_IMPLS[impl]
+    return {"foreach": foreach, "fused": fused}
 
 
 def build_loader(cfg: RunConfig, workload, rank: int, world_size: int, ledger: Path | None = None) -> StreamLoader:
