@@ -44,10 +44,10 @@ def train(kind: str, run_dir: Path, args, *extra: str) -> dict:
     final = json.loads((run_dir / "final_metrics.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["train/loss"] for r in records if "train/loss" in r]
-    from safetensors.torch import load_file
+    from trainer.sharded import model_tensors, read_metadata
 
-    weights = load_file(str(run_dir / "checkpoints" / f"step-{final['step']}" / "model.safetensors"))
-    params = sum(t.numel() for t in weights.values())
+    specs = model_tensors(read_metadata(run_dir / "checkpoints" / f"step-{final['step']}" / "state"))
+    params = sum(m.size.numel() for m in specs.values())
     return {"attention": kind, "depth": depth, "params": params, "steps": final["step"],
             "val_bits_per_byte": final["val/bits_per_byte"], "last_train_bits_per_byte": train_losses[-1],
             "wall_s": round(time.monotonic() - t0, 1)}

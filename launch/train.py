@@ -6,10 +6,10 @@ Run it under `accelerate launch`, `torchrun` or `deepspeed` for several processe
 and checked, and the shards counted against ranks x workers, before any process group
 starts, so a bad recipe fails in seconds with the key it is about.
 
-Exit codes: 0 finished; 2 bad config or data layout; 3 bad data met while training;
-4 another rank died or stopped answering (trainer.dist_timeout_s); 5 a checkpoint or log could
-not be written (full disk, read-only run dir; the previous checkpoint is intact); 6 a NaN/Inf loss
-under trainer.nonfinite=halt (nothing after the last good checkpoint is saved);
+Exit codes: 0 finished; 2 bad config or data layout, or a resume from a checkpoint of another
+model; 3 bad data met while training; 4 another rank died or stopped answering
+(trainer.dist_timeout_s); 5 a checkpoint or log could not be written (full disk, read-only run
+dir; the previous checkpoint is intact); 6 a NaN/Inf loss under trainer.nonfinite=halt (nothing after the last good checkpoint is saved);
 75 stopped early by SIGUSR1, SIGTERM or the job's time limit, with a complete checkpoint
 (under SLURM a SIGUSR1 or time-limit stop also requeues the job).
 """
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     from models.registry import build_workload
     from trainer.backends import make_backend
-    from trainer.checkpoint import CheckpointError, latest
+    from trainer.checkpoint import CheckpointError, IncompatibleCheckpointError, newest_complete
     from trainer.loop import NonFiniteError, Trainer
 
     from launch.netif import choose_socket_ifname
@@ -130,10 +130,12 @@ def main(argv=None) -> int:
         return fail(3, message)
     except NonFiniteError as exc:
         return fail(EXIT_NONFINITE, str(exc), agreed=True)
+    except IncompatibleCheckpointError as exc:  # every rank read the same index
+        return fail(2, str(exc), agreed=True)
     except CheckpointError as exc:
         return fail(EXIT_CHECKPOINT, str(exc), agreed=True)
     except OSError as exc:  # e.g. a full disk or a read-only run dir while logging
-        kept = latest(Path(cfg.run.dir) / "checkpoints")
+        kept = newest_complete(Path(cfg.run.dir) / "checkpoints")
         return fail(EXIT_CHECKPOINT, f"cannot write {exc.filename or cfg.run.dir} (run.dir={cfg.run.dir}): "
                     f"{exc.strerror or exc}. Last complete checkpoint: {kept or 'none'}; make room "
                     "and rerun the job to resume from it")
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
         lost = True  # no goodbye collectives: the group is broken
         step = getattr(getattr(trainer, "state", None), "step", "?")
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        kept = latest(Path(cfg.run.dir) / "checkpoints")
+        kept = newest_complete(Path(cfg.run.dir) / "checkpoints")
         return fail(EXIT_LOST_RANK, f"lost contact with another rank after step {step} (it died, hung "
                     f"or lost its network; trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}): "
                     f"{first[:300]}. Last complete checkpoint: {kept or 'none'}; rerun the job to "

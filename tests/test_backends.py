@@ -61,6 +61,15 @@ def reference(tmp_path_factory, digits_dir, cpu_env):
 def test_backends_agree_with_ddp(tmp_path, digits_dir, cpu_env, reference, backend):
     run(command(tmp_path, digits_dir, backend, "trainer.max_steps=20", "trainer.log_every=1",
                 "trainer.eval_every=10", "trainer.checkpoint_every=10"), cpu_env)
+    meta = json.loads((tmp_path / "checkpoints/step-20/COMPLETE.json").read_text())
+    if backend == "fsdp":  # really sharded: each rank wrote its half of every tensor
+        assert {meta["files"][f"state/__{r}_0.distcp"]["rank"] for r in (0, 1)} == {0, 1}
+        from trainer.sharded import read_metadata
+
+        index = read_metadata(tmp_path / "checkpoints/step-20/state").state_dict_metadata
+        assert len(index["model.net.0.weight"].chunks) == 2
+    else:  # no full-weights gather into a DeepSpeed checkpoint unless asked
+        assert not [f for f in meta["files"] if f.endswith(".safetensors")]
     from omegaconf import OmegaConf
 
     saved = OmegaConf.load(tmp_path / "config.yaml").trainer
@@ -99,17 +108,24 @@ def test_deepspeed_partitions_consolidate_to_the_export(tmp_path, digits_dir, cp
     test NLL."""
     run_dir = tmp_path / "z3"
     run(command(run_dir, digits_dir, "zero3", "trainer.max_steps=20", "trainer.log_every=10",
-                "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.keep_last_k=1"), cpu_env)
+                "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.keep_last_k=1",
+                "trainer.deepspeed.save_full_weights=true"), cpu_env)
     out = subprocess.run([sys.executable, "-m", "launch.export", str(run_dir), "--which", "latest",
-                          "--from-engine", "--out", str(tmp_path / "export")], cwd=ROOT, env=cpu_env,
+                          "--out", str(tmp_path / "export")], cwd=ROOT, env=cpu_env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     from safetensors.torch import load_file, load_model
 
     consolidated = load_file(tmp_path / "export/model.safetensors")
+    # the same weights gathered a parameter at a time: into the checkpoint when asked
+    # (trainer.deepspeed.save_full_weights), and into best/
     gathered = load_file(run_dir / "checkpoints/step-20/model.safetensors")
-    assert consolidated.keys() == gathered.keys()
-    assert all((consolidated[k] == gathered[k]).all() for k in consolidated)
+    best = load_file(run_dir / "best/model.safetensors")
+    assert consolidated.keys() == gathered.keys() == best.keys()
+    assert all((consolidated[k] == gathered[k]).all() and (best[k] == gathered[k]).all() for k in consolidated)
+    meta = json.loads((run_dir / "checkpoints/step-20/COMPLETE.json").read_text())
+    assert meta["files"]["model.safetensors"]["rank"] == 0
+    assert {e["rank"] for n, e in meta["files"].items() if "zero_pp_rank_1_" in n} == {1}  # each hashes its own
 
     from data_pipelines.stream import eval_batches, resolve_shards
     from models.autoregressive import MADEConfig, MADEWorkload

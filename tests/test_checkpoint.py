@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from trainer.backends.accelerate import AccelerateBackend
-from trainer.checkpoint import MARKER, Checkpointer, latest, verify
+from data_pipelines.shards import sha256_file
+from trainer.checkpoint import (MARKER, CheckpointError, Checkpointer, IncompatibleCheckpointError,
+                                complete_checkpoints, file_digest, latest, rng_state, share_of, verify)
 from trainer.config import TrainerConfig
 
 
@@ -39,6 +41,12 @@ def _save(ck, step, model, opt, sched):
                    trainer_state={"step": step}, data_state={"batches": step})
 
 
+def _flip_bit(path, at=-3):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def test_round_trip_restores_every_listed_piece(tmp_path, backend):
     model, opt, sched = _parts(backend)
     _train(model, opt, sched, 3)
@@ -58,8 +66,12 @@ def test_round_trip_restores_every_listed_piece(tmp_path, backend):
     assert opt2.state_dict()["state"][0]["step"].item() == 3
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect_rng
     meta = json.loads((path / MARKER).read_text())
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+    assert {"state/.metadata", "state/__0_0.distcp", "scheduler.pt", "trainer_state.json",
             "rng-rank0.pt", "data-rank0.json", "extra.pt"} == set(meta["files"])
+    assert (meta["format"], meta["hash"], meta["layout"], meta["world_size"]) == (2, "xxh3_128", "dcp", 1)
+    for name, entry in meta["files"].items():  # who wrote it, how big, its digest
+        assert entry["rank"] == 0 and entry["bytes"] == (path / name).stat().st_size
+        assert entry["digest"] == file_digest(path / name)
 
 
 def test_latest_skips_half_written_and_damaged(tmp_path, backend, caplog):
@@ -75,18 +87,23 @@ def test_latest_skips_half_written_and_damaged(tmp_path, backend, caplog):
     shutil.copytree(tmp_path / "step-300", tmp_path / ".step-500.partial")
     with caplog.at_level(logging.WARNING):
         assert latest(tmp_path).name == "step-300"
+        assert ck.resolve("auto").name == "step-300"
     assert "step-400" in caplog.text and "half-written" in caplog.text
 
-    # a bit flip in the newest complete one: fall back to the one before
-    f = tmp_path / "step-300" / "model.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-3] ^= 0x01
-    f.write_bytes(bytes(data))
-    assert "checksum" in verify(tmp_path / "step-300")
+    # a bit flip in the newest complete one's shard: fall back to the one before
+    _flip_bit(tmp_path / "step-300" / "state/__0_0.distcp")
+    assert "state/__0_0.distcp does not match its checksum (written by rank 0)" in verify(tmp_path / "step-300")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert latest(tmp_path).name == "step-200"
+        assert ck.resolve("auto").name == "step-200"
     assert "damaged" in caplog.text
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        ck.resolve(str(tmp_path / "step-300"))
+    # a shard cut short says so before any hashing
+    f = tmp_path / "step-200" / "state/__0_0.distcp"
+    f.write_bytes(f.read_bytes()[:-10])
+    assert "bytes, " in verify(tmp_path / "step-200") and "were written" in verify(tmp_path / "step-200")
 
 
 def test_keep_last_k(tmp_path, backend):
@@ -106,6 +123,136 @@ def test_resume_path_must_be_complete(tmp_path, backend):
         ck.resolve(str(path))
     assert ck.resolve("never") is None
     assert ck.resolve("auto") is None
+
+
+def test_background_save_keeps_the_state_of_its_step(tmp_path, backend):
+    """trainer.checkpoint_async: save returns once the state is staged; the weights may move
+    on at once, and the checkpoint still holds the step it was asked for."""
+    model, opt, sched = _parts(backend)
+    _train(model, opt, sched, 3)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = opt.state_dict()["state"][0]["exp_avg"].clone()
+    ck = Checkpointer(tmp_path, backend, keep_last_k=3, background=True)
+    path = _save(ck, 3, model, opt, sched)
+    assert ck._pending is not None  # written in the background, not yet complete
+    _train(model, opt, sched, 2)
+    ck.wait()
+    assert ck._pending is None and verify(path) is None
+    [done] = ck.finished
+    assert done["step"] == 3 and 0 < done["blocked_s"] <= done["save_s"]
+    model2, opt2, sched2 = _parts(backend)
+    ck.load(path, model=model2, optimizer=opt2, scheduler=sched2)
+    assert all(torch.equal(weights[k], v) for k, v in model2.state_dict().items())
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], moments)
+    # the next save waits for the one in flight; both end up complete
+    _save(ck, 4, model, opt, sched)
+    _save(ck, 5, model, opt, sched)
+    ck.wait()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-3", "step-4", "step-5"]
+
+
+def _earlier_layout(path, model, opt, sched):
+    """A checkpoint as the trainer wrote them before DCP: whole files by rank 0, sha256."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    torch.save(opt.state_dict(), path / "optimizer.pt")
+    torch.save(sched.state_dict(), path / "scheduler.pt")
+    torch.save({}, path / "extra.pt")
+    torch.save(rng_state(), path / "rng-rank0.pt")
+    (path / "data-rank0.json").write_text(json.dumps({"batches": 7}))
+    (path / "trainer_state.json").write_text(json.dumps({"step": 7}))
+    files = {p.name: sha256_file(p) for p in sorted(path.iterdir())}
+    (path / MARKER).write_text(json.dumps({"step": 7, "world_size": 1, "time": 0, "files": files}))
+
+
+def test_checkpoints_of_the_earlier_layout_still_load(tmp_path, backend):
+    model, opt, sched = _parts(backend)
+    _train(model, opt, sched, 7)
+    _earlier_layout(tmp_path / "step-7", model, opt, sched)
+    ck = Checkpointer(tmp_path, backend, keep_last_k=3)
+    assert ck.resolve("auto") == tmp_path / "step-7"
+    model2, opt2, sched2 = _parts(backend)
+    assert ck.load(tmp_path / "step-7", model=model2, optimizer=opt2, scheduler=sched2) == (
+        {"step": 7}, [{"batches": 7}])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in model2.state_dict().items())
+    assert opt2.state_dict()["state"][0]["step"].item() == 7 and sched2.last_epoch == 7
+    _flip_bit(tmp_path / "step-7" / "model.safetensors")  # its sha256 digests are still checked
+    assert "model.safetensors does not match its checksum" in verify(tmp_path / "step-7")
+    assert ck.resolve("auto") is None
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused_by_name(tmp_path, backend):
+    model, opt, sched = _parts(backend)
+    _save(Checkpointer(tmp_path / "dcp", backend, keep_last_k=1), 1, model, opt, sched)
+    _earlier_layout(tmp_path / "old" / "step-7", model, opt, sched)
+    torch.manual_seed(0)
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    wopt = torch.optim.AdamW(wider.parameters(), lr=0.1)
+    wider, wopt = backend.prepare(wider, wopt)
+    wsched = torch.optim.lr_scheduler.LambdaLR(wopt, lambda s: 1.0)
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    for ckpt in (tmp_path / "dcp/step-1", tmp_path / "old/step-7"):
+        with pytest.raises(IncompatibleCheckpointError, match=r"'0.weight' is \(16, 4\) in the model but \(8, 4\)"):
+            Checkpointer(ckpt.parent, backend, keep_last_k=1).load(ckpt, model=wider, optimizer=wopt, scheduler=wsched)
+    assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())  # nothing loaded
+
+
+def test_verification_is_split_by_bytes_and_reads_each_file_once():
+    sizes = {f"f{i}": s for i, s in enumerate([100, 90, 50, 40, 30, 5, 5, 1])}
+    for world in (1, 2, 3, 5):
+        shares = [share_of(sizes, r, world) for r in range(world)]
+        assert sorted(n for s in shares for n in s) == sorted(sizes)  # every file once
+        loads = [sum(sizes[n] for n in s) for s in shares]
+        assert max(loads) - min(loads) <= max(sizes.values())
+
+
+def test_a_tampered_dcp_index_is_refused_without_running_it(tmp_path, backend):
+    import pickle
+
+    model, opt, sched = _parts(backend)
+    path = _save(Checkpointer(tmp_path, backend, keep_last_k=1), 1, model, opt, sched)
+    flag = tmp_path / "ran"
+    (path / "state/.metadata").write_bytes(pickle.dumps({"x": _Payload(flag)}))
+    model2, opt2, sched2 = _parts(backend)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.system"):
+        Checkpointer(tmp_path, backend, keep_last_k=1).load(path, model=model2, optimizer=opt2, scheduler=sched2)
+    assert not flag.exists()
+
+
+def test_export_writes_indexed_shards_that_other_readers_load(tmp_path, backend):
+    """A DCP checkpoint -> Hugging Face-style shards of at most max_shard_size, a tensor group
+    at a time; accelerate's reader of the index format and a plain load_model agree."""
+    from accelerate.utils import load_checkpoint_in_model
+    from safetensors.torch import load_file
+
+    from trainer.export import INDEX, export_checkpoint, exported_files
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    net, opt = backend.prepare(net, opt)
+    path = _save(Checkpointer(tmp_path / "ck", backend, keep_last_k=1), 1, net, opt, sched)
+    files = export_checkpoint(path, tmp_path / "out", max_shard_size="20KB")  # 16.6 KB a layer
+    assert [f.name for f in files] == ["model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors",
+                                       "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"]
+    assert all(f.stat().st_size < 20_000 for f in files)
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert set(index["weight_map"]) == set(net.state_dict())
+    assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in net.state_dict().values())
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    load_checkpoint_in_model(fresh, str(tmp_path / "out" / INDEX))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in fresh.state_dict().items())
+    whole = {}
+    for f in set(exported_files(tmp_path / "out").values()):
+        whole.update(load_file(str(f)))
+    assert all(torch.equal(net.state_dict()[k], whole[k]) for k in whole)
+    # one shard when the model fits: a plain model.safetensors, no index
+    files = export_checkpoint(path, tmp_path / "out", max_shard_size="5GB")
+    assert [f.name for f in files] == ["model.safetensors"] and not (tmp_path / "out" / INDEX).exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
 
 
 class _Payload:

@@ -1,46 +1,63 @@
-"""Checkpoints: the explicit list of saved state, written atomically by all ranks.
+"""Checkpoints: the explicit list of saved state, written atomically and in parallel by all ranks.
 
 Layout of `<run.dir>/checkpoints/step-<N>/`:
-    model.safetensors      weights (backend-written)
-    optimizer.pt           optimizer state (backend-written; tensors and numbers only)
+    state/                 model + optimizer (Accelerate DDP/FSDP2): DCP shards, one file per
+                           rank (`__<R>_0.distcp`) and rank 0's index `.metadata` (trainer/sharded.py)
+    deepspeed/             model + optimizer (DeepSpeed): the engine's own per-rank files
     scheduler.pt           LR scheduler state
     extra.pt               backend extras: the fp16 grad scaler
     trainer_state.json     step, samples seen, training time, best metric, log window
     rng-rank<R>.pt         python / numpy / torch (and CUDA) RNG states of rank R
     data-rank<R>.json      rank R's position in the training stream
-    COMPLETE.json          written last: step, world size, sha256 of every file above
+    COMPLETE.json          written last: step, world size, and for every file above its
+                           xxh3-128 digest, size and the rank that wrote it
 
 A checkpoint is written into `.step-<N>.partial/`, completed by COMPLETE.json and then
-renamed; `latest` considers only complete folders whose checksums hold. Every file is
-loaded with weights-only semantics (no arbitrary pickle).
+renamed; a resume considers only complete folders, and verifies the one it is about to load,
+its files split across the ranks. Each rank hashes the files it wrote; with
+`trainer.checkpoint_async` the state is staged to host memory and written, hashed, marked and
+renamed by a background thread while training goes on. Every file is loaded with
+weights-only semantics (no arbitrary pickle). Checkpoints of the earlier layout
+(`model.safetensors` + `optimizer.pt`, sha256 digests) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from data_pipelines.shards import sha256_file
 from trainer.faults import failpoint
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
+FORMAT = 2  # 1: model.safetensors + optimizer.pt written by rank 0, sha256 digests
+HASH = "xxh3_128"  # ~24 GB/s on one core here, sha256 ~1.8 (benchmarks/RESULTS.md: checkpoint_scale)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_CHUNK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint holds another model (a key or a shape differs): nothing was loaded."""
 
 
 def rng_state() -> dict:
@@ -98,27 +115,97 @@ def step_of(path: Path) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def verify(path: Path) -> Optional[str]:
-    """None if `path` is a complete checkpoint whose files match their checksums."""
+# ---------------------------------------------------------------- integrity
+def file_digest(path: Path, algo: str = HASH) -> str:
+    """Hex digest of a file, read in 8 MiB blocks. xxh3-128 for checkpoints of this format;
+    sha256 for the earlier one."""
+    if algo == HASH:
+        import xxhash
+
+        h = xxhash.xxh3_128()
+    else:
+        h = hashlib.new(algo)
+    block = bytearray(_CHUNK)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def read_marker(path: Path) -> tuple[Optional[dict], Optional[str]]:
+    """(marker, None) or (None, why not): the marker's files as {name: {digest, bytes, rank}}
+    whatever the format, plus the algorithm under "hash"."""
     marker = path / MARKER
     if not marker.exists():
-        return f"{path}: no {MARKER} (half-written)"
+        return None, f"{path}: no {MARKER} (half-written)"
     try:
         meta = json.loads(marker.read_text())
         files = dict(meta["files"])
+        if meta.get("format", 1) == 1:  # name -> sha256 hex
+            meta["hash"] = "sha256"
+            meta["files"] = {n: {"digest": d, "bytes": None, "rank": 0} for n, d in files.items()}
+        else:
+            meta["files"] = {n: {"digest": e["digest"], "bytes": int(e["bytes"]), "rank": int(e["rank"])}
+                             for n, e in files.items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{path}: unreadable {MARKER} ({type(exc).__name__}: {exc})"
-    for name, digest in files.items():
-        f = path / name
-        if not f.exists():
-            return f"{path}: {name} is missing"
-        if sha256_file(f) != digest:
-            return f"{path}: {name} does not match its checksum"
+        return None, f"{path}: unreadable {MARKER} ({type(exc).__name__}: {exc})"
+    return meta, None
+
+
+def _check_file(path: Path, name: str, entry: dict, algo: str) -> Optional[str]:
+    f = path / name
+    try:
+        size = f.stat().st_size
+    except FileNotFoundError:
+        return f"{path}: {name} is missing"
+    if entry["bytes"] is not None and size != entry["bytes"]:
+        return f"{path}: {name} is {size} bytes, {entry['bytes']} were written (written by rank {entry['rank']})"
+    if file_digest(f, algo) != entry["digest"]:
+        return f"{path}: {name} does not match its checksum (written by rank {entry['rank']})"
     return None
 
 
-def complete_checkpoints(root: Path, *, check: bool = False) -> list[Path]:
-    """Complete step-N folders under root, oldest first; warns about the others."""
+def share_of(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
+    """The files that `rank` verifies: largest first, each to the least-loaded rank, so every
+    byte is read once and the ranks read about as much. The same on every rank."""
+    loads = [(0, r) for r in range(world_size)]
+    mine = []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        load, r = heapq.heappop(loads)
+        if r == rank:
+            mine.append(name)
+        heapq.heappush(loads, (load + sizes[name], r))
+    return mine
+
+
+def _sizes(path: Path, meta: dict) -> dict[str, int]:
+    out = {}
+    for name, entry in meta["files"].items():
+        if entry["bytes"] is None:  # the earlier format did not record sizes
+            try:
+                entry = dict(entry, bytes=(path / name).stat().st_size)
+            except OSError:
+                entry = dict(entry, bytes=0)
+        out[name] = entry["bytes"]
+    return out
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if `path` is a complete checkpoint whose files match their digests; every file is
+    read here, by this process (tools and tests; a resume splits the work across ranks)."""
+    meta, problem = read_marker(path)
+    if problem:
+        return problem
+    for name, entry in meta["files"].items():
+        problem = _check_file(path, name, entry, meta["hash"])
+        if problem:
+            return problem
+    return None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Folders step-N under root that have their marker, oldest first; warns about the others."""
     if not root.is_dir():
         return []
     found = []
@@ -126,8 +213,8 @@ def complete_checkpoints(root: Path, *, check: bool = False) -> list[Path]:
         if p.name.startswith(".step-") and p.name.endswith(".partial"):
             log.warning("ignoring unfinished checkpoint %s", p)
             continue
-        if p.name.startswith(".step-") and p.name.endswith(".deleting"):
-            continue  # being pruned
+        if p.name.startswith(".step-") and (p.name.endswith(".deleting") or ".universal-" in p.name):
+            continue  # being pruned, or a DeepSpeed conversion in progress
         if step_of(p) is None or not p.is_dir():
             continue
         if not (p / MARKER).exists():
@@ -137,8 +224,15 @@ def complete_checkpoints(root: Path, *, check: bool = False) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def newest_complete(root: Path) -> Optional[Path]:
+    """The newest checkpoint with its marker, not re-hashed (for messages)."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
 def latest(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint whose checksums hold; older ones are fallbacks."""
+    """The newest complete checkpoint whose digests hold, checked by this process alone;
+    older ones are fallbacks."""
     for p in reversed(complete_checkpoints(root)):
         problem = verify(p)
         if problem is None:
@@ -147,28 +241,83 @@ def latest(root: Path) -> Optional[Path]:
     return None
 
 
+def checkpoint_group(world_size: int, timeout_s: float):
+    """A gloo group of the checkpointer's own: its collectives (failure votes, digests, DCP's
+    plans) run on CPU tensors, and a background save never interleaves them with training's."""
+    if world_size == 1 or not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+class _Pending:
+    """A save whose write, digests, marker and rename run in a background thread."""
+
+    def __init__(self, step: int, run: Callable[[], None]):
+        self.step, self.error = step, None
+
+        def body():
+            try:
+                run()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by Checkpointer.wait
+                self.error = exc
+
+        self.thread = threading.Thread(target=body, name=f"checkpoint-step-{step}", daemon=True)
+        self.thread.start()
+
+
 class Checkpointer:
-    """Collective save/load of the listed state; every rank must call save and load."""
+    """Collective save/load of the listed state; every rank must call save, wait and load.
 
-    def __init__(self, root: Path, backend, keep_last_k: int):
+    background: `save` returns once the state is staged in host memory; the rest of the save
+    runs in a thread, and the next `save` (or `wait`) waits for it first.
+    """
+
+    def __init__(self, root: Path, backend, keep_last_k: int, *, background: bool = False,
+                 timeout_s: float = 600):
         self.root, self.backend, self.keep_last_k = root, backend, keep_last_k
+        self.background = background
+        self.group = checkpoint_group(backend.world_size, timeout_s)
+        self._pending: Optional[_Pending] = None
+        self.finished: list[dict] = []  # {step, blocked_s, save_s} of saves completed, for the log
 
+    # ------------------------------------------------ collectives on the checkpointer's group
+    def _sum(self, value: float) -> float:
+        if self.group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return t.item()
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self.group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def _gather(self, obj: Any) -> Optional[list]:
+        """Every rank's `obj` on rank 0 (None elsewhere)."""
+        if self.group is None:
+            return [obj]
+        out = [None] * self.backend.world_size if self.backend.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+    # ------------------------------------------------ save
     def save(self, step: int, *, model, optimizer, scheduler, trainer_state: dict,
              data_state: dict) -> Path:
         """Write step-N; on any rank's failure (a full disk, an unwritable folder) every rank
-        raises CheckpointError, the partial folder is removed and older checkpoints stay."""
+        raises CheckpointError, the partial folder is removed and older checkpoints stay.
+        In the background mode a failure of the write is raised by the next save or wait."""
+        self.wait()
         b = self.backend
+        started = time.perf_counter()
         final = self.root / f"step-{step}"
         tmp = self.root / f".step-{step}.partial"
-
-        def phase(point: str, work) -> None:
-            error = None
-            try:
-                failpoint(point, step=step, rank=b.rank)
-                work()
-            except Exception as exc:  # torch.save reports ENOSPC as a RuntimeError
-                error = exc
-            self._agree(error, step, tmp)  # also the barrier between phases
+        own = [f"rng-rank{b.rank}.pt", f"data-rank{b.rank}.json"]
+        if b.is_main:
+            own += ["scheduler.pt", "extra.pt", "trainer_state.json"]
+        write: list[Callable[[], list[str]]] = []
 
         def start():
             if b.is_main:
@@ -180,23 +329,36 @@ class Checkpointer:
             write_json(tmp / f"data-rank{b.rank}.json", data_state)
 
         def model_files():
-            b.save_model_and_optimizer(tmp, model, optimizer)
+            write.append(b.checkpoint_writer(tmp, model, optimizer, step=step, group=self.group,
+                                             stage=self.background))
             if b.is_main:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(b.extra_state(), tmp / "extra.pt")
                 write_json(tmp / "trainer_state.json", trainer_state)
 
-        def marker():
-            if not b.is_main:
-                return
-            files = {p.relative_to(tmp).as_posix(): sha256_file(p)
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            expected = {f"rng-rank{r}.pt" for r in range(b.world_size)}
-            if not expected <= files.keys():
-                raise CheckpointError(f"{tmp}: missing rank files {sorted(expected - files.keys())}")
-            write_json(tmp / MARKER, {"step": step, "world_size": b.world_size,
-                                      "time": time.time(), "files": files})
-            _fsync_dir(tmp)
+        self._phase("save.start", step, tmp, start)
+        self._phase("save.files", step, tmp, rank_files)
+        self._phase("save.model", step, tmp, model_files)  # sync: nothing of the model written yet
+        if self.background:
+            blocked = time.perf_counter() - started
+            self._pending = _Pending(step, lambda: self._complete(step, tmp, final, write[0], own, started, blocked))
+        else:
+            self._complete(step, tmp, final, write[0], own, started, None)
+        return final
+
+    def _complete(self, step: int, tmp: Path, final: Path, write: Callable[[], list[str]],
+                  own: list[str], started: float, blocked: Optional[float]) -> None:
+        """Model and optimizer files, digests, marker, rename, prune: on the caller's thread, or
+        on the background save's (the checkpointer's group keeps its collectives apart)."""
+        b = self.backend
+        digests: dict[str, dict] = {}
+        self._phase(None, step, tmp, lambda: own.extend(write()))  # DCP agrees on its failures
+        # every rank's files are on disk now; each rank hashes its own, all at once
+        self._phase("save.marker", step, tmp, lambda: digests.update(
+            {name: {"digest": file_digest(tmp / name), "bytes": (tmp / name).stat().st_size, "rank": b.rank}
+             for name in own}))
+        every = self._gather(digests)
+        self._phase(None, step, tmp, lambda: self._write_marker(tmp, step, every))
 
         def rename():
             if not b.is_main:
@@ -206,29 +368,56 @@ class Checkpointer:
             os.replace(tmp, final)
             _fsync_dir(self.root)
 
-        phase("save.start", start)
-        phase("save.files", rank_files)
-        phase("save.model", model_files)  # every rank's files are on disk after this
-        phase("save.marker", marker)
-        phase("save.rename", rename)
+        self._phase("save.rename", step, tmp, rename)
         failpoint("save.prune", step=step, rank=b.rank)
         if b.is_main:
             self.prune()
-        b.barrier()
-        return final
+        self._sum(0.0)  # a barrier: every rank returns with the checkpoint in place
+        total = time.perf_counter() - started
+        self.finished.append({"step": step, "blocked_s": total if blocked is None else blocked, "save_s": total})
+
+    def _write_marker(self, tmp: Path, step: int, every: Optional[list]) -> None:
+        b = self.backend
+        if not b.is_main:
+            return
+        files = {}
+        for part in every:
+            files.update(part)
+        expected = {f"rng-rank{r}.pt" for r in range(b.world_size)}
+        if not expected <= files.keys():
+            raise CheckpointError(f"{tmp}: missing rank files {sorted(expected - files.keys())}")
+        write_json(tmp / MARKER, {"format": FORMAT, "step": step, "world_size": b.world_size,
+                                  "layout": b.checkpoint_layout, "time": time.time(), "hash": HASH,
+                                  "files": dict(sorted(files.items()))})
+        _fsync_dir(tmp)
+
+    def wait(self) -> None:
+        """Until the background save in flight (if any) is complete; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.thread.join()
+        if pending.error is not None:
+            raise pending.error
+
+    def _phase(self, point: Optional[str], step: int, tmp: Path, work) -> None:
+        error = None
+        try:
+            if point:
+                failpoint(point, step=step, rank=self.backend.rank)
+            work()
+        except Exception as exc:  # torch.save reports ENOSPC as a RuntimeError
+            error = exc
+        self._agree(error, step, tmp)  # also the barrier between phases
 
     def _agree(self, error: Optional[BaseException], step: int, tmp: Path) -> None:
         """A barrier that fails on every rank when any rank failed, so none waits forever."""
         b = self.backend
-        failed = error is not None
-        if b.world_size > 1:
-            flag = torch.tensor(float(failed), device=b.device)
-            failed = b.reduce_sum(flag).item() > 0
-        if not failed:
+        if self._sum(float(error is not None)) == 0:
             return
         if b.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        keep = latest(self.root) if b.is_main else None
+        keep = newest_complete(self.root) if b.is_main else None
         why = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
         try:  # torch.save reports a full disk as "unexpected pos N vs M", without the errno
             free = f"; {shutil.disk_usage(self.root).free / 1e6:.1f} MB free on its disk"
@@ -241,7 +430,7 @@ class Checkpointer:
     @staticmethod
     def _discard(path: Path) -> None:
         """Rename out of the step-N namespace first, so a kill mid-delete leaves no half
-        checkpoint under a name that `latest` would consider."""
+        checkpoint under a name that a resume would consider."""
         doomed = path.with_name(f".{path.name}.deleting")
         shutil.rmtree(doomed, ignore_errors=True)
         os.replace(path, doomed)
@@ -254,22 +443,39 @@ class Checkpointer:
         for leftover in [*self.root.glob(".step-*.deleting"), *self.root.glob(".step-*.partial")]:
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def resolve(self, resume: str) -> Optional[Path]:
-        """The checkpoint to resume from (chosen on rank 0, agreed by all)."""
-        choice = None
-        if self.backend.is_main and resume != "never":
-            if resume == "auto":
-                choice = latest(self.root)
-            else:
-                problem = verify(Path(resume))
+    # ------------------------------------------------ resume
+    def verify_shared(self, path: Path) -> Optional[str]:
+        """`verify` with the files split across the ranks (each byte read once); the ranks
+        agree on the verdict. None if sound, else the first problem found (every rank)."""
+        b = self.backend
+        meta, problem = read_marker(path)
+        if meta is not None:
+            for name in share_of(_sizes(path, meta), b.rank, b.world_size):
+                problem = _check_file(path, name, meta["files"][name], meta["hash"])
                 if problem:
-                    choice = CheckpointError(f"trainer.resume: {problem}")
-                else:
-                    choice = Path(resume)
-        choice = self.backend.broadcast_object(str(choice) if isinstance(choice, Path) else choice)
-        if isinstance(choice, CheckpointError):
-            raise choice
-        return Path(choice) if choice else None
+                    break
+        if self._sum(float(problem is not None)) == 0:
+            return None
+        found = self._gather(problem)
+        return self._broadcast(next(p for p in found if p) if b.is_main else None)
+
+    def resolve(self, resume: str) -> Optional[Path]:
+        """The checkpoint to resume from, verified by all ranks together (collective)."""
+        if resume == "never":
+            return None
+        if resume != "auto":
+            problem = self.verify_shared(Path(resume))
+            if problem:
+                raise CheckpointError(f"trainer.resume: {problem}")
+            return Path(resume)
+        found = [str(p) for p in reversed(complete_checkpoints(self.root))] if self.backend.is_main else None
+        for candidate in self._broadcast(found):
+            problem = self.verify_shared(Path(candidate))
+            if problem is None:
+                return Path(candidate)
+            if self.backend.is_main:
+                log.warning("skipping damaged checkpoint: %s", problem)
+        return None
 
     def load(self, path: Path, *, model, optimizer, scheduler) -> tuple[dict, list[dict]]:
         """Restore model, optimizer, scheduler and extras.
@@ -280,7 +486,7 @@ class Checkpointer:
         """
         b = self.backend
         meta = json.loads((path / MARKER).read_text())
-        b.load_model_and_optimizer(path, model, optimizer)
+        b.load_model_and_optimizer(path, model, optimizer, group=self.group)
         scheduler.load_state_dict(load_weights_only(path / "scheduler.pt"))
         b.load_extra_state(load_weights_only(path / "extra.pt"))
         trainer_state = json.loads((path / "trainer_state.json").read_text())

@@ -87,6 +87,9 @@ class DeepSpeedSection:
     offload_params: bool = False  # parameters to CPU (stage 3)
     config_file: str = ""  # a DeepSpeed JSON for anything else; its keys win
     via: str = "auto"  # who builds the engine: native | accelerate (its DeepSpeed plugin) | auto
+    # also gather the whole weights into every checkpoint (safetensors beside the engine's
+    # partitions: rank 0 writes the model once more); `launch.export` consolidates on demand
+    save_full_weights: bool = False
 
 
 @dataclass(kw_only=True)
@@ -106,6 +109,12 @@ class TrainerConfig:
     num_samples: int = 64
     checkpoint_every: int = 0  # 0 = only at the end
     keep_last_k: int = 3
+    # stage the checkpoint to host memory and write it in a background thread while training
+    # goes on (Accelerate backend); the next save, a stop and the end of the run wait for it
+    checkpoint_async: bool = False
+    # consolidated weights (best/, launch.export, save_full_weights) are cut into shards of at
+    # most this size: model-0000i-of-0000K.safetensors + model.safetensors.index.json
+    export_max_shard_size: str = "5GB"
     resume: str = "auto"  # auto | never | PATH to a step-N checkpoint
     progress_bar: bool = True
     dist_timeout_s: int = 600  # a collective waiting this long for a lost rank fails the run
@@ -268,6 +277,15 @@ def validate(cfg: RunConfig) -> None:
     _check(t.nonfinite_max_skips >= 1, "trainer.nonfinite_max_skips", "must be >= 1")
     _check(t.dist_timeout_s >= 1, "trainer.dist_timeout_s", "must be >= 1")
     _check(t.keep_last_k >= 1, "trainer.keep_last_k", "must be >= 1")
+    _check(not t.checkpoint_async or t.backend == "accelerate", "trainer.checkpoint_async",
+           "needs trainer.backend=accelerate (a DeepSpeed engine writes its checkpoint synchronously)")
+    from trainer.export import parse_size
+
+    try:
+        parse_size(t.export_max_shard_size)
+    except ValueError:
+        raise ConfigError(f"config key 'trainer.export_max_shard_size': cannot read "
+                          f"'{t.export_max_shard_size}' as a size (e.g. 5GB, 500MB, 2GiB)") from None
     _check(t.stop_check_every >= 0, "trainer.stop_check_every", "must be >= 0 (0 = about once a second)")
     _check(t.end_margin_s >= 0, "trainer.end_margin_s", "must be >= 0")
     if t.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (as in `trainer.mixed_precision=no`) as false

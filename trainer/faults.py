@@ -14,9 +14,12 @@ to the rank itself; `stop` sends SIGSTOP (a hung rank); `nan`/`inf` poison a val
 the variable every call is a dictionary lookup on an empty dict.
 
 Points: step.loss, step.end, and the stages of Checkpointer.save in order: save.start
-(empty partial folder), save.files (RNG and data position written), save.model (model and
-optimizer written), save.marker (every file written, no marker yet), save.rename (marker
-written, not yet renamed), save.prune (renamed; older checkpoints not yet pruned).
+(empty partial folder), save.files (RNG and data position written), save.model (nothing of
+the model and optimizer written yet), save.write (this rank's DCP shard file written, the
+index not yet), save.marker (every file written, not yet hashed, no marker), save.rename
+(marker written, not yet renamed), save.prune (renamed; older checkpoints not yet pruned).
+With trainer.checkpoint_async, save.write to save.prune are reached in the background save's
+thread while the loop trains on; a `pause` there stops that thread only.
 """
 
 from __future__ import annotations

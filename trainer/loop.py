@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import send_to_device
-from safetensors.torch import save_file
 
 from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, resolve_shards,
                                    truncate_ledgers)
-from trainer.checkpoint import Checkpointer, latest, write_json
+from trainer.checkpoint import CheckpointError, Checkpointer, newest_complete, write_json
 from trainer.config import RunConfig, to_yaml, training_splits
 from models.flops import peak_tflops
 from trainer.faults import failpoint, poison
+from trainer.export import SafetensorsShards
 from trainer.metrics import MetricsLogger, summarize_line
 from trainer.preempt import REASONS, StopAgreement
 
@@ -122,7 +122,8 @@ class Trainer:
             (self.run_dir / "ledger").mkdir(parents=True, exist_ok=True)
             ledger = self.run_dir / "ledger" / f"rank{b.rank}.jsonl"
         self.loader = build_loader(cfg, self.workload, b.rank, b.world_size, ledger=ledger)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", b, t.keep_last_k)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", b, t.keep_last_k,
+                                         background=t.checkpoint_async, timeout_s=t.dist_timeout_s)
 
     def _resume(self) -> TrainState:
         state = TrainState()
@@ -315,6 +316,7 @@ class Trainer:
             if reason:
                 if last_saved != step:
                     self._save(state, session_start)
+                self._wait_for_save()
                 self.log.text(f"stopped after step {step} ({REASONS[reason]}); checkpoint "
                               f"{self.checkpointer.root / f'step-{step}'} is complete")
                 self.log.close()
@@ -368,7 +370,11 @@ class Trainer:
         self.log.text(f"profile of steps {first}-{last}: {out}/{name}.pt.trace.json")
 
     def _kept_checkpoint(self) -> str:
-        kept = latest(self.checkpointer.root) if self.backend.is_main else None
+        try:
+            self._wait_for_save()  # a save in flight is of weights checked before it began
+        except CheckpointError:
+            pass
+        kept = newest_complete(self.checkpointer.root) if self.backend.is_main else None
         return (f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written") + \
             " and nothing after it is saved"
 
@@ -410,6 +416,18 @@ class Trainer:
         self.checkpointer.save(state.step, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, trainer_state=asdict(saved),
                                data_state=self.loader.state_dict())
+        self._log_saves()
+
+    def _wait_for_save(self) -> None:
+        """The background save in flight, if any, completes (raising its error)."""
+        self.checkpointer.wait()
+        self._log_saves()
+
+    def _log_saves(self) -> None:
+        """How long each completed save blocked the loop, and how long it took in all."""
+        for done in self.checkpointer.finished:
+            self.log.log(done["step"], {"checkpoint/blocked_s": done["blocked_s"], "checkpoint/save_s": done["save_s"]})
+        self.checkpointer.finished.clear()
 
     def evaluate(self, shards) -> dict[str, float]:
         b = self.backend
@@ -464,14 +482,20 @@ class Trainer:
         return metrics
 
     def _export(self, out: Path, meta: dict) -> None:
-        """Whole-model weights as safetensors (collective: sharded backends gather)."""
-        weights = self.backend.full_state_dict(self.model)
-        if not self.backend.is_main:
-            return
+        """Whole-model weights as safetensors shards, gathered and written a tensor at a time
+        (collective: sharded backends gather each tensor)."""
+        b = self.backend
         tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / "model.safetensors"))
+        shards = None
+        if b.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shards = SafetensorsShards(tmp, self.cfg.trainer.export_max_shard_size)
+        for name, tensor in b.full_tensors(self.model):
+            if shards is not None:
+                shards.add(name, tensor)
+        if shards is None:
+            return
+        shards.close()
         write_json(tmp / "meta.json", meta)
         (tmp / "config.yaml").write_text(to_yaml(self.cfg))
         shutil.rmtree(out, ignore_errors=True)
@@ -495,15 +519,16 @@ class Trainer:
         b, step = self.backend, state.step
         if last_saved != step:
             self._save(state, session_start)
+        self._wait_for_save()
         final: dict = {"step": step}
         if self.val_shards is not None:
             final.update({f"val/{k}": v for k, v in self._eval_and_keep_best(state).items()})
         if not (self.cfg.trainer.sample_every and step % self.cfg.trainer.sample_every == 0):
             self._log_samples(step)
-        best = self.run_dir / "best" / "model.safetensors"
+        best = self.run_dir / "best"
         b.barrier()  # rank 0's best export is on disk
-        if self.val_shards is not None and best.exists():
-            b.load_full_state_dict(self.model, best)
+        if self.val_shards is not None and (best / "meta.json").exists():
+            b.load_exported(self.model, best, group=self.checkpointer.group)
             final["best_step"] = state.best_step
         held_out = self._last_val[1]
         if self.test_shards is not None:
@@ -520,7 +545,9 @@ class Trainer:
             net.eval()
             extra = self.workload.final_metrics(net, torch.Generator().manual_seed(self.cfg.trainer.seed))
             net.train()
-        weights = b.full_state_dict(self.model) if self.workload.export is not None else None  # collective
+        weights = None
+        if self.workload.export is not None:  # the workload's own consolidated format; collective
+            weights = dict(b.full_tensors(self.model))
         if b.is_main:
             final.update(extra)
             if weights is not None:

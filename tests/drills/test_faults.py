@@ -22,17 +22,19 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from conftest import kill_tree, wait_for
-from launching import (RECIPE, ROOT, STEPS, accelerate_cmd, assert_matches_reference, run_ok, smoke_overrides,
-                       train_records)
+from launching import (RECIPE, ROOT, STEPS, accelerate_cmd, assert_matches_reference, last_step, run_ok,
+                       smoke_overrides, train_records)
 from trainer.checkpoint import MARKER, complete_checkpoints, latest, verify
 from trainer.metrics import read_jsonl
+from trainer.sharded import read_all
 
 TRIALS = int(os.environ.get("TRIBUTARY_DRILL_TRIALS", "1"))
 EVERY = 40  # smoke_overrides' checkpoint interval
-SAVE_STAGES = ["save.start", "save.files", "save.model", "save.marker", "save.rename", "save.prune"]
+SAVE_STAGES = ["save.start", "save.files", "save.model", "save.write", "save.marker", "save.rename", "save.prune"]
+# with trainer.checkpoint_async these run in the background thread while the loop trains on
+BACKGROUND_STAGES = ["save.write", "save.marker", "save.rename", "save.prune"]
 
 
 def seeded(name: str) -> random.Random:
@@ -87,19 +89,20 @@ class Chain:
             for key in ("train/loss", "train/lr", "train/grad_norm"):
                 assert r[key] == self.ref[r["step"]][key], (r["step"], key)
 
-    def kill_at(self, failpoint: str, timeout: float = 240) -> str:
-        """Launch with one pausing failpoint; SIGKILL the launcher and ranks once it is hit."""
+    def kill_at(self, failpoint: str, timeout: float = 240, past: int = 0) -> str:
+        """Launch with one pausing failpoint; SIGKILL the launcher and ranks once it is hit (and,
+        with `past`, once the loop has logged that step: it trains on while a save is paused)."""
         self.flag.unlink(missing_ok=True)
         env = dict(self.env, TRIBUTARY_FAILPOINTS=f"{failpoint}=pause", TRIBUTARY_FAILPOINT_FLAG=str(self.flag))
         log = self.tmp / f"launch{self.launches}.log"
         with open(log, "w") as f:
             proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-            hit = wait_for(self.flag.exists, proc, timeout)
+            hit = wait_for(lambda: self.flag.exists() and last_step(self.run_dir) >= past, proc, timeout)
             kill_tree(proc.pid)
             proc.wait()
         self.launches += 1
         out = log.read_text()
-        assert hit, f"failpoint {failpoint} never hit:\n{out[-3000:]}"
+        assert hit, f"failpoint {failpoint} never hit (or no step {past} logged after it):\n{out[-3000:]}"
         assert not (self.run_dir / "final_metrics.json").exists()
         self._expect_resume(out)
         self._check_logged_steps()
@@ -127,9 +130,9 @@ def below(step: int) -> int:
     return (step - 1) // EVERY * EVERY
 
 
-def corrupt(ckpt: Path, rng: random.Random, flip: bool) -> str:
-    """Flip one bit of, or truncate, one file of a complete checkpoint."""
-    name = rng.choice(sorted(json.loads((ckpt / MARKER).read_text())["files"]))
+def corrupt(ckpt: Path, rng: random.Random, flip: bool, name: str | None = None) -> str:
+    """Flip one bit of, or truncate, one file (`name`, or a random one) of a complete checkpoint."""
+    name = name or rng.choice(sorted(json.loads((ckpt / MARKER).read_text())["files"]))
     path = ckpt / name
     data = bytearray(path.read_bytes())
     if flip:
@@ -171,13 +174,16 @@ def test_sigkill_at_random_steps_and_inside_saves(tmp_path, digits_dir, cpu_env,
         # the paused rank stops before its part of that stage; the others do theirs. Rank 0
         # alone writes the marker and renames, so rank 1 paused at save.rename means renamed
         renamed = stage == "save.prune" or (stage == "save.rename" and rank == 1)
-        if stage in ("save.model", "save.marker") or (stage == "save.rename" and rank == 0):
+        if stage in ("save.model", "save.write", "save.marker") or (stage == "save.rename" and rank == 0):
             assert (chain.root / f".step-{step}.partial").is_dir()  # half-written, on disk
         chain.expect_latest(step if renamed else below(step))
         save_kills += 1
         if chain.resume_from and (TRIALS == 1 or i % 3 == 2):
             newest = chain.root / f"step-{chain.resume_from}"
-            corrupted.append(corrupt(newest, rng, flip=(len(corrupted) + first_flip) % 2 == 0))
+            # the first: a bit flip in rank 1's model and optimizer shard; then any file
+            name = None if corrupted else "state/__1_0.distcp"
+            corrupted.append(corrupt(newest, rng, flip=not corrupted or (len(corrupted) + first_flip) % 2 == 0,
+                                     name=name))
             assert verify(newest) is not None
             chain.damaged = str(newest)
             older = [int(p.name.split("-")[1]) for p in complete_checkpoints(chain.root)]
@@ -185,6 +191,32 @@ def test_sigkill_at_random_steps_and_inside_saves(tmp_path, digits_dir, cpu_env,
     chain.finish()
     report("kills", seed=rng.seed_value, random_step_kills=random_kills, kills_inside_save=save_kills,
            corrupted_checkpoints=corrupted, launches=chain.launches,
+           resumed_exactly=f"{chain.launches - 1}/{chain.launches - 1}",
+           wrong_or_corrupt_checkpoint_chosen=chain.wrong_choice)
+    assert chain.wrong_choice == 0
+
+
+@pytest.mark.timeout(2400)
+def test_async_saves_killed_in_the_background(tmp_path, digits_dir, cpu_env, smoke_reference):
+    """trainer.checkpoint_async: a rank's background write (or its digests, rename, prune) is
+    paused while the loop trains on past that save; a SIGKILL then leaves the previous
+    checkpoint chosen (the new one once renamed), and the resumed run repeats the synchronous
+    reference's steps exactly."""
+    rng = seeded("async drill")
+    chain = Chain(tmp_path, digits_dir, cpu_env, smoke_reference, "trainer.checkpoint_async=true")
+    stages = ["save.write"] + rng.choices(BACKGROUND_STAGES, k=TRIALS - 1)
+    kills = []
+    for stage in stages:
+        saves = list(range(chain.resume_from + EVERY, STEPS, EVERY))  # not the last: the loop goes on after it
+        if not saves:
+            break
+        step, rank = rng.choice(saves), 1 if len(kills) == 0 else rng.randrange(2)
+        chain.kill_at(f"{stage}@{step}/{rank}", past=step + 5)
+        renamed = stage == "save.prune" or (stage == "save.rename" and rank == 1)
+        chain.expect_latest(step if renamed else below(step))
+        kills.append(f"{stage}@{step}/{rank}")
+    chain.finish()
+    report("async_kills", seed=rng.seed_value, kills_in_background=kills, launches=chain.launches,
            resumed_exactly=f"{chain.launches - 1}/{chain.launches - 1}",
            wrong_or_corrupt_checkpoint_chosen=chain.wrong_choice)
     assert chain.wrong_choice == 0
@@ -249,11 +281,11 @@ def test_nonfinite_loss_skip(tmp_path, digits_dir, cpu_env):
     assert "step 45: grad norm " in out and "(trainer.nonfinite=skip; 2 so far)" in out
     ckpt = run_dir / "checkpoints"
 
-    def same_state(a: int, b: int) -> bool:
-        wa, wb = (load_file(str(ckpt / f"step-{s}/model.safetensors")) for s in (a, b))
-        oa, ob = (torch.load(ckpt / f"step-{s}/optimizer.pt", weights_only=True)["state"] for s in (a, b))
-        return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and \
-            all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    def same_state(a: int, b: int) -> bool:  # weights and AdamW moments and step counts
+        sa, sb = (read_all(ckpt / f"step-{s}/state") for s in (a, b))
+        tensors = [k for k in sa if torch.is_tensor(sa[k])]
+        assert any(k.startswith("model.") for k in tensors) and any(k.endswith(".exp_avg") for k in tensors)
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in tensors)
 
     assert same_state(40, 41) and same_state(44, 45)
     assert not same_state(41, 42)  # the steps around them do train

@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
-from safetensors.torch import load_file, load_model, save_file
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list
+from safetensors.torch import load_file, load_model
 from torch import nn
 
 from trainer.config import ConfigError
@@ -24,7 +24,7 @@ def fsdp_plugin(acc_cfg):
 
     return FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="size_based_wrap",
-        min_num_params=acc_cfg.fsdp_min_params, state_dict_type="FULL_STATE_DICT",
+        min_num_params=acc_cfg.fsdp_min_params, state_dict_type="SHARDED_STATE_DICT",
         cpu_ram_efficient_loading=False)
 
 
@@ -46,18 +46,26 @@ class AccelerateBackend:
     def __init__(self, trainer_cfg):
         acc = trainer_cfg.accelerate
         check_launch_env(acc)
+        plugin = fsdp_plugin(acc) if acc.strategy == "fsdp" else None
         self.accelerator = Accelerator(
             mixed_precision=trainer_cfg.mixed_precision,
             # the LR schedule is ours and steps once per optimizer step; a prepared
             # scheduler would step num_processes times (FACTS.md)
             step_scheduler_with_optimizer=False,
-            fsdp_plugin=fsdp_plugin(acc) if acc.strategy == "fsdp" else None,
+            fsdp_plugin=plugin,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))],
         )
         self.fsdp = acc.strategy == "fsdp"
+        state = self.accelerator.state
+        if self.fsdp and state.distributed_type == DistributedType.MULTI_CPU:
+            # Accelerate 1.15 applies an FSDP plugin only on accelerator devices: on CPU ranks it
+            # keeps MULTI_CPU and prepare() silently wraps DDP. Its FSDP2 path runs on CPU too
+            # (fully_shard over gloo), so it is asked for here, as a GPU launch gets it.
+            state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+            if trainer_cfg.mixed_precision != "no":  # what Accelerate does for a GPU launch
+                plugin.set_mixed_precision(trainer_cfg.mixed_precision)
         self.name = "Accelerate FSDP2 (fully_shard)" if self.fsdp else "Accelerate DDP"
         self.shards_params = self.fsdp  # forward is collective: all ranks must run it
-        state = self.accelerator.state
         self.rank, self.world_size = state.process_index, state.num_processes
         self.is_main = self.accelerator.is_main_process
         # Accelerate says "cpu:0", which torch.load and safetensors refuse as a location
@@ -128,53 +136,68 @@ class AccelerateBackend:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def full_state_dict(self, model: nn.Module) -> Optional[dict]:
-        """The whole model's weights on rank 0 (None elsewhere). Collective."""
-        if self.fsdp:
-            sd = self.accelerator.get_state_dict(model)
+    # ---------------------------------------------------------------- checkpoints
+    checkpoint_layout = "dcp"
+
+    def checkpoint_writer(self, path: Path, model: nn.Module, optimizer: Any, *, step: int, group,
+                          stage: bool):
+        """Model and optimizer as DCP shards (trainer/sharded.py): every rank writes what it
+        holds; DDP's replicas are split over the ranks, FSDP2's shards stay where they are."""
+        from trainer import sharded
+
+        return sharded.writer(path, self.unwrap(model), optimizer.optimizer, step=step, rank=self.rank,
+                              group=group, stage=stage)
+
+    def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any, *, group) -> None:
+        from trainer import sharded
+
+        if (path / sharded.STATE_DIR).is_dir():
+            sharded.load(path, self.unwrap(model), optimizer.optimizer, group=group)
         else:
-            sd = self.unwrap(model).state_dict() if self.is_main else None
-        if not self.is_main:
-            return None
-        return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+            self._load_full_files(path, model, optimizer)
 
-    def load_full_state_dict(self, model: nn.Module, path: Path) -> None:
-        """Load a whole-model safetensors file into the (possibly sharded) model. Collective."""
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    def _load_full_files(self, path: Path, model: nn.Module, optimizer: Any) -> None:
+        """The earlier layout: model.safetensors + optimizer.pt, whole, written by rank 0."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
-            state = load_file(str(path)) if self.is_main else {}
-            set_model_state_dict(self.unwrap(model), state, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=True))
-        else:
-            load_model(self.unwrap(model), str(path), strict=True, device="cpu")
+        from trainer.export import check_shapes
 
-    # DDP keeps identical replicas, so rank 0 writes the model and optimizer for everyone;
-    # FSDP gathers both to full tensors first, so the files are the same at any world size.
-    def save_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any) -> None:
-        sd = self.full_state_dict(model)
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            optim_state = get_optimizer_state_dict(self.unwrap(model), optimizer.optimizer, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True))
-        else:
-            optim_state = optimizer.state_dict() if self.is_main else None
-        if self.is_main:
-            save_file(sd, str(path / "model.safetensors"))
-            torch.save(optim_state, path / "optimizer.pt")
-
-    def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any) -> None:
-        self.load_full_state_dict(model, path / "model.safetensors")
+        net = self.unwrap(model)
+        check_shapes(path / "model.safetensors", net, path)
         # load_state_dict moves the state next to each parameter
         state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.unwrap(model), optimizer.optimizer, state, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=True))
+            full = load_file(str(path / "model.safetensors")) if self.is_main else {}
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_model_state_dict(net, full, options=options)
+            set_optimizer_state_dict(net, optimizer.optimizer, state, options=options)
         else:
+            load_model(net, str(path / "model.safetensors"), strict=True, device="cpu")
             optimizer.load_state_dict(state)
+
+    def full_tensors(self, model: nn.Module):
+        """(name, whole tensor on the CPU) of every model tensor, one at a time, on rank 0
+        (None elsewhere): a consolidated export never holds more than the tensor at hand.
+        Collective under FSDP2 (one all-gather per tensor)."""
+        net = self.unwrap(model)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            for name, tensor in get_model_state_dict(net).items():
+                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                yield name, full.detach().cpu().clone() if self.is_main else None
+                del full
+        elif self.is_main:
+            for name, tensor in net.state_dict().items():
+                yield name, tensor.detach().cpu().clone()
+
+    def load_exported(self, model: nn.Module, path: Path, *, group) -> None:
+        """Load a safetensors export (one file or an indexed set, trainer/export.py) into the
+        model, each rank reading only its slices. Collective."""
+        from trainer import sharded
+
+        sharded.load_full_model(path, self.unwrap(model), group=group)
 
     def extra_state(self) -> dict:
         scaler = self.accelerator.scaler

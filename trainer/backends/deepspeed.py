@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from trainer.config import ConfigError
@@ -231,38 +232,92 @@ class DeepSpeedBackend:
         if self.world_size > 1:
             dist.barrier()
 
-    def full_state_dict(self, model: nn.Module) -> Optional[dict]:
-        """The whole model's weights on rank 0 (None elsewhere). Collective."""
-        if self.stage == 3:
-            sd = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
-            sd = self.unwrap(model).state_dict() if self.is_main else None
-        if sd is None:
-            return None
-        return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+    # ---------------------------------------------------------------- checkpoints
+    checkpoint_layout = "deepspeed"
 
-    def load_full_state_dict(self, model: nn.Module, path: Path) -> None:
-        """Load a whole-model safetensors file into the (possibly partitioned) model. Collective."""
+    def full_tensors(self, model: nn.Module):
+        """(name, whole tensor on the CPU) of every model tensor, one at a time, on rank 0
+        (None elsewhere). ZeRO-3 gathers one parameter at a time (collective)."""
         net = self.unwrap(model)
         if self.stage == 3:
             import deepspeed
 
-            state = load_file(str(path)) if self.is_main else None
-            with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=0):
-                if self.is_main:
-                    net.load_state_dict(state, strict=True)
-        else:
-            net.load_state_dict(load_file(str(path)), strict=True)
+            for name, tensor in net.state_dict(keep_vars=True).items():
+                if hasattr(tensor, "ds_id"):
+                    with deepspeed.zero.GatheredParameters([tensor]):
+                        yield name, tensor.detach().cpu().clone() if self.is_main else None
+                else:
+                    yield name, tensor.detach().cpu().clone() if self.is_main else None
+        elif self.is_main:
+            for name, tensor in net.state_dict().items():
+                yield name, tensor.detach().cpu().clone()
 
-    def save_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any) -> None:
-        # every rank writes its partition; the marker below lets universal conversion work
-        self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False,
-                                    client_state={"universal_checkpoint_info": {}})
-        sd = self.full_state_dict(model)
-        if self.is_main:
-            save_file(sd, str(path / "model.safetensors"))
+    def load_exported(self, model: nn.Module, path: Path, *, group) -> None:
+        """Load a safetensors export (trainer/export.py) into the (possibly partitioned) model,
+        a tensor at a time. Collective."""
+        from safetensors import safe_open
 
-    def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any) -> None:
+        from trainer.export import check_shapes, exported_files
+
+        net = self.unwrap(model)
+        files = exported_files(path)
+        if self.stage != 3:
+            check_shapes(path, net)
+            for f in sorted(set(files.values())):
+                net.load_state_dict(load_file(str(f)), strict=False)
+            return
+        import deepspeed
+
+        for name, tensor in net.state_dict(keep_vars=True).items():
+            if name not in files:
+                raise KeyError(f"{path}: the export has no '{name}'")
+            if hasattr(tensor, "ds_id"):
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+                    if self.is_main:
+                        with safe_open(str(files[name]), framework="pt") as f:
+                            tensor.data.copy_(f.get_tensor(name))
+            else:
+                with safe_open(str(files[name]), framework="pt") as f:
+                    tensor.data.copy_(f.get_tensor(name))
+
+    def checkpoint_writer(self, path: Path, model: nn.Module, optimizer: Any, *, step: int, group,
+                          stage: bool):
+        """DeepSpeed's engine checkpoint, every rank writing its partition. The whole weights
+        are gathered beside it only with trainer.deepspeed.save_full_weights."""
+        if stage:
+            raise ValueError("a DeepSpeed engine writes its checkpoint synchronously "
+                             "(trainer.checkpoint_async needs trainer.backend=accelerate)")
+
+        def write() -> list[str]:
+            # the marker below lets universal conversion (another world size) work
+            self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False,
+                                        client_state={"universal_checkpoint_info": {}})
+            if self.cfg.deepspeed.save_full_weights:
+                from trainer.export import SafetensorsShards
+
+                shards = SafetensorsShards(path, self.cfg.export_max_shard_size) if self.is_main else None
+                for name, tensor in self.full_tensors(model):
+                    if shards is not None:
+                        shards.add(name, tensor)
+                if shards is not None:
+                    shards.close()
+            return self.owned_files(path)
+
+        return write
+
+    def owned_files(self, path: Path) -> list[str]:
+        """What this rank wrote: its `zero_pp_rank_<R>_` partition files; rank 0 also the rest
+        (the engine's model states, the recovery script, the gathered weights)."""
+        per_rank = re.compile(r"zero_pp_rank_(\d+)_")
+        ours = re.compile(r"^(rng|data)-rank\d+\.")
+        mine = []
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            m = per_rank.search(f.name)
+            if (m and int(m.group(1)) == self.rank) or (not m and self.is_main and not ours.match(f.name)):
+                mine.append(f.relative_to(path).as_posix())
+        return mine
+
+    def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any, *, group=None) -> None:
         saved_ranks = len(list((path / DS_TAG).glob("*optim_states.pt")))
         if not saved_ranks or saved_ranks == self.world_size:
             self._load(path, DS_TAG)

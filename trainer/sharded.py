@@ -1,0 +1,223 @@
+"""Model and optimizer state as torch.distributed.checkpoint (DCP) shards.
+
+Every rank writes the part of the state it holds into `state/__<rank>_0.distcp`: under FSDP2
+its own shards; under DDP the replicas are deduplicated and DCP spreads the tensors over the
+ranks by size, so the ranks share the writing. Rank 0 adds `state/.metadata`, the index of
+every tensor's chunks. A load reads only the chunks that this rank's tensors need, so a
+checkpoint written at N ranks loads at M, and one written under DDP loads under FSDP2 and back.
+Nothing here gathers a whole model or optimizer state on any rank.
+
+The keys are `model.<fqn>` and `optim.state.<fqn>.<exp_avg|exp_avg_sq|step>` plus the
+optimizer's param groups: fully qualified parameter names, the same under every strategy.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from trainer.checkpoint import IncompatibleCheckpointError
+from trainer.faults import failpoint
+
+STATE_DIR = "state"  # inside step-N/
+METADATA = ".metadata"
+MODEL_PREFIX = "model."
+# DCP warns at every save and load in a single process that it assumes a single process
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP reads `.metadata` with plain `pickle.load`, which would run whatever a tampered file
+    holds; this one builds only the classes that DCP's index is made of."""
+
+    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner")
+    _NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+              ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+              ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._MODULES and not name.startswith("__"):
+            return super().find_class(module, name)
+        if (module, name) in self._NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{METADATA}: refusing to load {module}.{name} (not part of a "
+                                     "DCP index; the file was altered or is not a DCP checkpoint)")
+
+
+def read_metadata(state_dir: Path) -> Metadata:
+    path = Path(state_dir) / METADATA
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(io.BytesIO(f.read())).load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no DCP index (the checkpoint is incomplete)") from None
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader with the restricted metadata unpickler (tensors and the optimizer's
+    numbers are already read weights-only by DCP)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _Writer(FileSystemWriter):
+    """DCP's file writer (one fsynced file per rank), with the `save.write` failpoint once
+    this rank's file is on disk and before rank 0 writes the index."""
+
+    def __init__(self, path: Path, *, step: int, rank: int):
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+        self._step, self._rank = step, rank
+
+    def write_data(self, plan, planner):
+        written = super().write_data(plan, planner)
+        failpoint("save.write", step=self._step, rank=self._rank)
+        return written
+
+
+def state_of(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The model and optimizer state as DCP saves and loads it: each rank's own tensors
+    (DTensor shards under FSDP2), keyed by parameter name. No copies."""
+    return {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
+
+
+def writer(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, step: int, rank: int,
+           group, stage: bool) -> Callable[[], list[str]]:
+    """Prepare this rank's write of `path/state/`; the callable returned writes it (collective
+    over `group`) and names the files this rank wrote, relative to `path`.
+
+    stage: copy the state to host memory now (DCP's stager), so the write may run in a
+    background thread while the weights move on."""
+    state = state_of(net, optimizer)
+    out = Path(path) / STATE_DIR
+    target = _Writer(out, step=step, rank=rank)
+    if stage:
+        state = target.stage(state)
+
+    def write() -> list[str]:
+        dcp.save(state, storage_writer=target, process_group=group, no_dist=not dist.is_initialized())
+        return owned_files(path, rank)
+
+    return write
+
+
+def owned_files(path: Path, rank: int) -> list[str]:
+    """The files of `path/state/` that `rank` wrote (its shard files; rank 0 also the index)."""
+    out = Path(path) / STATE_DIR
+    mine = sorted(f"{STATE_DIR}/{p.name}" for p in out.glob(f"__{rank}_*.distcp"))
+    if rank == 0 and (out / METADATA).exists():
+        mine.append(f"{STATE_DIR}/{METADATA}")
+    return mine
+
+
+def _describe(meta) -> str:
+    if isinstance(meta, TensorStorageMetadata):
+        return f"{tuple(meta.size)} {str(meta.properties.dtype).removeprefix('torch.')}"
+    return "a non-tensor value"
+
+
+def check_compatible(metadata: Metadata, model_state: dict, where: Path) -> None:
+    """The checkpoint's model tensors must be ours, name for name and shape for shape (a dtype
+    may differ: DCP converts). Raises naming the first difference and both sides."""
+    saved = {k[len(MODEL_PREFIX):]: v for k, v in metadata.state_dict_metadata.items()
+             if k.startswith(MODEL_PREFIX)}
+    for name, tensor in model_state.items():
+        shape = tuple(tensor.shape)
+        if name not in saved:
+            raise IncompatibleCheckpointError(
+                f"{where}: the model has '{name}' {shape}, the checkpoint has no such tensor "
+                f"(it holds {len(saved)} model tensors, e.g. {sorted(saved)[:3]}); it was written "
+                "for another model")
+        meta = saved[name]
+        if not isinstance(meta, TensorStorageMetadata) or tuple(meta.size) != shape:
+            raise IncompatibleCheckpointError(
+                f"{where}: '{name}' is {shape} in the model but {_describe(meta)} in the "
+                "checkpoint; it was written for another model shape (resume with the model config "
+                "it was trained with, or start a new run.dir)")
+    extra = sorted(set(saved) - set(model_state))
+    if extra:
+        raise IncompatibleCheckpointError(
+            f"{where}: the checkpoint has '{extra[0]}' {_describe(saved[extra[0]])}, which the model "
+            f"lacks ({len(extra)} such tensor(s)); it was written for another model")
+
+
+def load(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, group) -> None:
+    """Read `path/state/` into the model and optimizer, each rank only its own part.
+    Collective over `group`."""
+    out = Path(path) / STATE_DIR
+    state = state_of(net, optimizer)
+    check_compatible(read_metadata(out), state["model"], path)
+    dcp.load(state, storage_reader=SafeReader(out), process_group=group, no_dist=not dist.is_initialized())
+    set_model_state_dict(net, state["model"])
+    set_optimizer_state_dict(net, optimizer, state["optim"])
+
+
+def model_tensors(metadata: Metadata) -> dict[str, TensorStorageMetadata]:
+    """name -> (size, dtype) of every model tensor of a DCP index."""
+    return {k[len(MODEL_PREFIX):]: v for k, v in metadata.state_dict_metadata.items()
+            if k.startswith(MODEL_PREFIX) and isinstance(v, TensorStorageMetadata)}
+
+
+def read_model_tensors(state_dir: Path, names: list[str],
+                       metadata: Optional[Metadata] = None) -> dict[str, torch.Tensor]:
+    """Whole tensors `names` of the model, read in this process alone (no process group):
+    only the bytes of those tensors are read. For exports and tools."""
+    metadata = metadata or read_metadata(state_dir)
+    specs = model_tensors(metadata)
+    state = {f"{MODEL_PREFIX}{n}": torch.empty(tuple(specs[n].size), dtype=specs[n].properties.dtype)
+             for n in names}
+    dcp.load(state, storage_reader=SafeReader(state_dir), no_dist=True)
+    return {n: state[f"{MODEL_PREFIX}{n}"] for n in names}
+
+
+def read_all(state_dir: Path) -> dict[str, Any]:
+    """Every entry of a (small) DCP checkpoint, flattened, in this process: for tests and tools."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}  # filled from the index, as DCP's dcp_to_torch_save does
+    _load_state_dict(state, storage_reader=SafeReader(state_dir), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    walk("", state)
+    return flat
+
+
+def load_full_model(path: Path, net: torch.nn.Module, *, group) -> None:
+    """Load Hugging Face-style safetensors (one file or an indexed set) into a model that may be
+    sharded: DCP's reader of that format reads each rank's slices only. Collective."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    state = get_model_state_dict(net)
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), process_group=group,
+             no_dist=not dist.is_initialized())
+    set_model_state_dict(net, state, options=StateDictOptions(strict=True))
+
