@@ -5,6 +5,8 @@ An export is `model.safetensors`, or, past `max_shard_size`, `model-00001-of-000
 accelerate's `load_checkpoint_in_model` and DCP's HuggingFaceStorageReader read). The writer
 holds at most one shard in memory, so a model larger than one host's memory exports shard by
 shard: from a live model (the `best/` export), from DCP checkpoints and from DeepSpeed ones.
+Ours because huggingface_hub's splitter plans from a whole state dict and writes nothing: here
+tensors arrive one at a time (gathered, or read from shards) and leave as soon as a shard fills.
 """
 
 from __future__ import annotations
