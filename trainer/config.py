@@ -77,7 +77,9 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class AccelerateSection:
     strategy: str = "ddp"  # ddp | fsdp (FSDP2, fully_shard)
-    fsdp_min_params: int = 100_000  # auto-wrap: modules with at least this many parameters
+    # FSDP2 units: each block (a ModuleList/Sequential member, or a `_no_split_modules`
+    # class) with at least this many parameters is sharded on its own; the rest with the root
+    fsdp_min_params: int = 100_000
 
 
 @dataclass(kw_only=True)

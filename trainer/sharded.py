@@ -13,6 +13,7 @@ optimizer's param groups: fully qualified parameter names, the same under every 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import warnings
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -96,6 +98,20 @@ class _Writer(FileSystemWriter):
         return written
 
 
+@contextlib.contextmanager
+def _plain_errors(rank: Optional[int] = None):
+    """DCP gathers every rank's failure into one CheckpointException, a BaseException: raise the
+    underlying error instead (this rank's when it had one), which callers can catch and name."""
+    try:
+        yield
+    except CheckpointException as exc:
+        failures = exc.failures
+        exc_, _ = failures.get(rank) or next(iter(failures.values()))
+        if len(failures) > 1 or rank not in failures:
+            exc_.add_note(f"(DCP: failed on rank(s) {sorted(failures)})")
+        raise exc_ from None
+
+
 def state_of(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The model and optimizer state as DCP saves and loads it: each rank's own tensors
     (DTensor shards under FSDP2), keyed by parameter name. No copies."""
@@ -116,7 +132,8 @@ def writer(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *
         state = target.stage(state)
 
     def write() -> list[str]:
-        dcp.save(state, storage_writer=target, process_group=group, no_dist=not dist.is_initialized())
+        with _plain_errors(rank):
+            dcp.save(state, storage_writer=target, process_group=group, no_dist=not dist.is_initialized())
         return owned_files(path, rank)
 
     return write
@@ -168,7 +185,8 @@ def load(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
     out = Path(path) / STATE_DIR
     state = state_of(net, optimizer)
     check_compatible(read_metadata(out), state["model"], path)
-    dcp.load(state, storage_reader=SafeReader(out), process_group=group, no_dist=not dist.is_initialized())
+    with _plain_errors(dist.get_rank() if dist.is_initialized() else 0):
+        dcp.load(state, storage_reader=SafeReader(out), process_group=group, no_dist=not dist.is_initialized())
     set_model_state_dict(net, state["model"])
     set_optimizer_state_dict(net, optimizer, state["optim"])
 
@@ -187,7 +205,8 @@ def read_model_tensors(state_dir: Path, names: list[str],
     specs = model_tensors(metadata)
     state = {f"{MODEL_PREFIX}{n}": torch.empty(tuple(specs[n].size), dtype=specs[n].properties.dtype)
              for n in names}
-    dcp.load(state, storage_reader=SafeReader(state_dir), no_dist=True)
+    with _plain_errors(0):
+        dcp.load(state, storage_reader=SafeReader(state_dir), no_dist=True)
     return {n: state[f"{MODEL_PREFIX}{n}"] for n in names}
 
 
@@ -217,7 +236,8 @@ def load_full_model(path: Path, net: torch.nn.Module, *, group) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     state = get_model_state_dict(net)
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), process_group=group,
-             no_dist=not dist.is_initialized())
+    with _plain_errors(dist.get_rank() if dist.is_initialized() else 0):
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), process_group=group,
+                 no_dist=not dist.is_initialized())
     set_model_state_dict(net, state, options=StateDictOptions(strict=True))
 

@@ -18,14 +18,39 @@ from trainer.config import ConfigError
 
 
 def fsdp_plugin(acc_cfg):
-    """FSDP2 (fully_shard): FSDP1 refuses CPU devices (FACTS.md). Every module whose own
-    parameters reach `fsdp_min_params` is a shard unit; the rest stays with the root."""
+    """FSDP2 (fully_shard): FSDP1 refuses CPU devices (FACTS.md). The shard units are chosen
+    per model in `prepare` (fsdp_units); the rest stays with the root."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="size_based_wrap",
         min_num_params=acc_cfg.fsdp_min_params, state_dict_type="SHARDED_STATE_DICT",
         cpu_ram_efficient_loading=False)
+
+
+def fsdp_units(model: nn.Module, min_params: int) -> list[str]:
+    """Class names of the model's repeated blocks, each its own FSDP2 unit: every member of an
+    outermost ModuleList / Sequential / ModuleDict holding at least `min_params` parameters,
+    plus what submodules list in `_no_split_modules` (the transformers/diffusers convention).
+    Accelerate's size-based policy would also pick the ModuleList itself, which fully_shard
+    refuses (a container has no forward)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+
+    def walk(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+                for member in child.children():
+                    if sum(p.numel() for p in member.parameters()) >= min_params:
+                        names.add(type(member).__name__)
+                    else:
+                        walk(member)
+            else:
+                walk(child)
+
+    walk(model)
+    return sorted(names)
 
 
 def check_launch_env(acc_cfg) -> None:
@@ -55,7 +80,7 @@ class AccelerateBackend:
             fsdp_plugin=plugin,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))],
         )
-        self.fsdp = acc.strategy == "fsdp"
+        self.fsdp, self.min_params = acc.strategy == "fsdp", acc.fsdp_min_params
         state = self.accelerator.state
         if self.fsdp and state.distributed_type == DistributedType.MULTI_CPU:
             # Accelerate 1.15 applies an FSDP plugin only on accelerator devices: on CPU ranks it
@@ -73,6 +98,13 @@ class AccelerateBackend:
         self.device = torch.device("cpu") if device.type == "cpu" else device
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        if self.fsdp:
+            from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+            plugin = self.accelerator.state.fsdp_plugin
+            units = fsdp_units(model, self.min_params)
+            plugin.auto_wrap_policy = transformer_auto_wrap_policy if units else None
+            plugin.transformer_cls_names_to_wrap = units or None
         model, optimizer = self.accelerator.prepare(model, optimizer)
         if self.world_size == 1 and isinstance(model, nn.parallel.DistributedDataParallel):
             # a launcher's group of one makes Accelerate wrap DDP anyway, whose buffer

@@ -1,0 +1,345 @@
+"""Checkpoint cost as the model and the rank count grow: the earlier full-gather path against
+the sharded one (DCP), in the same processes.
+
+    python -m benchmarks.checkpoint_scale                      # 50M, 200M, 400M byte-level LMs
+    python -m benchmarks.checkpoint_scale --sizes 50M --dir /tmp/ckpt-bench   # on the local disk
+
+Each configuration is a real `torchrun` launch (2 CPU ranks over gloo, or 1) of the byte-level
+LM of configs/lm/causal_1k.yaml at a given width and depth, under Accelerate FSDP2, DDP or
+DeepSpeed ZeRO-3. It trains one step (so AdamW's moments exist), then saves and loads by
+  old:   the code this repository had before DCP: the whole model and optimizer state gathered
+         onto rank 0 (FSDP2: full_state_dict with cpu_offload; ZeRO-3: plus the 16-bit gather),
+         written and sha256-hashed by rank 0; loaded by rank 0 and broadcast (FSDP2), the
+         digests re-checked by rank 0 alone;
+  new:   trainer.checkpoint.Checkpointer as the trainer uses it (DCP shards, every rank writes,
+         hashes with xxh3 and verifies its share);
+  async: the same with trainer.checkpoint_async (the loop is blocked only while the state is
+         staged to host memory).
+Every rank samples its own RSS every millisecond; "extra" is the phase's peak over that rank's
+RSS between training steps (weights and optimizer state resident). Allocations of 1 MiB and up
+are mmapped (MALLOC_MMAP_THRESHOLD_), so memory freed by one phase is not reused by the next.
+
+The default folder is /dev/shm: storage that keeps up with every writer, as a parallel file
+system does for many nodes, so the numbers show the software's cost and how it divides among
+ranks. On one local disk every path is bound by the disk's own write rate (printed first).
+One JSON object per measurement, then a last line with the headline ratios for the largest FSDP2
+model: rank0_extra_rss_frac_save/load, async_blocked_frac, save_time_2v1, load_time_2v1, rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"10M": (320, 8), "50M": (640, 10), "200M": (1024, 16), "400M": (1280, 20)}  # (dim, depth): ~12 dim^2 a block
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """This process's peak resident memory between start() and stop(), sampled every ms."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self.peak = 0
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self.peak = self.now()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+# ---------------------------------------------------------------- the earlier path (baseline)
+def old_save(b, model, optimizer, scheduler, path: Path) -> dict:
+    """What Checkpointer.save did before DCP for the model and optimizer, marker included."""
+    import torch
+    from safetensors.torch import save_file
+
+    net = b.unwrap(model)
+    if b.checkpoint_layout == "deepspeed":  # ZeRO-3: its partitions, then a 16-bit gather on rank 0
+        b.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False,
+                                 client_state={"universal_checkpoint_info": {}})
+        weights = b.engine._zero3_consolidated_16bit_state_dict()
+        optim = None
+    elif b.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(net, options=full)
+        optim = get_optimizer_state_dict(net, optimizer.optimizer, options=full)
+    else:
+        weights = net.state_dict() if b.is_main else None
+        optim = optimizer.state_dict() if b.is_main else None
+    if b.is_main:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
+                  str(path / "model.safetensors"))
+        if optim is not None:
+            torch.save(optim, path / "optimizer.pt")
+        torch.save(scheduler.state_dict(), path / "scheduler.pt")
+        files = {p.relative_to(path).as_posix(): sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        (path / "COMPLETE.json").write_text(json.dumps({"step": 1, "world_size": b.world_size, "files": files}))
+    del weights, optim
+    b.barrier()
+    return {0: sum(p.stat().st_size for p in path.rglob("*") if p.is_file())} if b.checkpoint_layout != "deepspeed" \
+        else _bytes_by_writer(path)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _bytes_by_writer(path: Path) -> dict:
+    import re
+
+    out: dict[int, int] = {}
+    for p in path.rglob("*"):
+        if p.is_file():
+            m = re.search(r"zero_pp_rank_(\d+)_", p.name)
+            r = int(m.group(1)) if m else 0
+            out[r] = out.get(r, 0) + p.stat().st_size
+    return out
+
+
+# ---------------------------------------------------------------- one launch
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT))
+    from models.registry import build_workload
+    from trainer.backends import make_backend
+    from trainer.checkpoint import Checkpointer, verify
+    from trainer.config import load_config
+    from trainer.loop import build_optimizer, lr_factor
+
+    dim, depth = SIZES[args.size]
+    strategy = {"fsdp": ["trainer.accelerate.strategy=fsdp"], "ddp": [],
+                "zero3": ["trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=3"]}[args.strategy]
+    cfg = load_config(ROOT / "configs/lm/causal_1k.yaml", [
+        f"run.dir={args.dir}", f"model.dim={dim}", f"model.depth={depth}", f"model.heads={dim // 64}",
+        "model.seq_len=64", "data.batch_size=1", "trainer.dist_timeout_s=3600", *strategy])
+    b = make_backend(cfg)
+    workload = build_workload(cfg.model)
+    torch.manual_seed(0)
+    model = workload.build_model()
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, warmup=10, total=100, schedule="cosine", min_ratio=0.1))
+    model, optimizer = b.prepare(model, optimizer)
+    batch = {"tokens": torch.randint(0, 256, (1, 65), device=b.device), "seed": torch.zeros(1, dtype=torch.long)}
+    with PeakRSS() as train_peak:
+        b.backward(workload.training_loss(model, batch))
+        b.step(model, optimizer, 1.0)
+        scheduler.step()
+    gc.collect()
+    steady = PeakRSS.now()
+    root = Path(args.dir) / f"{args.size}-{args.strategy}-{b.world_size}"
+    group = Checkpointer(root, b, keep_last_k=1).group
+
+    def gather(value):
+        out = [None] * b.world_size
+        dist.all_gather_object(out, value, group=group) if group is not None else out.__setitem__(0, value)
+        return out
+
+    def timed(fn):
+        """(wall seconds between barriers, this rank's peak RSS over steady, fn's result)."""
+        b.barrier()
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            result = fn()
+            b.barrier()
+            wall = time.perf_counter() - t0
+        return wall, peak.peak - steady, result
+
+    rows = []
+    for path in args.paths.split(","):
+        if path == "async" and b.checkpoint_layout == "deepspeed":
+            continue
+        if b.is_main:
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+        b.barrier()
+        row = {"size": args.size, "params": params, "strategy": args.strategy, "ranks": b.world_size,
+               "path": path, "steady_rss_gb": [round(x / 1e9, 3) for x in gather(steady)],
+               "train_step_peak_rss_gb": [round(x / 1e9, 3) for x in gather(train_peak.peak)]}
+        if path == "old":
+            ckpt = root / "step-1"
+            if b.is_main:
+                ckpt.mkdir()
+            b.barrier()
+            save_s, save_extra, written = timed(lambda: old_save(b, model, optimizer, scheduler, ckpt))
+            verify_s, _, problem = timed(lambda: verify(ckpt) if b.is_main else None)  # rank 0 alone
+            if b.checkpoint_layout == "deepspeed":  # loads as the new path does
+                load_s, load_extra = None, 0
+            else:
+                load_s, load_extra, _ = timed(lambda: b._load_full_files(ckpt, model, optimizer))
+            blocked_s = save_s
+        else:
+            ck = Checkpointer(root, b, keep_last_k=1, background=path == "async", timeout_s=3600)
+            ck.group = group
+            b.barrier()
+            t0 = time.perf_counter()
+            with PeakRSS() as peak:
+                ck.save(1, model=model, optimizer=optimizer, scheduler=scheduler, trainer_state={"step": 1},
+                        data_state={"rank": b.rank})
+                blocked_s = time.perf_counter() - t0
+                ck.wait()
+                b.barrier()
+                save_s = time.perf_counter() - t0
+            save_extra = peak.peak - steady
+            ckpt = root / "step-1"
+            meta = json.loads((ckpt / "COMPLETE.json").read_text())
+            written = {}
+            for entry in meta["files"].values():
+                written[entry["rank"]] = written.get(entry["rank"], 0) + entry["bytes"]
+            verify_s, _, problem = timed(lambda: ck.verify_shared(ckpt))
+            load_s, load_extra, _ = timed(lambda: ck.load(ckpt, model=model, optimizer=optimizer, scheduler=scheduler))
+        assert problem is None, problem
+        blocked = gather(blocked_s)
+        row.update({
+            "save_s": round(save_s, 3), "blocked_s": round(max(blocked), 3),
+            "verify_s": round(verify_s, 3), "load_s": None if load_s is None else round(load_s, 3),
+            "extra_rss_save_gb": [round(x / 1e9, 3) for x in gather(save_extra)],
+            "extra_rss_load_gb": [round(x / 1e9, 3) for x in gather(load_extra)],
+            "bytes_written_gb": [round(written.get(r, 0) / 1e9, 3) for r in range(b.world_size)]})
+        row["extra_rss_frac_save"] = [round(e / s, 3) for e, s in zip(row["extra_rss_save_gb"], row["steady_rss_gb"])]
+        row["extra_rss_frac_load"] = [round(e / s, 3) for e, s in zip(row["extra_rss_load_gb"], row["steady_rss_gb"])]
+        rows.append(row)
+        gc.collect()
+    b.barrier()
+    if b.is_main:
+        shutil.rmtree(root, ignore_errors=True)
+        for row in rows:
+            print("ROW " + json.dumps(row), flush=True)
+    b.end()
+
+
+# ---------------------------------------------------------------- the driver
+def launch(size: str, strategy: str, nproc: int, paths: str, folder: Path, threads: int) -> list[dict]:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="",
+               MALLOC_MMAP_THRESHOLD_=str(1 << 20), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "benchmarks.checkpoint_scale", "--worker", "--size", size, "--strategy", strategy,
+           "--paths", paths, "--dir", str(folder)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{size} {strategy} x{nproc}: exit {out.returncode}\n{out.stderr[-4000:]}")
+    rows = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("ROW ")]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def hash_rates(mb: int = 512) -> dict:
+    """GB/s of each digest over the same bytes in memory, one core."""
+    data = os.urandom(mb << 20)
+    out = {}
+    import xxhash
+
+    algos = {"sha256": lambda: hashlib.sha256(data).digest(), "xxh3_128": lambda: xxhash.xxh3_128(data).digest(),
+             "xxh64": lambda: xxhash.xxh64(data).digest()}
+    try:
+        import google_crc32c
+
+        algos["crc32c"] = lambda: google_crc32c.value(data)
+    except ImportError:
+        pass
+    for name, fn in algos.items():
+        t0 = time.perf_counter()
+        fn()
+        out[name] = round(len(data) / (time.perf_counter() - t0) / 1e9, 2)
+    return out
+
+
+def disk_rate(folder: Path, mb: int = 1024) -> float:
+    """GB/s of one fsynced sequential write into `folder` (what a checkpoint's bytes meet)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = folder / "disk-rate.tmp"
+    block = os.urandom(16 << 20)
+    t0 = time.perf_counter()
+    with open(f, "wb") as out:
+        for _ in range(mb // 16):
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    rate = mb * (1 << 20) / (time.perf_counter() - t0) / 1e9
+    f.unlink()
+    return round(rate, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--size", default="50M")
+    ap.add_argument("--strategy", default="fsdp")
+    ap.add_argument("--paths", default="old,new,async")
+    ap.add_argument("--sizes", default="50M,200M,400M")
+    ap.add_argument("--dir", default="/dev/shm/tributary-checkpoint-scale")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    folder = Path(args.dir)
+    sizes = args.sizes.split(",")
+    largest = sizes[-1]
+    print(json.dumps({"hash_gb_per_s": hash_rates(), "storage": str(folder),
+                      "storage_fsync_write_gb_per_s": disk_rate(folder)}), flush=True)
+    rows = []
+    for size in sizes:
+        rows += launch(size, "fsdp", 2, "old,new,async", folder, args.threads)
+        # DDP keeps a whole replica per rank; its async staging copy of it too does not fit
+        # beside two 400M replicas in 24 GiB
+        rows += launch(size, "ddp", 2, "old,new" if size == "400M" else "old,new,async", folder, args.threads)
+    rows += launch(largest, "zero3", 2, "old,new", folder, args.threads)
+    rows += launch(largest, "fsdp", 1, "new,async", folder, args.threads)
+    shutil.rmtree(folder, ignore_errors=True)
+
+    def pick(strategy, ranks, path):
+        return next(r for r in rows if (r["size"], r["strategy"], r["ranks"], r["path"]) == (largest, strategy, ranks, path))
+
+    new2, async2, new1 = pick("fsdp", 2, "new"), pick("fsdp", 2, "async"), pick("fsdp", 1, "new")
+    print(json.dumps({
+        "model": f"{largest} byte-level LM, FSDP2, 2 ranks",
+        "rank0_extra_rss_frac_save": new2["extra_rss_frac_save"][0],
+        "rank0_extra_rss_frac_load": new2["extra_rss_frac_load"][0],
+        "async_blocked_frac": round(async2["blocked_s"] / new2["save_s"], 3),
+        "save_time_2v1": round(new2["save_s"] / new1["save_s"], 3),
+        "load_time_2v1": round(new2["load_s"] / new1["load_s"], 3),
+        "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
