@@ -143,11 +143,13 @@ def check_shards(cfg, world: int, global_batch: Optional[int], say: Say) -> None
 
 
 def checkpoint_bytes(trainer_cfg, params: int, trainable: int, world: int) -> float:
-    """model.safetensors (4P) + AdamW moments (8P); a DeepSpeed engine adds its own copy of
-    the weights and, from ZeRO-1 on, the fp32 partitions."""
+    """Weights (4P) + AdamW moments (8P), spread over the ranks' shard files; a DeepSpeed
+    engine adds, from ZeRO-1 on, its fp32 master partitions, and save_full_weights one more
+    copy of the weights."""
     size = 4 * params + 8 * trainable
     if trainer_cfg.backend == "deepspeed":
-        size += 4 * params + (4 * trainable if trainer_cfg.deepspeed.zero_stage >= 1 else 0)
+        ds = trainer_cfg.deepspeed
+        size += (4 * trainable if ds.zero_stage >= 1 else 0) + (4 * params if ds.save_full_weights else 0)
     return size + OVERHEAD + PER_RANK * world
 
 

@@ -199,6 +199,15 @@ def test_a_checkpoint_of_another_model_shape_is_refused_by_name(tmp_path, backen
     assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())  # nothing loaded
 
 
+def test_a_deepspeed_checkpoint_under_accelerate_says_which_backend_wrote_it(tmp_path, backend):
+    model, opt, sched = _parts(backend)
+    path = _save(Checkpointer(tmp_path, backend, keep_last_k=1), 1, model, opt, sched)
+    shutil.rmtree(path / "state")
+    (path / "deepspeed").mkdir()
+    with pytest.raises(IncompatibleCheckpointError, match="written by DeepSpeed.*trainer.backend=deepspeed"):
+        Checkpointer(tmp_path, backend, keep_last_k=1).load(path, model=model, optimizer=opt, scheduler=sched)
+
+
 def test_verification_is_split_by_bytes_and_reads_each_file_once():
     sizes = {f"f{i}": s for i, s in enumerate([100, 90, 50, 40, 30, 5, 5, 1])}
     for world in (1, 2, 3, 5):

@@ -14,6 +14,7 @@ optimizer's param groups: fully qualified parameter names, the same under every 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import pickle
 import warnings
@@ -118,18 +119,65 @@ def state_of(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     return {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
 
 
+class HostStager:
+    """A copy of this rank's state in host memory for a background write; its buffers are kept
+    from save to save (one host copy of the rank's shard stays allocated), pinned on GPUs.
+
+    Ours because DCP's stager (torch 2.13) copies every DTensor twice, once into a deepcopy
+    or a device-to-host copy that it then discards and once into the buffer, and allocates
+    its buffers anew at each save: first-touch page faults alone ran at ~2 GB/s here, a copy
+    into a kept buffer at ~14 GB/s."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._pin = torch.cuda.is_available()
+
+    def stage(self, state: dict) -> dict:
+        staged = self._copy(state, ())
+        if self._pin:
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        return staged
+
+    def _buffer(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=self._pin)
+            self._buffers[key] = buf
+        return buf
+
+    def _copy(self, value: Any, key: tuple) -> Any:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(value, DTensor):
+            local = value.to_local()
+            buf = self._buffer(key, local)
+            buf.copy_(local, non_blocking=self._pin)
+            # the same spec (mesh, placements, global shape) over the host copy, as DCP's own
+            # stager builds it; DTensor.from_local would move the copy back to the mesh's device
+            return DTensor(buf, value._spec, requires_grad=False)
+        if torch.is_tensor(value):
+            buf = self._buffer(key, value)
+            buf.copy_(value.detach(), non_blocking=self._pin)
+            return buf
+        if isinstance(value, dict):
+            return {k: self._copy(v, key + (k,)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(v, key + (i,)) for i, v in enumerate(value))
+        return copy.deepcopy(value)
+
+
 def writer(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, step: int, rank: int,
-           group, stage: bool) -> Callable[[], list[str]]:
+           group, stager: Optional[HostStager] = None) -> Callable[[], list[str]]:
     """Prepare this rank's write of `path/state/`; the callable returned writes it (collective
     over `group`) and names the files this rank wrote, relative to `path`.
 
-    stage: copy the state to host memory now (DCP's stager), so the write may run in a
-    background thread while the weights move on."""
+    stager: copy the state to host memory now, so the write may run in a background thread
+    while the weights move on."""
     state = state_of(net, optimizer)
     out = Path(path) / STATE_DIR
     target = _Writer(out, step=step, rank=rank)
-    if stage:
-        state = target.stage(state)
+    if stager is not None:
+        state = stager.stage(state)
 
     def write() -> list[str]:
         with _plain_errors(rank):

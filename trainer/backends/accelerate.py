@@ -81,6 +81,7 @@ class AccelerateBackend:
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))],
         )
         self.fsdp, self.min_params = acc.strategy == "fsdp", acc.fsdp_min_params
+        self._stager = None  # host buffers of background saves (trainer.checkpoint_async)
         state = self.accelerator.state
         if self.fsdp and state.distributed_type == DistributedType.MULTI_CPU:
             # Accelerate 1.15 applies an FSDP plugin only on accelerator devices: on CPU ranks it
@@ -177,16 +178,25 @@ class AccelerateBackend:
         holds; DDP's replicas are split over the ranks, FSDP2's shards stay where they are."""
         from trainer import sharded
 
+        if stage and self._stager is None:
+            self._stager = sharded.HostStager()
         return sharded.writer(path, self.unwrap(model), optimizer.optimizer, step=step, rank=self.rank,
-                              group=group, stage=stage)
+                              group=group, stager=self._stager if stage else None)
 
     def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any, *, group) -> None:
         from trainer import sharded
 
         if (path / sharded.STATE_DIR).is_dir():
             sharded.load(path, self.unwrap(model), optimizer.optimizer, group=group)
-        else:
+        elif (path / "optimizer.pt").exists():
             self._load_full_files(path, model, optimizer)
+        else:
+            from trainer.checkpoint import IncompatibleCheckpointError
+
+            raise IncompatibleCheckpointError(
+                f"{path} holds no Accelerate model state (state/): it was written by DeepSpeed "
+                "(deepspeed/); resume it with trainer.backend=deepspeed, or export its weights "
+                "(python -m launch.export) and start a new run from them")
 
     def _load_full_files(self, path: Path, model: nn.Module, optimizer: Any) -> None:
         """The earlier layout: model.safetensors + optimizer.pt, whole, written by rank 0."""

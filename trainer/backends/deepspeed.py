@@ -318,6 +318,13 @@ class DeepSpeedBackend:
         return mine
 
     def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any, *, group=None) -> None:
+        if not (path / DS_TAG).is_dir():
+            from trainer.checkpoint import IncompatibleCheckpointError
+
+            raise IncompatibleCheckpointError(
+                f"{path} holds no DeepSpeed engine state ({DS_TAG}/): it was written by the Accelerate "
+                "backend; resume it with trainer.backend=accelerate (DDP or FSDP2), or export its weights "
+                "(python -m launch.export) and start a new run from them")
         saved_ranks = len(list((path / DS_TAG).glob("*optim_states.pt")))
         if not saved_ranks or saved_ranks == self.world_size:
             self._load(path, DS_TAG)
