@@ -43,7 +43,8 @@ def written(tmp_path_factory, digits_dir, cpu_env):
     """20 steps on 2 ranks under DDP and under FSDP2, a checkpoint every 10."""
     root = tmp_path_factory.mktemp("sharded")
     run(command(root / "ddp", digits_dir), cpu_env)
-    run(command(root / "fsdp", digits_dir, *FSDP), cpu_env)
+    # best/ cut into shards of 40 KB: written a tensor at a time, read back as shards at the end
+    run(command(root / "fsdp", digits_dir, *FSDP, "trainer.export_max_shard_size=40KB"), cpu_env)
     return root
 
 
@@ -110,3 +111,35 @@ def test_a_checkpoint_of_another_model_shape_is_refused_by_name(written, digits_
     assert "'net.0.weight' is (64, 64) in the model but (128, 64) float32 in the checkpoint" in line, line
     assert str(ckpt) in line
     assert verify(ckpt) is None  # the checkpoint is untouched
+
+
+def test_exports_are_indexed_safetensors_shards(written, digits_dir, cpu_env, tmp_path):
+    """best/ of the FSDP2 run is sharded (trainer.export_max_shard_size) and was loaded back for
+    the test split; launch.export cuts a DCP checkpoint the same way; both load into the plain
+    model through accelerate's reader of the index format and give the run's numbers."""
+    from accelerate.utils import load_checkpoint_in_model
+
+    from models.autoregressive import MADEConfig, MADEWorkload
+    from trainer.export import INDEX
+    from trainer.sharded import model_tensors, read_model_tensors
+
+    best = written / "fsdp/best"
+    index = json.loads((best / INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    final = json.loads((written / "fsdp/final_metrics.json").read_text())
+    ddp = json.loads((written / "ddp/final_metrics.json").read_text())
+    assert final["best_step"] == 20 and final["test/nll"] == pytest.approx(ddp["test/nll"], rel=1e-5)
+
+    out = subprocess.run([sys.executable, "-m", "launch.export", str(written / "fsdp"), "--step", "20",
+                          "--max-shard-size", "40KB", "--out", str(tmp_path)], cwd=ROOT, env=cpu_env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checked against the model of config.yaml" in out.stdout
+    files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(files) > 1 and all((tmp_path / f).stat().st_size < 40_000 for f in files)
+    state = written / "fsdp/checkpoints/step-20/state"
+    saved = read_model_tensors(state, list(model_tensors(read_metadata(state))))
+    for folder in (tmp_path, best):
+        net = MADEWorkload(MADEConfig(hidden=[128])).build_model()
+        load_checkpoint_in_model(net, str(folder / INDEX))
+        assert all(saved[k].equal(v) for k, v in net.state_dict().items() if k in saved)  # step 20 = best
