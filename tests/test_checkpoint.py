@@ -138,7 +138,7 @@ def test_background_save_keeps_the_state_of_its_step(tmp_path, backend):
     _train(model, opt, sched, 2)
     ck.wait()
     assert ck._pending is None and verify(path) is None
-    [done] = ck.finished
+    [done] = ck.take_finished()
     assert done["step"] == 3 and 0 < done["blocked_s"] <= done["save_s"]
     model2, opt2, sched2 = _parts(backend)
     ck.load(path, model=model2, optimizer=opt2, scheduler=sched2)

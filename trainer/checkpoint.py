@@ -213,8 +213,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
         if p.name.startswith(".step-") and p.name.endswith(".partial"):
             log.warning("ignoring unfinished checkpoint %s", p)
             continue
-        if p.name.startswith(".step-") and (p.name.endswith(".deleting") or ".universal-" in p.name):
-            continue  # being pruned, or a DeepSpeed conversion in progress
+        if p.name.startswith(".step-") and p.name.endswith(".deleting"):
+            continue  # being pruned
         if step_of(p) is None or not p.is_dir():
             continue
         if not (p / MARKER).exists():
@@ -243,7 +243,9 @@ def latest(root: Path) -> Optional[Path]:
 
 def checkpoint_group(world_size: int, timeout_s: float):
     """A gloo group of the checkpointer's own: its collectives (failure votes, digests, DCP's
-    plans) run on CPU tensors, and a background save never interleaves them with training's."""
+    plans) run on CPU tensors, and a background save never interleaves them with training's.
+    Its timeout (trainer.checkpoint_timeout_s) bounds how long a rank waits for the slowest
+    rank's write, which for a large shard on slow storage is minutes."""
     if world_size == 1 or not dist.is_initialized():
         return None
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
@@ -278,7 +280,8 @@ class Checkpointer:
         self.background = background
         self.group = checkpoint_group(backend.world_size, timeout_s)
         self._pending: Optional[_Pending] = None
-        self.finished: list[dict] = []  # {step, blocked_s, save_s} of saves completed, for the log
+        self._finished: list[dict] = []  # {step, blocked_s, save_s} of completed saves
+        self._finished_lock = threading.Lock()  # appended by a background save's thread
 
     # ------------------------------------------------ collectives on the checkpointer's group
     def _sum(self, value: float) -> float:
@@ -374,7 +377,15 @@ class Checkpointer:
             self.prune()
         self._sum(0.0)  # a barrier: every rank returns with the checkpoint in place
         total = time.perf_counter() - started
-        self.finished.append({"step": step, "blocked_s": total if blocked is None else blocked, "save_s": total})
+        with self._finished_lock:
+            self._finished.append({"step": step, "blocked_s": total if blocked is None else blocked, "save_s": total})
+
+    def take_finished(self) -> list[dict]:
+        """{step, blocked_s, save_s} of the saves completed since the last call, for the log:
+        how long each blocked the loop and how long it took in all."""
+        with self._finished_lock:
+            done, self._finished = self._finished, []
+        return done
 
     def _write_marker(self, tmp: Path, step: int, every: Optional[list]) -> None:
         b = self.backend

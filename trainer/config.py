@@ -120,6 +120,8 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | PATH to a step-N checkpoint
     progress_bar: bool = True
     dist_timeout_s: int = 600  # a collective waiting this long for a lost rank fails the run
+    # the same for a checkpoint's save or load, which waits for the slowest rank's files
+    checkpoint_timeout_s: int = 1800
     # a NaN/Inf loss or grad norm: halt (stop with exit 6 before any checkpoint of the poisoned
     # weights; the last good one is kept) | skip (leave the weights alone, count it, go on;
     # one host sync per step; halts after nonfinite_max_skips skips in a row)
@@ -278,6 +280,7 @@ def validate(cfg: RunConfig) -> None:
            "its fp16 loss scaler skips overflowing steps on its own)")
     _check(t.nonfinite_max_skips >= 1, "trainer.nonfinite_max_skips", "must be >= 1")
     _check(t.dist_timeout_s >= 1, "trainer.dist_timeout_s", "must be >= 1")
+    _check(t.checkpoint_timeout_s >= 1, "trainer.checkpoint_timeout_s", "must be >= 1")
     _check(t.keep_last_k >= 1, "trainer.keep_last_k", "must be >= 1")
     _check(not t.checkpoint_async or t.backend == "accelerate", "trainer.checkpoint_async",
            "needs trainer.backend=accelerate (a DeepSpeed engine writes its checkpoint synchronously)")

@@ -123,7 +123,7 @@ class Trainer:
             ledger = self.run_dir / "ledger" / f"rank{b.rank}.jsonl"
         self.loader = build_loader(cfg, self.workload, b.rank, b.world_size, ledger=ledger)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", b, t.keep_last_k,
-                                         background=t.checkpoint_async, timeout_s=t.dist_timeout_s)
+                                         background=t.checkpoint_async, timeout_s=t.checkpoint_timeout_s)
 
     def _resume(self) -> TrainState:
         state = TrainState()
@@ -425,9 +425,8 @@ class Trainer:
 
     def _log_saves(self) -> None:
         """How long each completed save blocked the loop, and how long it took in all."""
-        for done in self.checkpointer.finished:
+        for done in self.checkpointer.take_finished():
             self.log.log(done["step"], {"checkpoint/blocked_s": done["blocked_s"], "checkpoint/save_s": done["save_s"]})
-        self.checkpointer.finished.clear()
 
     def evaluate(self, shards) -> dict[str, float]:
         b = self.backend
