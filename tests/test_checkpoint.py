@@ -2,6 +2,7 @@ import json
 import logging
 import random
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -125,17 +126,26 @@ def test_resume_path_must_be_complete(tmp_path, backend):
     assert ck.resolve("auto") is None
 
 
-def test_background_save_keeps_the_state_of_its_step(tmp_path, backend):
+def test_background_save_keeps_the_state_of_its_step(tmp_path, backend, monkeypatch):
     """trainer.checkpoint_async: save returns once the state is staged; the weights may move
     on at once, and the checkpoint still holds the step it was asked for."""
     model, opt, sched = _parts(backend)
     _train(model, opt, sched, 3)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = opt.state_dict()["state"][0]["exp_avg"].clone()
+    gate = threading.Event()  # the background write starts only once the weights have moved
+    real = backend.checkpoint_writer
+
+    def gated(*args, **kwargs):
+        write = real(*args, **kwargs)
+        return lambda: gate.wait(30) and write()
+
+    monkeypatch.setattr(backend, "checkpoint_writer", gated)
     ck = Checkpointer(tmp_path, backend, keep_last_k=3, background=True)
     path = _save(ck, 3, model, opt, sched)
-    assert ck._pending is not None  # written in the background, not yet complete
+    assert not (tmp_path / "step-3").exists()  # returned before the write
     _train(model, opt, sched, 2)
+    gate.set()
     ck.wait()
     assert ck._pending is None and verify(path) is None
     [done] = ck.take_finished()
@@ -217,17 +227,80 @@ def test_verification_is_split_by_bytes_and_reads_each_file_once():
         assert max(loads) - min(loads) <= max(sizes.values())
 
 
+def _through(module: str, name: str, command: str) -> bytes:
+    """A pickle that calls `module`.`name`(command), the name dotted (protocol 4's STACK_GLOBAL
+    resolves `filesystem` + `os.system` through the module's own imports)."""
+    def text(x: str) -> bytes:
+        return b"\x8c" + bytes([len(x)]) + x.encode()
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(command) + b"\x85R."
+
+
 def test_a_tampered_dcp_index_is_refused_without_running_it(tmp_path, backend):
     import pickle
 
     model, opt, sched = _parts(backend)
     path = _save(Checkpointer(tmp_path, backend, keep_last_k=1), 1, model, opt, sched)
     flag = tmp_path / "ran"
-    (path / "state/.metadata").write_bytes(pickle.dumps({"x": _Payload(flag)}))
-    model2, opt2, sched2 = _parts(backend)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.system"):
-        Checkpointer(tmp_path, backend, keep_last_k=1).load(path, model=model2, optimizer=opt2, scheduler=sched2)
+    for payload, named in [(pickle.dumps({"x": _Payload(flag)}), "posix.system"),
+                           (_through("torch.distributed.checkpoint.filesystem", "os.system", f"touch {flag}"),
+                            "torch.distributed.checkpoint.filesystem.os.system")]:
+        (path / "state/.metadata").write_bytes(payload)
+        model2, opt2, sched2 = _parts(backend)
+        with pytest.raises(pickle.UnpicklingError, match=f"refusing to load {named}"):
+            Checkpointer(tmp_path, backend, keep_last_k=1).load(path, model=model2, optimizer=opt2, scheduler=sched2)
     assert not flag.exists()
+    pickle.loads(_through("torch.distributed.checkpoint.filesystem", "os.system", f"touch {flag}"))
+    assert flag.exists()  # the dotted payload is real: plain pickle runs it
+
+
+def test_a_tampered_optimizer_value_in_a_shard_is_refused(tmp_path, backend):
+    """The optimizer's param groups are stored as pickled values inside the shard files; DCP's
+    own planner would load them with weights_only=False."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from trainer import sharded
+
+    model, opt, sched = _parts(backend)
+    _train(model, opt, sched, 1)
+    path = _save(Checkpointer(tmp_path, backend, keep_last_k=1), 1, model, opt, sched)
+    flag = tmp_path / "ran"
+    state = sharded.state_of(backend.unwrap(model), opt.optimizer)
+    state["optim"]["param_groups"][0]["lr"] = _Payload(flag)
+    shutil.rmtree(path / "state")
+    dcp.save(state, checkpoint_id=str(path / "state"), no_dist=True)  # digests do not help: rewrite them
+    meta = json.loads((path / MARKER).read_text())
+    for name in ("state/__0_0.distcp", "state/.metadata"):
+        meta["files"][name] = {"digest": file_digest(path / name), "bytes": (path / name).stat().st_size, "rank": 0}
+    (path / MARKER).write_text(json.dumps(meta))
+    assert verify(path) is None
+    model2, opt2, sched2 = _parts(backend)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        Checkpointer(tmp_path, backend, keep_last_k=1).load(path, model=model2, optimizer=opt2, scheduler=sched2)
+    with pytest.raises(pickle.UnpicklingError):
+        sharded.read_all(path / "state")
+    assert not flag.exists()
+
+
+def test_an_optimizer_that_never_stepped_is_saved_as_it_is(tmp_path, backend):
+    """Every step so far skipped (fp16 overflows, trainer.nonfinite=skip): the optimizer has no
+    state. Saving must not give it one (DCP's helper runs a zero-lr step to build it, which
+    would count AdamW's first real step as its second), and the resumed run steps as the
+    unbroken one does."""
+    model, opt, sched = _parts(backend)
+    path = _save(Checkpointer(tmp_path, backend, keep_last_k=1), 1, model, opt, sched)
+    assert not opt.optimizer.state  # untouched by the save
+    model2, opt2, sched2 = _parts(backend)
+    Checkpointer(tmp_path, backend, keep_last_k=1).load(path, model=model2, optimizer=opt2, scheduler=sched2)
+    assert not opt2.optimizer.state
+    torch.manual_seed(3)
+    _train(model, opt, sched, 2)
+    torch.manual_seed(3)
+    _train(model2, opt2, sched2, 2)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in model2.state_dict().items())
+    assert opt2.state_dict()["state"][0]["step"].item() == opt.state_dict()["state"][0]["step"].item() == 2
 
 
 def test_export_writes_indexed_shards_that_other_readers_load(tmp_path, backend):

@@ -142,4 +142,5 @@ def test_exports_are_indexed_safetensors_shards(written, digits_dir, cpu_env, tm
     for folder in (tmp_path, best):
         net = MADEWorkload(MADEConfig(hidden=[128])).build_model()
         load_checkpoint_in_model(net, str(folder / INDEX))
-        assert all(saved[k].equal(v) for k, v in net.state_dict().items() if k in saved)  # step 20 = best
+        assert net.state_dict().keys() == saved.keys()
+        assert all(saved[k].equal(v) for k, v in net.state_dict().items())  # step 20 = best

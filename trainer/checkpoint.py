@@ -17,7 +17,8 @@ renamed; a resume considers only complete folders, and verifies the one it is ab
 its files split across the ranks. Each rank hashes the files it wrote; with
 `trainer.checkpoint_async` the state is staged to host memory and written, hashed, marked and
 renamed by a background thread while training goes on. Every file is loaded with
-weights-only semantics (no arbitrary pickle). Checkpoints of the earlier layout
+weights-only semantics (no arbitrary pickle; DCP's index and its non-tensor values through
+restricted readers, trainer/sharded.py). Checkpoints of the earlier layout
 (`model.safetensors` + `optimizer.pt`, sha256 digests) still load.
 """
 
@@ -157,12 +158,14 @@ def _check_file(path: Path, name: str, entry: dict, algo: str) -> Optional[str]:
     f = path / name
     try:
         size = f.stat().st_size
+        if entry["bytes"] is not None and size != entry["bytes"]:
+            return f"{path}: {name} is {size} bytes, {entry['bytes']} were written (written by rank {entry['rank']})"
+        if file_digest(f, algo) != entry["digest"]:
+            return f"{path}: {name} does not match its checksum (written by rank {entry['rank']})"
     except FileNotFoundError:
         return f"{path}: {name} is missing"
-    if entry["bytes"] is not None and size != entry["bytes"]:
-        return f"{path}: {name} is {size} bytes, {entry['bytes']} were written (written by rank {entry['rank']})"
-    if file_digest(f, algo) != entry["digest"]:
-        return f"{path}: {name} does not match its checksum (written by rank {entry['rank']})"
+    except OSError as exc:  # unreadable: a verdict like any other, so the ranks still vote
+        return f"{path}: {name} cannot be read ({exc.strerror or exc})"
     return None
 
 
@@ -374,7 +377,10 @@ class Checkpointer:
         self._phase("save.rename", step, tmp, rename)
         failpoint("save.prune", step=step, rank=b.rank)
         if b.is_main:
-            self.prune()
+            try:
+                self.prune()
+            except OSError as exc:  # the new checkpoint is complete; an old one stays a while
+                log.warning("could not prune old checkpoints under %s: %s", self.root, exc)
         self._sum(0.0)  # a barrier: every rank returns with the checkpoint in place
         total = time.perf_counter() - started
         with self._finished_lock:

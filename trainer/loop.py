@@ -372,7 +372,7 @@ class Trainer:
     def _kept_checkpoint(self) -> str:
         try:
             self._wait_for_save()  # a save in flight is of weights checked before it began
-        except CheckpointError:
+        except Exception:  # noqa: BLE001 - the error being reported is the caller's
             pass
         kept = newest_complete(self.checkpointer.root) if self.backend.is_main else None
         return (f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written") + \
@@ -482,23 +482,38 @@ class Trainer:
 
     def _export(self, out: Path, meta: dict) -> None:
         """Whole-model weights as safetensors shards, gathered and written a tensor at a time
-        (collective: sharded backends gather each tensor)."""
+        (collective: sharded backends gather each tensor). A write failure on rank 0 (a full
+        disk) lets the gather run to its end, so no rank waits in it, and then fails every rank."""
         b = self.backend
         tmp = out.with_name(out.name + ".tmp")
-        shards = None
-        if b.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shards = SafetensorsShards(tmp, self.cfg.trainer.export_max_shard_size)
+        error, shards = None, None
+        try:
+            if b.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                shards = SafetensorsShards(tmp, self.cfg.trainer.export_max_shard_size)
+        except OSError as exc:
+            error = exc
         for name, tensor in b.full_tensors(self.model):
-            if shards is not None:
-                shards.add(name, tensor)
-        if shards is None:
-            return
-        shards.close()
-        write_json(tmp / "meta.json", meta)
-        (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+            if shards is not None and error is None:
+                try:
+                    shards.add(name, tensor)
+                except OSError as exc:
+                    error = exc
+        if b.is_main and error is None:
+            try:
+                shards.close()
+                write_json(tmp / "meta.json", meta)
+                (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
+            except OSError as exc:
+                error = exc
+        if b.reduce_sum(torch.tensor(float(error is not None), device=b.device)).item() > 0:
+            if b.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            why = f"{type(error).__name__}: {error}" if error is not None else "rank 0 failed"
+            raise CheckpointError(f"the best-weights export {out} could not be written (rank {b.rank}: {why}); "
+                                  "the checkpoints are not affected")
 
     def _log_samples(self, step: int) -> None:
         if not (self.backend.is_main or self.backend.shards_params):  # sharded: all ranks sample

@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -43,23 +45,40 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP reads `.metadata` with plain `pickle.load`, which would run whatever a tampered file
-    holds; this one builds only the classes that DCP's index is made of."""
+    holds; this one builds only the classes that DCP's index is made of, named exactly (a
+    dotted name such as `filesystem` + `os.system` would reach through a module's imports)."""
 
-    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                "torch.distributed.checkpoint.planner")
-    _NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-              ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-              ("collections", "OrderedDict")}
+    _ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", name) for name in (
+            "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+            "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+         ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+         ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in self._MODULES and not name.startswith("__"):
+        if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        if (module, name) in self._NAMES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{METADATA}: refusing to load {module}.{name} (not part of a "
                                      "DCP index; the file was altered or is not a DCP checkpoint)")
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's load planner reads the state's non-tensor values (the optimizer's param groups)
+    with `torch.load(weights_only=False)`; this one reads them weights-only."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+class _WeightsOnlyIndexPlanner(_EmptyStateDictLoadPlanner, _WeightsOnlyPlanner):
+    """The planner that rebuilds a whole state dict from the index (tools), weights-only."""
 
 
 def read_metadata(state_dir: Path) -> Metadata:
@@ -113,10 +132,22 @@ def _plain_errors(rank: Optional[int] = None):
         raise exc_ from None
 
 
-def state_of(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def state_of(net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, moments: Optional[bool] = None) -> dict:
     """The model and optimizer state as DCP saves and loads it: each rank's own tensors
-    (DTensor shards under FSDP2), keyed by parameter name. No copies."""
-    return {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
+    (DTensor shards under FSDP2), keyed by parameter name. No copies.
+
+    moments: whether the optimizer's per-parameter state is part of it (default: whether the
+    optimizer has any). An optimizer that has not stepped yet (every step so far skipped by
+    the fp16 scaler or trainer.nonfinite=skip) has none, and is left without: DCP's helper
+    builds it by running a zero-lr step, which would start AdamW's step count one ahead."""
+    untouched = not optimizer.state
+    moments = not untouched if moments is None else moments
+    optim = get_optimizer_state_dict(net, optimizer)
+    if not moments:
+        if untouched:
+            optimizer.state.clear()  # undo the helper's step: the optimizer is as it was
+        optim = {"state": {}, "param_groups": optim["param_groups"]}
+    return {"model": get_model_state_dict(net), "optim": optim}
 
 
 class HostStager:
@@ -181,7 +212,8 @@ def writer(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *
 
     def write() -> list[str]:
         with _plain_errors(rank):
-            dcp.save(state, storage_writer=target, process_group=group, no_dist=not dist.is_initialized())
+            # one rank: no collectives at all (a background write must not use the default group)
+            dcp.save(state, storage_writer=target, process_group=group, no_dist=group is None)
         return owned_files(path, rank)
 
     return write
@@ -231,10 +263,13 @@ def load(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
     """Read `path/state/` into the model and optimizer, each rank only its own part.
     Collective over `group`."""
     out = Path(path) / STATE_DIR
-    state = state_of(net, optimizer)
-    check_compatible(read_metadata(out), state["model"], path)
+    metadata = read_metadata(out)
+    check_compatible(metadata, get_model_state_dict(net), path)  # before the optimizer is touched
+    moments = any(k.startswith("optim.state.") for k in metadata.state_dict_metadata)
+    state = state_of(net, optimizer, moments=moments)
     with _plain_errors(dist.get_rank() if dist.is_initialized() else 0):
-        dcp.load(state, storage_reader=SafeReader(out), process_group=group, no_dist=not dist.is_initialized())
+        dcp.load(state, storage_reader=SafeReader(out), planner=_WeightsOnlyPlanner(), process_group=group,
+                 no_dist=group is None)
     set_model_state_dict(net, state["model"])
     set_optimizer_state_dict(net, optimizer, state["optim"])
 
@@ -254,17 +289,18 @@ def read_model_tensors(state_dir: Path, names: list[str],
     state = {f"{MODEL_PREFIX}{n}": torch.empty(tuple(specs[n].size), dtype=specs[n].properties.dtype)
              for n in names}
     with _plain_errors(0):
-        dcp.load(state, storage_reader=SafeReader(state_dir), no_dist=True)
+        dcp.load(state, storage_reader=SafeReader(state_dir), planner=_WeightsOnlyPlanner(), no_dist=True)
     return {n: state[f"{MODEL_PREFIX}{n}"] for n in names}
 
 
 def read_all(state_dir: Path) -> dict[str, Any]:
     """Every entry of a (small) DCP checkpoint, flattened, in this process: for tests and tools."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}  # filled from the index, as DCP's dcp_to_torch_save does
-    _load_state_dict(state, storage_reader=SafeReader(state_dir), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    with _plain_errors(0):
+        _load_state_dict(state, storage_reader=SafeReader(state_dir), planner=_WeightsOnlyIndexPlanner(),
+                         no_dist=True)
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -286,6 +322,6 @@ def load_full_model(path: Path, net: torch.nn.Module, *, group) -> None:
     state = get_model_state_dict(net)
     with _plain_errors(dist.get_rank() if dist.is_initialized() else 0):
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), process_group=group,
-                 no_dist=not dist.is_initialized())
+                 no_dist=group is None)
     set_model_state_dict(net, state, options=StateDictOptions(strict=True))
 

@@ -295,12 +295,20 @@ class DeepSpeedBackend:
             if self.cfg.deepspeed.save_full_weights:
                 from trainer.export import SafetensorsShards
 
+                # rank 0 keeps gathering after a write error, so that no rank waits in a gather;
+                # the checkpointer's vote then fails every rank
+                error = None
                 shards = SafetensorsShards(path, self.cfg.export_max_shard_size) if self.is_main else None
                 for name, tensor in self.full_tensors(model):
-                    if shards is not None:
-                        shards.add(name, tensor)
-                if shards is not None:
+                    if shards is not None and error is None:
+                        try:
+                            shards.add(name, tensor)
+                        except OSError as exc:
+                            error = exc
+                if shards is not None and error is None:
                     shards.close()
+                if error is not None:
+                    raise error
             return self.owned_files(path)
 
         return write
