@@ -10,7 +10,7 @@ NPROC  ?= 2
 RUNS   ?= runs/autoregressive
 MODELS := factorized fvsbn nade made
 # 2 CPU ranks over gloo. Without ACCELERATE_USE_CPU=1, --multi_gpu on a CPU machine starts
-# independent single-process runs, and --cpu starts only one process (FACTS.md).
+# independent single-process runs, and --cpu starts only one process (docs/platform-notes.md).
 LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
 

@@ -1,7 +1,7 @@
 """The resumable, elastic sample stream over WebDataset shards.
 
 webdataset reads the tars (URL opening, `pipe:`, grouping files into samples); what it
-lacks is a position that survives a restart (FACTS.md: no state_dict in 1.0.2), so the
+lacks is a position that survives a restart (docs/platform-notes.md: no state_dict in 1.0.2), so the
 order and the position are ours.
 
 Readers. A rank with K loader workers runs K readers; reader (r, w) of W ranks reads, in

@@ -90,7 +90,7 @@ def cpu_peak_tflops(cache: Optional[Path] = None, probe_s: float = 0.5) -> float
         known = {}
     if key in known:
         return known[key]
-    n = 2048  # the size of the fp32 peak in FACTS.md (~316 GFLOP/s on 2 build-machine cores)
+    n = 2048  # the matmul of docs/platform-notes.md (~141-316 GFLOP/s on 2 build-machine cores)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up
     best = 0.0  # the best of 5 short bursts: a burst that shared the cores reads low

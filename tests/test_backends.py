@@ -146,7 +146,7 @@ def test_deepspeed_partitions_consolidate_to_the_export(tmp_path, digits_dir, cp
 @pytest.mark.drill
 def test_native_deepspeed_launcher(tmp_path, digits_dir, cpu_env):
     """`deepspeed --num_gpus 2 --module launch.train` (it adds --local_rank; without
-    --num_gpus it would start one process on a CPU machine: FACTS.md)."""
+    --num_gpus it would start one process on a CPU machine: docs/platform-notes.md)."""
     bin_dir = Path(sys.executable).parent
     env = dict(cpu_env, PATH=f"{bin_dir}:{cpu_env['PATH']}")
     cmd = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--module", "launch.train"] + \
@@ -162,7 +162,7 @@ def test_accelerate_deepspeed_plugin(tmp_path, digits_dir, cpu_env, reference):
     """`accelerate launch` with launch/accelerate/deepspeed_zero2.yaml: the engine is built by
     Accelerate's plugin from our config, and steps at the accumulation boundary we set. Two
     micro-batches of 16 take DDP's steps of 32. ACCELERATE_USE_CPU must be unset: with it
-    Accelerate drops the DeepSpeed plugin (FACTS.md)."""
+    Accelerate drops the DeepSpeed plugin (docs/platform-notes.md)."""
     env = {k: v for k, v in cpu_env.items() if k != "ACCELERATE_USE_CPU"}
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                 str(ROOT / "launch/accelerate/deepspeed_zero2.yaml"), "--num_processes", "2",

@@ -71,7 +71,7 @@ def dominant_color(image: np.ndarray, min_fraction: float = 0.02) -> Optional[st
 
 def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: Optional[dict] = None) -> dict:
     """Write the splits, then a CLIP BPE tokenizer trained on the train captions into
-    `out_dir/tokenizer` (trained once here and shipped with the shards: FACTS.md)."""
+    `out_dir/tokenizer` (trained once here and shipped with the shards: docs/platform-notes.md)."""
     from models.sd import tokenizer
 
     manifests, captions = {}, []

@@ -1,7 +1,7 @@
 """Box arithmetic for DETR: (cx, cy, w, h) <-> (x0, y0, x1, y1), pairwise IoU and
 generalized IoU (Rezatofighi et al. 2019). Boxes are rows of a (N, 4) tensor; x1 >= x0.
 Our own because torchvision, which has them, cannot be installed beside the CPU torch
-(FACTS.md)."""
+(docs/platform-notes.md)."""
 
 from __future__ import annotations
 

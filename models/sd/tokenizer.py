@@ -1,7 +1,7 @@
 """A CLIP tokenizer for from-scratch text-to-image training, trained locally on captions.
 
 BPE with `</w>` word ends, saved as vocab.json + merges.txt, the files CLIPTokenizer reads.
-Two traps (FACTS.md): transformers 5 silently ignores the old `vocab_file=`/`merges_file=`
+Two traps (docs/platform-notes.md): transformers 5 silently ignores the old `vocab_file=`/`merges_file=`
 names (every token becomes <|endoftext|>), and BpeTrainer breaks ties differently from run
 to run, so a tokenizer is trained once per dataset and shipped with it, never on resume.
 """

@@ -18,7 +18,7 @@ from trainer.config import ConfigError
 
 
 def fsdp_plugin(acc_cfg):
-    """FSDP2 (fully_shard): FSDP1 refuses CPU devices (FACTS.md). The shard units are chosen
+    """FSDP2 (fully_shard): FSDP1 refuses CPU devices (docs/platform-notes.md). The shard units are chosen
     per model in `prepare` (fsdp_units); the rest stays with the root."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -75,7 +75,7 @@ class AccelerateBackend:
         self.accelerator = Accelerator(
             mixed_precision=trainer_cfg.mixed_precision,
             # the LR schedule is ours and steps once per optimizer step; a prepared
-            # scheduler would step num_processes times (FACTS.md)
+            # scheduler would step num_processes times (docs/platform-notes.md)
             step_scheduler_with_optimizer=False,
             fsdp_plugin=plugin,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))],

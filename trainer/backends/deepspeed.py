@@ -6,7 +6,7 @@ the launcher.
 
 Our trainer config is the one source of truth: micro batch, accumulation, clipping and
 precision are mapped into the DeepSpeed config here, never set twice. The optimizer is
-the trainer's torch AdamW (no fused-op compile; FACTS.md).
+the trainer's torch AdamW (no fused-op compile; docs/platform-notes.md).
 """
 
 from __future__ import annotations
@@ -402,7 +402,7 @@ class AccelerateDeepSpeedBackend(DeepSpeedBackend):
         self.name = f"DeepSpeed ZeRO-{self.stage}, engine built by Accelerate's DeepSpeed plugin"
         self._pending = 0
         # gloo named explicitly on CPU, or Accelerate's DeepSpeed state fails its batch-size
-        # check (FACTS.md)
+        # check (docs/platform-notes.md)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         kwargs = InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(trainer_cfg, micro_batch),
@@ -414,7 +414,7 @@ class AccelerateDeepSpeedBackend(DeepSpeedBackend):
         state = self.accelerator.state
         self.rank, self.world_size = state.process_index, state.num_processes
         self.is_main = self.accelerator.is_main_process
-        device = self.accelerator.device  # "cpu:0" is refused by torch.load (FACTS.md)
+        device = self.accelerator.device  # "cpu:0" is refused by torch.load (docs/platform-notes.md)
         self.device = torch.device("cpu") if device.type == "cpu" else device
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
