@@ -84,6 +84,8 @@ def old_save(b, model, optimizer, scheduler, path: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
+    from trainer.checkpoint import file_digest
+
     net = b.unwrap(model)
     if b.checkpoint_layout == "deepspeed":  # ZeRO-3: its partitions, then a 16-bit gather on rank 0
         b.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False,
@@ -106,23 +108,16 @@ def old_save(b, model, optimizer, scheduler, path: Path) -> dict:
         if optim is not None:
             torch.save(optim, path / "optimizer.pt")
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
-        files = {p.relative_to(path).as_posix(): sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        files = {p.relative_to(path).as_posix(): file_digest(p, "sha256") for p in sorted(path.rglob("*")) if p.is_file()}
         (path / "COMPLETE.json").write_text(json.dumps({"step": 1, "world_size": b.world_size, "files": files}))
     del weights, optim
     b.barrier()
-    return {0: sum(p.stat().st_size for p in path.rglob("*") if p.is_file())} if b.checkpoint_layout != "deepspeed" \
-        else _bytes_by_writer(path)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return _bytes_by_writer(path)
 
 
 def _bytes_by_writer(path: Path) -> dict:
+    """Bytes under `path` by the rank that wrote them: DeepSpeed's zero_pp_rank_<R>_ files by R,
+    everything else by rank 0."""
     import re
 
     out: dict[int, int] = {}

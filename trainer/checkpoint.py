@@ -61,6 +61,28 @@ class IncompatibleCheckpointError(CheckpointError):
     """The checkpoint holds another model (a key or a shape differs): nothing was loaded."""
 
 
+def check_model_shapes(where: Path, model: dict[str, tuple], saved: dict[str, Optional[tuple]],
+                       saved_as: Callable[[str], str]) -> None:
+    """The checkpoint's model tensors must be the model's, name for name and shape for shape (a
+    dtype may differ). `saved` maps a name to its shape (None: not a tensor), `saved_as` words a
+    saved entry. Raises naming the first difference and both sides."""
+    for name, shape in model.items():
+        if name not in saved:
+            raise IncompatibleCheckpointError(
+                f"{where}: the model has '{name}' {shape}, the checkpoint has no such tensor (it holds "
+                f"{len(saved)} model tensors, e.g. {sorted(saved)[:3]}); it was written for another model")
+        if saved[name] != shape:
+            raise IncompatibleCheckpointError(
+                f"{where}: '{name}' is {shape} in the model but {saved_as(name)} in the checkpoint; it "
+                "was written for another model shape (resume with the model config it was trained "
+                "with, or start a new run.dir)")
+    extra = sorted(set(saved) - set(model))
+    if extra:
+        raise IncompatibleCheckpointError(
+            f"{where}: the checkpoint has '{extra[0]}' {saved_as(extra[0])}, which the model lacks "
+            f"({len(extra)} such tensor(s)); it was written for another model")
+
+
 def rng_state() -> dict:
     py = random.getstate()
     npy = np.random.get_state()

@@ -12,6 +12,7 @@ tensors arrive one at a time (gathered, or read from shards) and leave as soon a
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -38,10 +39,7 @@ def parse_size(text: str | int, *, key: str = "max_shard_size") -> int:
 
 
 def nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def shard_groups(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
@@ -130,7 +128,7 @@ def iter_exported(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def shapes_in(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of a safetensors file or export folder, from the headers alone."""
     path = Path(path)
-    files = {path: None} if path.is_file() else {f: None for f in exported_files(path).values()}
+    files = [path] if path.is_file() else dict.fromkeys(exported_files(path).values())
     out = {}
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
@@ -141,24 +139,11 @@ def shapes_in(path: Path) -> dict[str, tuple[int, ...]]:
 
 def check_shapes(saved: Path, model: torch.nn.Module, where: Optional[Path] = None) -> None:
     """A whole-model safetensors file (or export) must match the model name for name and shape."""
-    from trainer.checkpoint import IncompatibleCheckpointError
+    from trainer.checkpoint import check_model_shapes
 
-    where = where or saved
     theirs = shapes_in(saved)
-    for name, tensor in model.state_dict().items():
-        shape = tuple(tensor.shape)
-        if name not in theirs:
-            raise IncompatibleCheckpointError(f"{where}: the model has '{name}' {shape}, the checkpoint "
-                                              f"has no such tensor; it was written for another model")
-        if theirs[name] != shape:
-            raise IncompatibleCheckpointError(
-                f"{where}: '{name}' is {shape} in the model but {theirs[name]} in the checkpoint; it "
-                "was written for another model shape (resume with the model config it was trained "
-                "with, or start a new run.dir)")
-    extra = sorted(set(theirs) - set(model.state_dict()))
-    if extra:
-        raise IncompatibleCheckpointError(f"{where}: the checkpoint has '{extra[0]}' {theirs[extra[0]]}, "
-                                          "which the model lacks; it was written for another model")
+    check_model_shapes(where or saved, {n: tuple(t.shape) for n, t in model.state_dict().items()}, theirs,
+                       lambda name: str(theirs[name]))
 
 
 # ---------------------------------------------------------------- from checkpoints

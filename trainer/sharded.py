@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from trainer.checkpoint import IncompatibleCheckpointError
+from trainer.checkpoint import check_model_shapes
 from trainer.faults import failpoint
 
 STATE_DIR = "state"  # inside step-N/
@@ -91,8 +92,8 @@ def read_metadata(state_dir: Path) -> Metadata:
 
 
 class SafeReader(FileSystemReader):
-    """DCP's file reader with the restricted metadata unpickler (tensors and the optimizer's
-    numbers are already read weights-only by DCP)."""
+    """DCP's file reader with the restricted index unpickler (DCP reads the tensors weights-only
+    itself; the optimizer's other values go through _WeightsOnlyPlanner)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = read_metadata(Path(self.path))
@@ -122,6 +123,8 @@ class _Writer(FileSystemWriter):
 def _plain_errors(rank: Optional[int] = None):
     """DCP gathers every rank's failure into one CheckpointException, a BaseException: raise the
     underlying error instead (this rank's when it had one), which callers can catch and name."""
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         yield
     except CheckpointException as exc:
@@ -228,35 +231,24 @@ def owned_files(path: Path, rank: int) -> list[str]:
     return mine
 
 
-def _describe(meta) -> str:
-    if isinstance(meta, TensorStorageMetadata):
-        return f"{tuple(meta.size)} {str(meta.properties.dtype).removeprefix('torch.')}"
-    return "a non-tensor value"
+def _model_entries(metadata: Metadata) -> dict[str, Any]:
+    return {k[len(MODEL_PREFIX):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(MODEL_PREFIX)}
 
 
 def check_compatible(metadata: Metadata, model_state: dict, where: Path) -> None:
     """The checkpoint's model tensors must be ours, name for name and shape for shape (a dtype
-    may differ: DCP converts). Raises naming the first difference and both sides."""
-    saved = {k[len(MODEL_PREFIX):]: v for k, v in metadata.state_dict_metadata.items()
-             if k.startswith(MODEL_PREFIX)}
-    for name, tensor in model_state.items():
-        shape = tuple(tensor.shape)
-        if name not in saved:
-            raise IncompatibleCheckpointError(
-                f"{where}: the model has '{name}' {shape}, the checkpoint has no such tensor "
-                f"(it holds {len(saved)} model tensors, e.g. {sorted(saved)[:3]}); it was written "
-                "for another model")
-        meta = saved[name]
-        if not isinstance(meta, TensorStorageMetadata) or tuple(meta.size) != shape:
-            raise IncompatibleCheckpointError(
-                f"{where}: '{name}' is {shape} in the model but {_describe(meta)} in the "
-                "checkpoint; it was written for another model shape (resume with the model config "
-                "it was trained with, or start a new run.dir)")
-    extra = sorted(set(saved) - set(model_state))
-    if extra:
-        raise IncompatibleCheckpointError(
-            f"{where}: the checkpoint has '{extra[0]}' {_describe(saved[extra[0]])}, which the model "
-            f"lacks ({len(extra)} such tensor(s)); it was written for another model")
+    may differ: DCP converts)."""
+    entries = _model_entries(metadata)
+
+    def saved_as(name: str) -> str:
+        meta = entries[name]
+        if isinstance(meta, TensorStorageMetadata):
+            return f"{tuple(meta.size)} {str(meta.properties.dtype).removeprefix('torch.')}"
+        return "a non-tensor value"
+
+    check_model_shapes(where, {n: tuple(t.shape) for n, t in model_state.items()},
+                       {n: tuple(m.size) if isinstance(m, TensorStorageMetadata) else None for n, m in entries.items()},
+                       saved_as)
 
 
 def load(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, group) -> None:
@@ -267,7 +259,7 @@ def load(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
     check_compatible(metadata, get_model_state_dict(net), path)  # before the optimizer is touched
     moments = any(k.startswith("optim.state.") for k in metadata.state_dict_metadata)
     state = state_of(net, optimizer, moments=moments)
-    with _plain_errors(dist.get_rank() if dist.is_initialized() else 0):
+    with _plain_errors():
         dcp.load(state, storage_reader=SafeReader(out), planner=_WeightsOnlyPlanner(), process_group=group,
                  no_dist=group is None)
     set_model_state_dict(net, state["model"])
@@ -276,8 +268,7 @@ def load(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
 
 def model_tensors(metadata: Metadata) -> dict[str, TensorStorageMetadata]:
     """name -> (size, dtype) of every model tensor of a DCP index."""
-    return {k[len(MODEL_PREFIX):]: v for k, v in metadata.state_dict_metadata.items()
-            if k.startswith(MODEL_PREFIX) and isinstance(v, TensorStorageMetadata)}
+    return {n: m for n, m in _model_entries(metadata).items() if isinstance(m, TensorStorageMetadata)}
 
 
 def read_model_tensors(state_dir: Path, names: list[str],
@@ -288,7 +279,7 @@ def read_model_tensors(state_dir: Path, names: list[str],
     specs = model_tensors(metadata)
     state = {f"{MODEL_PREFIX}{n}": torch.empty(tuple(specs[n].size), dtype=specs[n].properties.dtype)
              for n in names}
-    with _plain_errors(0):
+    with _plain_errors():
         dcp.load(state, storage_reader=SafeReader(state_dir), planner=_WeightsOnlyPlanner(), no_dist=True)
     return {n: state[f"{MODEL_PREFIX}{n}"] for n in names}
 
@@ -298,20 +289,10 @@ def read_all(state_dir: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}  # filled from the index, as DCP's dcp_to_torch_save does
-    with _plain_errors(0):
+    with _plain_errors():
         _load_state_dict(state, storage_reader=SafeReader(state_dir), planner=_WeightsOnlyIndexPlanner(),
                          no_dist=True)
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = value
-
-    walk("", state)
-    return flat
+    return flatten_state_dict(state)[0]
 
 
 def load_full_model(path: Path, net: torch.nn.Module, *, group) -> None:
@@ -320,7 +301,7 @@ def load_full_model(path: Path, net: torch.nn.Module, *, group) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     state = get_model_state_dict(net)
-    with _plain_errors(dist.get_rank() if dist.is_initialized() else 0):
+    with _plain_errors():
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), process_group=group,
                  no_dist=group is None)
     set_model_state_dict(net, state, options=StateDictOptions(strict=True))

@@ -243,10 +243,8 @@ class DeepSpeedBackend:
             import deepspeed
 
             for name, tensor in net.state_dict(keep_vars=True).items():
-                if hasattr(tensor, "ds_id"):
-                    with deepspeed.zero.GatheredParameters([tensor]):
-                        yield name, tensor.detach().cpu().clone() if self.is_main else None
-                else:
+                partitioned = hasattr(tensor, "ds_id")  # buffers are whole on every rank
+                with deepspeed.zero.GatheredParameters([tensor]) if partitioned else contextlib.nullcontext():
                     yield name, tensor.detach().cpu().clone() if self.is_main else None
         elif self.is_main:
             for name, tensor in net.state_dict().items():
