@@ -155,7 +155,7 @@ def test_step_trains_the_unet_only_and_ema_follows(shapes_dir, tiny_vae):
 def test_precomputed_latents_and_text_states(shapes_dir, pretrained_dir, tmp_path):
     from data_pipelines.sources import latents
     from diffusers import AutoencoderKL
-    from models.sd.data import image_tensor
+    from data_pipelines.decode import image_tensor
     from models.sd.workload import SDConfig, SDWorkload
     import webdataset as wds
 

@@ -18,7 +18,7 @@ import webdataset as wds
 
 from data_pipelines.shards import write_shards
 from data_pipelines.stream import resolve_shards
-from models.sd.data import image_tensor
+from data_pipelines.decode import image_tensor
 
 
 @torch.no_grad()

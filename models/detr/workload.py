@@ -32,7 +32,7 @@ from models.detr.boxes import cxcywh_to_xyxy, generalized_box_iou
 from models.detr.matching import IOU_THRESHOLDS, hungarian_match, match_detections
 from models.detr.net import DETR
 from models.registry import register
-from models.sd.data import IMAGE_FIELDS, fields  # not image_tensor: its resize and crop would move the boxes
+from data_pipelines.decode import IMAGE_FIELDS, fields  # not image_tensor: its resize and crop would move the boxes
 
 
 @dataclass(kw_only=True)

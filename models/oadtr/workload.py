@@ -25,7 +25,7 @@ from models.average_precision import average_precision_from_histograms, mean_ign
 from models.base import Workload
 from models.oadtr.model import OadTR, WindowGRU
 from models.registry import register
-from models.sd.data import fields
+from data_pipelines.decode import fields
 
 NO_TARGET = -1  # a future frame past the stream's end
 

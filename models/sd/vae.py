@@ -19,7 +19,7 @@ from torch import nn
 
 from models.base import Workload
 from models.registry import register
-from models.sd.data import image_tensor, to_unit
+from data_pipelines.decode import image_tensor, to_unit
 
 
 @dataclass(kw_only=True)

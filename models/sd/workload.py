@@ -31,7 +31,7 @@ from torch import nn
 from models.base import Workload
 from models.registry import register
 from models.sd import tokenizer as tok_lib
-from models.sd.data import fields, image_tensor
+from data_pipelines.decode import fields, image_tensor
 
 PREDICTIONS = ("epsilon", "v_prediction")
 

@@ -1,4 +1,4 @@
-"""Images of img2dataset-layout shards as model input: resize the shorter side, center crop."""
+"""Sample bytes as model input: an image field decoded, resized on its shorter side and center cropped."""
 
 from __future__ import annotations
 
