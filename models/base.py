@@ -7,7 +7,8 @@ workload touches `models/` and `configs/` only.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -24,9 +25,18 @@ class Workload:
     # what train throughput is counted in besides samples ("tokens", "images"; "samples":
     # nothing more), with units_per_sample() of them in each sample
     throughput_unit: ClassVar[str] = "samples"
+    # the run's splits, handed over by the trainer (bind_splits); none until then
+    splits: Mapping[str, Callable[[], Iterator[dict]]] = MappingProxyType({})
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    def bind_splits(self, splits: Mapping[str, Callable[[], Iterator[dict]]]) -> None:
+        """The run's splits before training starts: `splits[name]()` iterates that split's raw
+        samples in shard order, for each of "train", "val", "test" the recipe has. What a
+        workload takes from its data (default sample prompts, a reference set) it reads here,
+        so that it knows no dataset of its own."""
+        self.splits = splits
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -71,6 +81,10 @@ class Workload:
     @torch.no_grad()
     def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
         """n samples as images in [0, 1], shape (n, C, H, W), or None."""
+        return None
+
+    def sample_captions(self, n: int) -> Optional[list[str]]:
+        """What `sample_images(n)` was asked for (its prompts, in grid order), logged beside it."""
         return None
 
     @torch.no_grad()

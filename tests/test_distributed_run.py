@@ -37,15 +37,20 @@ def train_records(run_dir):
 
 def test_two_process_run_end_to_end(tmp_path, digits_dir, cpu_env):
     run_dir = tmp_path / "run"
+    # rank 1 reads slowly in step 12: its wait shows in the max over ranks, not in rank 0's
+    slow_reader = {**cpu_env, "TRIBUTARY_FAILPOINTS": "step.data@12/1=sleep", "TRIBUTARY_FAILPOINT_SLEEP": "2"}
     out = run(command(run_dir, digits_dir, "trainer.max_steps=60", "trainer.log_every=5",
                       "trainer.eval_every=20", "trainer.checkpoint_every=20",
-                      "trainer.sample_every=60", "trainer.keep_last_k=2"), cpu_env)
+                      "trainer.sample_every=60", "trainer.keep_last_k=2"), slow_reader)
     assert "test/nll=" in out.stdout
 
     records = train_records(run_dir)
     assert [r["step"] for r in records] == list(range(5, 61, 5))
     assert records[-1]["train/loss"] < 0.8 * records[0]["train/loss"]
-    assert all(0 <= r["train/data_wait_frac"] <= 1 and r["train/samples_per_s"] > 0 for r in records)
+    assert all(0 <= r["train/data_wait_frac"] <= r["train/data_wait_frac_max"] <= 1 and r["train/samples_per_s"] > 0
+               for r in records)
+    slow = next(r for r in records if r["step"] == 15)
+    assert slow["train/data_wait_frac_max"] > 0.5 > slow["train/data_wait_frac"] + 0.2, slow
     assert records[-1]["train/samples_seen"] == 60 * 32 * 2  # both ranks' batches counted
 
     final = json.loads((run_dir / "final_metrics.json").read_text())

@@ -19,9 +19,9 @@ def test_counted_flops_follow_autograd_for_made():
     second layer (the pixels need none): 10 D H per sample."""
     from models.flops import train_flops_per_sample
     from models.registry import build_workload
-    from trainer.config import load_config
+    from launch.recipes import load_recipe
 
-    cfg = load_config(ROOT / "configs/autoregressive/made.yaml", ["model.hidden=[32]"])
+    cfg = load_recipe(ROOT / "configs/autoregressive/made.yaml", ["model.hidden=[32]"])
     workload = build_workload(cfg.model)
     batch = torch.zeros(8, 64)
     assert train_flops_per_sample(workload, batch, 8) == 10 * 64 * 32
@@ -33,10 +33,10 @@ def test_counted_lm_flops_match_palm_formula(objective):
     matmul weights, within the softmax/norm/bias work neither counts the same way."""
     from models.flops import lm_flops_per_token, train_flops_per_sample
     from models.registry import build_workload
-    from trainer.config import load_config
+    from launch.recipes import load_recipe
 
     seq = 256
-    cfg = load_config(ROOT / "configs/lm/causal_1k.yaml", [f"model.seq_len={seq}", f"model.objective={objective}",
+    cfg = load_recipe(ROOT / "configs/lm/causal_1k.yaml", [f"model.seq_len={seq}", f"model.objective={objective}",
                                                            "model.dim=64", "model.depth=2", "model.heads=2"])
     workload = build_workload(cfg.model)
     model = workload.build_model()
@@ -49,15 +49,15 @@ def test_counted_lm_flops_match_palm_formula(objective):
 
 def test_nade_states_its_formula():
     from models.registry import build_workload
-    from trainer.config import load_config
+    from launch.recipes import load_recipe
 
-    cfg = load_config(ROOT / "configs/autoregressive/nade.yaml")
+    cfg = load_recipe(ROOT / "configs/autoregressive/nade.yaml")
     w = build_workload(cfg.model)
     assert w.flops_per_sample(None, 32) == 12 * w.dims * cfg.model.hidden
 
 
 def test_gpu_peaks_by_name_and_precision():
-    from models.flops import gpu_peak_tflops
+    from trainer.meter import gpu_peak_tflops
 
     assert gpu_peak_tflops("NVIDIA H200", "bf16") == 989.4
     assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
@@ -67,7 +67,7 @@ def test_gpu_peaks_by_name_and_precision():
 
 
 def test_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
-    from models import flops
+    from trainer import meter as flops
 
     cache = tmp_path / "cpu_peak.json"
     first = flops.cpu_peak_tflops(cache, probe_s=0.05)
@@ -110,18 +110,19 @@ def test_mfu_throughput_and_profile_of_a_real_run(tmp_path, digits_dir, cpu_env)
 
 def test_lm_throughput_is_in_tokens():
     """perf/tokens_per_s = samples/s x seq_len; TFLOP/s per rank divides by the ranks."""
-    from types import SimpleNamespace
-
     from models.registry import build_workload
-    from trainer.config import load_config
-    from trainer.loop import Trainer
+    from launch.recipes import load_recipe
+    from trainer.meter import ThroughputMeter
 
-    cfg = load_config(ROOT / "configs/lm/causal_1k.yaml")
-    fake = SimpleNamespace(workload=build_workload(cfg.model), flops_per_sample=2e9, peak=100.0,
-                           backend=SimpleNamespace(world_size=2))
-    out = Trainer._perf(fake, samples_per_s=50.0)
-    assert out == {"perf/tokens_per_s": 50.0 * 1024, "perf/tflops_per_rank": 2e9 * 50 / 2 / 1e12,
-                   "perf/mfu": 2e9 * 50 / 2 / 1e12 / 100.0}
+    cfg = load_recipe(ROOT / "configs/lm/causal_1k.yaml")
+    meter = ThroughputMeter(build_workload(cfg.model), samples_per_step=10, world_size=2, peak=100.0,
+                            count_flops=False)
+    meter.flops_per_sample = 2e9
+    meter.start_window(now=0.0)
+    meter.steps, meter.data_wait = 5, 0.25
+    out = meter.measure(now=1.0)
+    assert out == {"train/samples_per_s": 50.0, "train/data_wait_frac": 0.25, "perf/tokens_per_s": 50.0 * 1024,
+                   "perf/tflops_per_rank": 2e9 * 50 / 2 / 1e12, "perf/mfu": 2e9 * 50 / 2 / 1e12 / 100.0}
 
 
 @pytest.mark.parametrize("impl", ["foreach", "fused"])

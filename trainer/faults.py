@@ -13,7 +13,8 @@ under a save in progress; `kill` sends SIGKILL
 to the rank itself; `stop` sends SIGSTOP (a hung rank); `nan`/`inf` poison a value. Without
 the variable every call is a dictionary lookup on an empty dict.
 
-Points: step.loss, step.end, and the stages of Checkpointer.save in order: save.start
+Points: step.data (before a step's first batch is fetched: a `sleep` there is a slow
+reader), step.loss, step.end, and the stages of Checkpointer.save in order: save.start
 (empty partial folder), save.files (RNG and data position written), save.model (nothing of
 the model and optimizer written yet), save.write (this rank's DCP shard file written, the
 index not yet), save.marker (every file written, not yet hashed, no marker), save.rename

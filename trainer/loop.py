@@ -2,12 +2,13 @@
 
 Backend-agnostic: it talks to a `Backend` (devices, wrapping, collectives), a `Workload`
 (model, loss, metrics, samples), a `StreamLoader` (batches and their position), a
-`Checkpointer` and a `MetricsLogger`.
+`Checkpointer` and a `MetricsLogger`. The loop asks small components: `TrainStep` (one
+optimizer step), `NonFiniteGuard` (the NaN policy), `ThroughputMeter` (rates and MFU),
+`StepProfiler` and `Schedule` (what runs after which step).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import random
@@ -20,23 +21,22 @@ import numpy as np
 import torch
 from accelerate.utils import send_to_device
 
-from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, resolve_shards,
-                                   truncate_ledgers)
+from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, iter_raw_samples,
+                                   resolve_shards, truncate_ledgers)
 from trainer.checkpoint import CheckpointError, Checkpointer, newest_complete, write_json
 from trainer.config import RunConfig, to_yaml, training_splits
-from models.flops import peak_tflops
-from trainer.faults import failpoint, poison
 from trainer.export import SafetensorsShards
+from trainer.faults import failpoint
+from trainer.guard import NonFiniteGuard
+from trainer.meter import ThroughputMeter, peak_tflops
 from trainer.metrics import MetricsLogger, summarize_line
 from trainer.preempt import REASONS, StopAgreement
+from trainer.profiler import StepProfiler
+from trainer.schedule import Schedule
+from trainer.step import TrainStep
 
 
 SKIP_KINDS = ("bad_samples", "missing_key", "bad_shards", "missing_shards")
-_no_label = contextlib.nullcontext  # torch.profiler.record_function while a profile runs
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or grad norm under trainer.nonfinite=halt (or too many skips in a row)."""
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -122,8 +122,17 @@ class Trainer:
             (self.run_dir / "ledger").mkdir(parents=True, exist_ok=True)
             ledger = self.run_dir / "ledger" / f"rank{b.rank}.jsonl"
         self.loader = build_loader(cfg, self.workload, b.rank, b.world_size, ledger=ledger)
+        self.workload.bind_splits(self._raw_splits())
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", b, t.keep_last_k,
                                          background=t.checkpoint_async, timeout_s=t.checkpoint_timeout_s)
+
+    def _raw_splits(self) -> dict:
+        """Each split's raw samples in shard order, for what a workload takes from the data."""
+        on_error = self.cfg.data.on_error
+        sources = {"train": self.loader.stream.sources[0].shards if self.loader.stream.sources else None,
+                   "val": self.val_shards, "test": self.test_shards}
+        return {name: functools.partial(iter_raw_samples, shards.urls, on_error)
+                for name, shards in sources.items() if shards is not None}
 
     def _resume(self) -> TrainState:
         state = TrainState()
@@ -167,207 +176,110 @@ class Trainer:
             self.log.enabled = False
 
         # MFU's denominator (every rank at once: a CPU probe then shares the cores as training does)
-        self.peak, peak_source = peak_tflops(b.device, t.mixed_precision, t.peak_tflops)
-        self.flops_per_sample: float | None = None
+        peak, peak_source = peak_tflops(b.device, t.mixed_precision, t.peak_tflops)
         if state.step < t.max_steps:
-            self.log.text(f"MFU against {self.peak} TFLOP/s per rank ({peak_source})" if self.peak
+            self.log.text(f"MFU against {peak} TFLOP/s per rank ({peak_source})" if peak
                           else f"perf/mfu is not logged: {peak_source}")
+        self.schedule = Schedule.of(t, has_val=self.val_shards is not None)
+        self.meter = ThroughputMeter(self.workload, samples_per_step=cfg.data.batch_size * t.grad_accum_steps * b.world_size,
+                                     world_size=b.world_size, peak=peak, count_flops=b.is_main, say=self.log.text)
+        self.guard = NonFiniteGuard(b, policy=t.nonfinite, max_skips=t.nonfinite_max_skips,
+                                    kept_checkpoint=self._kept_checkpoint, say=self.log.text)
+        self.train_step = TrainStep(backend=b, workload=self.workload, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, loader=self.loader, meter=self.meter,
+                                    grad_accum_steps=t.grad_accum_steps, batch_size=cfg.data.batch_size,
+                                    clip_grad_norm=t.clip_grad_norm, skip_nonfinite=t.nonfinite == "skip",
+                                    fp16=t.mixed_precision == "fp16")
         session_start = time.perf_counter()
         self.model.train()
-        net = b.unwrap(self.model)  # for the workload's per-step hook
         self.stopper = StopAgreement(check_every=t.stop_check_every, end_margin_s=t.end_margin_s)
         try:
-            stopped, last_saved = self._loop(state, session_start, last_saved, net)
+            stopped, last_saved = self._loop(state, session_start, last_saved)
         finally:
             self.stopper.close()  # a signal from here on acts as it normally would
         if stopped:
             return {"step": state.step, "stopped": stopped}
         return self._finish(state, session_start, last_saved)
 
-    def _loop(self, state: TrainState, session_start: float, last_saved: int, net) -> tuple[int, int]:
+    def _loop(self, state: TrainState, session_start: float, last_saved: int) -> tuple[int, int]:
         """Steps until max_steps, max_time or an agreed stop: (stop reason or 0, last saved step)."""
-        cfg, t, b = self.cfg, self.cfg.trainer, self.backend
-        accum = t.grad_accum_steps
-        samples_per_step = cfg.data.batch_size * accum * b.world_size
-        # the window's losses and measured grad norms stay on the device, unreduced, until
-        # the log step (no host sync, no tensor op per step); halt looks at them there, and
-        # before anything is evaluated or saved
-        losses: list[torch.Tensor] = []
-        loss_steps: list[int] = []
-        norms: list[torch.Tensor] = []
-        window_steps, data_wait, skips_in_a_row = 0, 0.0, 0
-        window_start = time.perf_counter()
-        skip_nonfinite, fp16 = t.nonfinite == "skip", t.mixed_precision == "fp16"
-        profiler, label = None, _no_label
-        while state.step < t.max_steps:
-            if t.profile_steps and t.profile_steps[0] <= state.step + 1 <= t.profile_steps[1] and profiler is None:
-                profiler, label = self._start_profiler(), torch.profiler.record_function
-            if profiler:  # a step marker, as profiler.step() would write with a schedule
-                step_mark = label(f"ProfilerStep#{state.step + 1}")
-                step_mark.__enter__()
-            lr = self.optimizer.param_groups[0]["lr"]
-            step_loss = None  # this step's loss over its micro-batches
-            for micro in range(accum):
-                tw = time.perf_counter()
-                with label("data"):
-                    batch = send_to_device(next(self.loader), b.device)
-                data_wait += time.perf_counter() - tw
-                if self.flops_per_sample is None and b.is_main:
-                    window_start += self._count_flops(batch)  # once; not counted as training time
-                sync = contextlib.nullcontext() if micro == accum - 1 else b.no_sync(self.model)
-                with sync:
-                    with label("forward"):
-                        loss = self.workload.training_loss(self.model, batch)
-                        if accum > 1:
-                            loss = loss / accum
-                        loss = poison("step.loss", loss, step=state.step + 1, rank=b.rank)
-                    with label("backward"):
-                        b.backward(loss)
-                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-            # without clipping the norm is measured for the log only: at log steps (and every
-            # step under skip, which decides by it)
-            nxt = state.step + 1
-            measure = t.clip_grad_norm > 0 or skip_nonfinite or nxt % t.log_every == 0 or nxt == t.max_steps
-            with label("optimizer"):
-                norm = b.step(self.model, self.optimizer, t.clip_grad_norm, skip_nonfinite, measure)
-            if norm is not None and fp16:  # an overflow is the loss scaler's to skip, not ours
-                norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
-            self.scheduler.step()
-            state.step += 1
-            step = state.step
-            failpoint("step.end", step=step, rank=b.rank)
-            if profiler:
-                step_mark.__exit__(None, None, None)
-                if step == t.profile_steps[1] or step == t.max_steps:
-                    self._stop_profiler(profiler)
-                    profiler, label = False, _no_label  # False: done for this session
-            self.workload.on_step_end(net, step)
-            window_steps += 1
-            if skip_nonfinite and not torch.isfinite(norm):  # the norm is global: all ranks agree
-                state.skipped_nonfinite += 1
-                skips_in_a_row += 1
-                self.log.text(f"step {step}: grad norm {norm.item()}, step skipped "
-                              f"(trainer.nonfinite=skip; {state.skipped_nonfinite} so far)")
-                if skips_in_a_row >= t.nonfinite_max_skips:
-                    raise NonFiniteError(f"{skips_in_a_row} non-finite steps in a row up to step {step} "
-                                         f"(trainer.nonfinite_max_skips={t.nonfinite_max_skips}); "
-                                         f"{self._kept_checkpoint()}")
-            else:
-                skips_in_a_row = 0
-                losses.append(step_loss)
-                loss_steps.append(step)
-                if norm is not None:
-                    norms.append(norm.detach())
+        t, b, when = self.cfg.trainer, self.backend, self.schedule
+        net = b.unwrap(self.model)  # for the workload's per-step hook
+        self.meter.start_window()
+        profiler = StepProfiler(t.profile_steps, start_step=state.step, max_steps=t.max_steps, device=b.device,
+                                out_dir=self.run_dir / "profile", rank=b.rank, say=self.log.text)
+        with profiler:
+            while state.step < t.max_steps:
+                step = state.step + 1
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, norm = self.train_step(step, measure_norm=when.should_measure_norm(step), label=profiler.label)
+                state.step = step
+                failpoint("step.end", step=step, rank=b.rank)
+                profiler.step(step)
+                self.workload.on_step_end(net, step)
+                self.meter.steps += 1
+                self.guard.observe(state, step, loss, norm)
+                logged = when.should_log(step)
+                out_of_time = logged and self._log_window(state, step, lr, session_start)
+                self.log.advance(step)
 
-            stop = False
-            log_step = step % t.log_every == 0 or step == t.max_steps
-            if log_step:
-                now = time.perf_counter()
-                elapsed = now - window_start
-                skips = self.loader.stats()
-                local = torch.cat([self._window_sums(losses, norms), torch.tensor(
-                    [float(skips.get(k, 0)) for k in SKIP_KINDS], dtype=torch.float64, device=b.device)])
-                totals = b.reduce_sum(local).tolist()
-                w = b.world_size
-                if not skip_nonfinite:
-                    self._halt_if_nonfinite(totals[0], totals[1], losses, loss_steps, step - window_steps + 1, step)
-                samples_per_s = window_steps * samples_per_step / elapsed
-                record = {"train/loss": totals[0] / (w * max(len(losses), 1)),
-                          "train/lr": lr,
-                          "train/grad_norm": totals[1] / (w * max(len(norms), 1)),
-                          "train/samples_per_s": samples_per_s,
-                          "train/data_wait_frac": data_wait / elapsed,
-                          "train/samples_seen": self.loader.samples_seen}
-                record.update(self._perf(samples_per_s))
-                record.update({f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, totals[2:]) if v})
-                if not losses:  # every step of the window skipped: no loss to show
-                    del record["train/loss"], record["train/grad_norm"]
-                if state.skipped_nonfinite:
-                    record["train/skipped_nonfinite"] = state.skipped_nonfinite
-                if self.loader.epoch is not None:
-                    record["train/epoch"] = self.loader.epoch
-                self.log.log(step, record, bar_keys=("train/loss", "train/lr", "train/samples_per_s"))
-                losses, loss_steps, norms = [], [], []
-                window_steps, data_wait, window_start = 0, 0.0, now
-                if t.max_time > 0:  # agreed by all ranks, at a log step
-                    over = state.train_time_s + (now - session_start) >= t.max_time
-                    stop = b.reduce_sum(torch.tensor(float(over), device=b.device)).item() > 0
-            self.log.advance(step)
-
-            hangers_on = time.perf_counter()
-            evals = t.eval_every and step % t.eval_every == 0 and self.val_shards
-            samples = t.sample_every and step % t.sample_every == 0
-            saves = t.checkpoint_every and step % t.checkpoint_every == 0
-            reason = self.stopper.poll(step)  # a signal or the job's end: all ranks, same step
-            if not log_step and not skip_nonfinite and (evals or samples or saves or reason):
-                # nothing of this window's weights is evaluated, shown or saved unchecked
-                totals = b.reduce_sum(self._window_sums(losses, norms)).tolist()
-                self._halt_if_nonfinite(totals[0], totals[1], losses, loss_steps, step - window_steps + 1, step)
-            if evals:
-                self._eval_and_keep_best(state)
-            if samples:
-                self._log_samples(step)
-            if saves or stop:
-                self._save(state, session_start)
-                last_saved = step
-            if stop:
-                self.log.text(f"trainer.max_time={t.max_time}s reached at step {step}")
-                break
-            if reason:
-                if last_saved != step:
-                    self._save(state, session_start)
-                self._wait_for_save()
-                self.log.text(f"stopped after step {step} ({REASONS[reason]}); checkpoint "
-                              f"{self.checkpointer.root / f'step-{step}'} is complete")
-                self.log.close()
-                return reason, step
-            window_start += time.perf_counter() - hangers_on  # throughput counts steps only
+                with self.meter.paused():  # throughput counts steps only
+                    evals, samples, saves = when.should_eval(step), when.should_sample(step), when.should_save(step)
+                    reason = self.stopper.poll(step)  # a signal or the job's end: all ranks, same step
+                    if not logged and (evals or samples or saves or reason):
+                        self.guard.check(step)  # nothing unchecked is evaluated, shown or saved
+                    if evals:
+                        self._eval_and_keep_best(state)
+                    if samples:
+                        self._log_samples(step)
+                    if saves or out_of_time or reason:
+                        if last_saved != step:
+                            self._save(state, session_start)
+                        last_saved = step
+                    if out_of_time:
+                        self.log.text(f"trainer.max_time={t.max_time}s reached at step {step}")
+                        return 0, last_saved
+                    if reason:
+                        self._wait_for_save()
+                        self.log.text(f"stopped after step {step} ({REASONS[reason]}); checkpoint "
+                                      f"{self.checkpointer.root / f'step-{step}'} is complete")
+                        self.log.close()
+                        return reason, step
         return 0, last_saved
 
-    # ---------------------------------------------------------------- speed
-    def _count_flops(self, batch) -> float:
-        """Model FLOPs per sample from the first batch (models/flops.py); seconds it took."""
-        t0 = time.perf_counter()
-        try:
-            self.flops_per_sample = float(self.workload.flops_per_sample(batch, self.cfg.data.batch_size))
-        except Exception as exc:  # noqa: BLE001 - MFU is a gauge; a model it cannot count still trains
-            self.flops_per_sample = 0.0
-            self.log.text(f"perf/mfu is not logged: the model's FLOPs could not be counted on the "
-                          f"meta device ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-        return time.perf_counter() - t0
-
-    def _perf(self, samples_per_s: float) -> dict[str, float]:
-        """Throughput in the workload's unit, achieved TFLOP/s per rank and MFU (rank 0)."""
-        out = {}
-        unit = self.workload.throughput_unit
-        if unit != "samples":
-            out[f"perf/{unit}_per_s"] = samples_per_s * self.workload.units_per_sample()
-        if self.flops_per_sample:
-            tflops = self.flops_per_sample * samples_per_s / self.backend.world_size / 1e12
-            out["perf/tflops_per_rank"] = tflops
-            if self.peak:
-                out["perf/mfu"] = tflops / self.peak
-        return out
-
-    def _start_profiler(self):
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.backend.device.type == "cuda" else [])
-        profiler = profile(activities=activities, record_shapes=True, profile_memory=True)
-        profiler.start()
-        return profiler
-
-    def _stop_profiler(self, profiler) -> None:
-        """The trace (Chrome format, as TensorBoard's profiler plugin names it) and a table."""
-        profiler.stop()
-        first, last = self.cfg.trainer.profile_steps[0], self.state.step
-        out = self.run_dir / "profile"
-        out.mkdir(parents=True, exist_ok=True)
-        name = f"rank{self.backend.rank}.steps{first}-{last}"
-        profiler.export_chrome_trace(str(out / f"{name}.pt.trace.json"))
-        by = "self_cuda_time_total" if self.backend.device.type == "cuda" else "self_cpu_time_total"
-        (out / f"{name}.txt").write_text(profiler.key_averages().table(sort_by=by, row_limit=30))
-        self.log.text(f"profile of steps {first}-{last}: {out}/{name}.pt.trace.json")
+    def _log_window(self, state: TrainState, step: int, lr: float, session_start: float) -> bool:
+        """The log step: the window's means over ranks, rates and skips; halts on a non-finite
+        window first. Collective. Whether trainer.max_time has run out (all ranks agree)."""
+        b, t = self.backend, self.cfg.trainer
+        now = time.perf_counter()
+        window = self.guard.window
+        skips = self.loader.stats()
+        local = torch.cat([window.sums(), torch.tensor([float(skips.get(k, 0)) for k in SKIP_KINDS],
+                                                       dtype=torch.float64, device=b.device)])
+        totals = b.reduce_sum(local).tolist()
+        self.guard.check(step, totals[:2])
+        rates = self.meter.measure(now)
+        slowest = b.reduce_max(torch.tensor(rates["train/data_wait_frac"], dtype=torch.float64, device=b.device))
+        record = {"train/loss": totals[0] / (b.world_size * max(len(window.losses), 1)),
+                  "train/lr": lr,
+                  "train/grad_norm": totals[1] / (b.world_size * max(len(window.norms), 1)),
+                  **rates,
+                  "train/data_wait_frac_max": slowest.item(),  # a slow rank stalls every rank's all-reduce
+                  "train/samples_seen": self.loader.samples_seen}
+        record.update({f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, totals[2:]) if v})
+        if not window.losses:  # every step of the window skipped: no loss to show
+            del record["train/loss"], record["train/grad_norm"]
+        if state.skipped_nonfinite:
+            record["train/skipped_nonfinite"] = state.skipped_nonfinite
+        if self.loader.epoch is not None:
+            record["train/epoch"] = self.loader.epoch
+        self.log.log(step, record, bar_keys=("train/loss", "train/lr", "train/samples_per_s"))
+        window.clear()
+        self.meter.start_window(now)
+        if t.max_time <= 0:
+            return False
+        over = state.train_time_s + (now - session_start) >= t.max_time
+        return b.reduce_sum(torch.tensor(float(over), device=b.device)).item() > 0
 
     def _kept_checkpoint(self) -> str:
         try:
@@ -377,37 +289,6 @@ class Trainer:
         kept = newest_complete(self.checkpointer.root) if self.backend.is_main else None
         return (f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written") + \
             " and nothing after it is saved"
-
-    def _window_sums(self, losses: list, norms: list) -> torch.Tensor:
-        """[loss sum, grad norm sum] of this rank's window, float64 on the device. A NaN or
-        Inf loss anywhere makes the sum non-finite, so the sums say whether to look closer."""
-        out = torch.zeros(2, dtype=torch.float64, device=self.backend.device)
-        if losses:
-            out[0] = torch.stack(losses).sum(dtype=torch.float64)
-        if norms:
-            out[1] = torch.stack(norms).sum(dtype=torch.float64)
-        return out
-
-    def _halt_if_nonfinite(self, loss_sum: float, gnorm_sum: float, losses: list, loss_steps: list[int],
-                           first: int, last: int) -> None:
-        """Stop every rank (same reduced sums, same verdict) before poisoned weights are kept;
-        collective when it stops: the ranks then agree on who saw the first bad loss."""
-        if math.isfinite(loss_sum) and math.isfinite(gnorm_sum):
-            return
-        b = self.backend
-        slots = torch.zeros(b.world_size, dtype=torch.float64, device=b.device)  # summed: who, when
-        if losses:
-            bad = [s for s, v in zip(loss_steps, torch.stack(losses).tolist()) if not math.isfinite(v)]
-            slots[b.rank] = bad[0] if bad else 0
-        found = {r: int(s) for r, s in enumerate(b.reduce_sum(slots).tolist()) if s}
-        if found:
-            at = min(found.values())
-            where = f"loss at step {at} on rank(s) {[r for r, s in found.items() if s == at]}"
-        else:
-            where = "grad norm in steps " + (f"{first}-{last}" if first < last else str(last))
-        raise NonFiniteError(f"non-finite {where} (caught at step {last}, trainer.nonfinite=halt); "
-                             f"{self._kept_checkpoint()}. Resume from it with a lower optim.lr or "
-                             "trainer.clip_grad_norm, or set trainer.nonfinite=skip")
 
     # ---------------------------------------------------------------- hangers-on
     def _save(self, state: TrainState, session_start: float) -> None:
@@ -526,6 +407,9 @@ class Trainer:
         net.train()
         if images is not None and self.backend.is_main:
             self.log.image("samples", images, step)
+            prompts = self.workload.sample_captions(n)
+            if prompts:
+                self.log.tb_text("samples/prompts", "\n\n".join(prompts), step)
         if texts is not None and self.backend.is_main:
             self.log.samples_text("samples/text", texts, step)
 
