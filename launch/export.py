@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from trainer.checkpoint import latest, verify
-from trainer.config import load_config
+from launch.recipes import load_recipe
 from trainer.export import check_shapes, export_checkpoint, parse_size
 
 
@@ -56,7 +56,7 @@ def export(run_dir: Path, which: str | None = None, out: Path | None = None, *, 
     parse_size(max_shard_size, key="--max-shard-size")
     src = source(run_dir, which, step)
     out = out or run_dir / "export"
-    cfg = load_config(run_dir / "config.yaml", ["trainer.resume=never"])
+    cfg = load_recipe(run_dir / "config.yaml", ["trainer.resume=never"])
     files = export_checkpoint(src, out, max_shard_size)
     try:
         with torch.device("meta"):

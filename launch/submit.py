@@ -1,7 +1,7 @@
 """Submit a recipe to SLURM: render one of slurm/*.sbatch for it, `sbatch` it, say where to look.
 
-    python -m launch.submit --config configs/lm/flash_4k.yaml --nodes 4 --gpus-per-node 8 \\
-        --partition gpu --time 2-00:00:00 run.dir=/shared/runs/flash_4k
+    python -m launch.submit --config configs/lm/causal_4k.yaml --nodes 4 --gpus-per-node 8 \\
+        --partition gpu --time 2-00:00:00 run.dir=/shared/runs/causal_4k
     python -m launch.submit ... --dry-run        # print the script, submit nothing
 
 The recipe is read and checked here first (a bad key fails before anything is queued), and
@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from data_pipelines.stream import DataError, check_readers, resolve_shards
-from trainer.config import ConfigError, load_config
+from launch.recipes import load_recipe
+from trainer.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = {name: ROOT / "slurm" / f"{name}.sbatch" for name in ("torchrun", "accelerate", "deepspeed")}
@@ -50,7 +51,6 @@ def render(a, recipe: str, overrides: list[str], run_dir: Path, name: str) -> st
     template = TEMPLATES[a.launcher].read_text()
     log_dir = run_dir / "slurm"
     lines = template.splitlines(keepends=True)
-    first = next(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
     last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
     about = lines[1:lines.index("#\n")]  # the template's first paragraph: what it does
     header = (lines[0] + f"# Rendered by `python -m launch.submit` from slurm/{a.launcher}.sbatch "
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         p.error("--nodes and --gpus-per-node must be >= 1")
 
     try:
-        cfg = load_config(a.config, a.overrides)
+        cfg = load_recipe(a.config, a.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from data_pipelines.stream import DataError, check_readers, resolve_shards
-from trainer.config import ConfigError, load_config, resolve_global_batch, training_splits
+from launch.recipes import load_recipe
+from trainer.config import ConfigError, resolve_global_batch, training_splits
 from trainer.preempt import EXIT_STOPPED, requeue_slurm_job
 
 EXIT_LOST_RANK, EXIT_CHECKPOINT, EXIT_NONFINITE = 4, 5, 6
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_recipe(args.config, args.overrides)
         preflight(cfg)
     except (ConfigError, DataError) as exc:
         # Every rank finds the same error. Rank 0 reports it; the others wait a moment
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
     from models.registry import build_workload
     from trainer.backends import make_backend
     from trainer.checkpoint import CheckpointError, IncompatibleCheckpointError, newest_complete
-    from trainer.loop import NonFiniteError, Trainer
+    from trainer.guard import NonFiniteError
+    from trainer.loop import Trainer
 
     from launch.netif import choose_socket_ifname
 

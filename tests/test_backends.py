@@ -246,6 +246,24 @@ def test_launcher_settings_must_agree_with_the_recipe(monkeypatch):
         check_launch_env(ds_trainer(zero_stage=3, offload_optimizer=True), 8)
 
 
+def test_launcher_precision_must_agree_with_the_recipe(monkeypatch):
+    """`accelerate launch --mixed_precision bf16` on a recipe that trains in fp32 is refused,
+    naming both; the launcher's default "no" leaves a bf16 recipe as it is."""
+    from trainer.backends import check_launch_env
+    from trainer.config import ConfigError, TrainerConfig
+
+    for key in [k for k in __import__("os").environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    for trainer in (TrainerConfig(mixed_precision="no"), ds_trainer(zero_stage=2)):
+        with pytest.raises(ConfigError, match="--mixed_precision bf16.*trainer.mixed_precision=no"):
+            check_launch_env(trainer, 8)
+    check_launch_env(TrainerConfig(mixed_precision="bf16"), 8)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_launch_env(TrainerConfig(mixed_precision="bf16"), 8)
+    check_launch_env(TrainerConfig(mixed_precision="no"), 8)
+
+
 def test_deepspeed_json_must_agree_with_the_recipe(tmp_path):
     from trainer.backends.deepspeed import deepspeed_config
     from trainer.config import ConfigError

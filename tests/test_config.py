@@ -2,13 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, load_config
+from launch.recipes import load_recipe
+from trainer.config import ConfigError
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "autoregressive" / "made.yaml"
 
 
 def test_recipe_loads_with_overrides():
-    cfg = load_config(RECIPE, ["run.dir=/tmp/x", "trainer.max_steps=70", "model.hidden=[16,16]",
+    cfg = load_recipe(RECIPE, ["run.dir=/tmp/x", "trainer.max_steps=70", "model.hidden=[16,16]",
                                "trainer.resume=never"])
     assert cfg.trainer.max_steps == 70
     assert cfg.model.hidden == [16, 16]
@@ -67,42 +68,42 @@ def test_recipe_loads_with_overrides():
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(RECIPE, [override])
+        load_recipe(RECIPE, [override])
 
 
 def test_bad_recipe_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"recipe file '.*no-such\.yaml' does not exist"):
-        load_config(tmp_path / "no-such.yaml", [])
+        load_recipe(tmp_path / "no-such.yaml", [])
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: {max_steps: 5\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml' is not valid YAML"):
-        load_config(bad, [])
+        load_recipe(bad, [])
 
 
 def test_missing_model_name_is_named(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("run: {dir: x}\ndata: {train: {urls: x.tar}}\n")
     with pytest.raises(ConfigError, match=r"model\.name"):
-        load_config(recipe, [])
+        load_recipe(recipe, [])
 
 
 def test_global_batch_derives_accumulation():
     from trainer.config import resolve_global_batch
 
-    cfg = load_config(RECIPE, ["data.global_batch_size=256"])  # data.batch_size=32
+    cfg = load_recipe(RECIPE, ["data.global_batch_size=256"])  # data.batch_size=32
     resolve_global_batch(cfg, 2)
     assert cfg.trainer.grad_accum_steps == 4
-    cfg = load_config(RECIPE, ["data.global_batch_size=100"])
+    cfg = load_recipe(RECIPE, ["data.global_batch_size=100"])
     with pytest.raises(ConfigError, match=r"data\.global_batch_size.*100 is not a multiple of "
                                           r"data\.batch_size=32 x 2 rank\(s\) = 64"):
         resolve_global_batch(cfg, 2)
-    cfg = load_config(RECIPE, ["data.global_batch_size=256", "trainer.grad_accum_steps=2"])
+    cfg = load_recipe(RECIPE, ["data.global_batch_size=256", "trainer.grad_accum_steps=2"])
     with pytest.raises(ConfigError, match=r"trainer\.grad_accum_steps.*needs 4 on 2 rank"):
         resolve_global_batch(cfg, 2)
 
 
 def test_mixture_config():
-    cfg = load_config(RECIPE, ["data.mix=[{urls: '/other/{0..3}.tar', weight: 0.25}]"])
+    cfg = load_recipe(RECIPE, ["data.mix=[{urls: '/other/{0..3}.tar', weight: 0.25}]"])
     assert cfg.data.mix[0].urls == "/other/{0..3}.tar" and cfg.data.mix[0].weight == 0.25
     assert cfg.data.train.weight == 1.0
 
@@ -111,12 +112,29 @@ def test_missing_run_dir_is_named(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name: fvsbn}\ndata: {train: {urls: x.tar}}\n")
     with pytest.raises(ConfigError, match=r"run\.dir"):
-        load_config(recipe, [])
+        load_recipe(recipe, [])
 
 
 def test_eval_without_val_shards_is_refused():
-    with pytest.raises(ConfigError, match=r"data\.val\.urls"):
-        load_config(RECIPE, ["data.val.urls=", "trainer.eval_every=10"])
+    with pytest.raises(ConfigError, match=r"data\.val\.urls': trainer.eval_every > 0 needs validation shards"):
+        load_recipe(RECIPE, ["data.val.urls=", "trainer.eval_every=10"])
+
+
+def test_an_empty_override_empties_the_split():
+    """`data.val.urls=` is the empty string, as `data.val.urls=""` is (OmegaConf reads None)."""
+    base = ["trainer.eval_every=0"]
+    assert load_recipe(RECIPE, base).data.val.urls  # the recipe has a val split
+    for empty in ("data.val.urls=", 'data.val.urls=""', "data.val.urls=''"):
+        assert load_recipe(RECIPE, [*base, empty]).data.val.urls == ""
+
+
+@pytest.mark.parametrize("old, new", [("model.compile=true", "trainer.compile"),
+                                      ("model.gradient_checkpointing=true", "model.activation_checkpointing"),
+                                      ("trainer.gradient_checkpointing=true", "model.activation_checkpointing"),
+                                      ("trainer.activation_checkpointing=true", "model.activation_checkpointing")])
+def test_a_second_name_for_a_switch_is_refused_with_the_name(old, new):
+    with pytest.raises(ConfigError, match=f"config key '{old.split('=')[0]}' is not a key: it is called '{new}'"):
+        load_recipe(RECIPE, [old])
 
 
 def test_fp16_on_cpu_is_refused():
@@ -125,7 +143,7 @@ def test_fp16_on_cpu_is_refused():
     if torch.cuda.is_available():
         pytest.skip("fp16 is valid where CUDA is present")
     with pytest.raises(ConfigError, match="fp16"):
-        load_config(RECIPE, ["trainer.mixed_precision=fp16"])
+        load_recipe(RECIPE, ["trainer.mixed_precision=fp16"])
 
 
 def test_bad_config_fails_before_any_process_group(tmp_path, cpu_env):
@@ -150,7 +168,7 @@ def test_bad_config_fails_before_any_process_group(tmp_path, cpu_env):
     ("made_zero3_offload", "deepspeed", "ddp", 3, True),
 ])
 def test_backend_recipes_build_on_the_base_recipe(recipe, backend, strategy, stage, offload):
-    cfg = load_config(RECIPE.parent / f"{recipe}.yaml", [])
+    cfg = load_recipe(RECIPE.parent / f"{recipe}.yaml", [])
     t = cfg.trainer
     assert (t.backend, t.accelerate.strategy, t.deepspeed.zero_stage, t.deepspeed.offload_params) == \
         (backend, strategy, stage, offload)
@@ -161,10 +179,10 @@ def test_base_chain_errors(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
-        load_config(tmp_path / "a.yaml", [])
+        load_recipe(tmp_path / "a.yaml", [])
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"'base'.*missing\.yaml"):
-        load_config(tmp_path / "c.yaml", [])
+        load_recipe(tmp_path / "c.yaml", [])
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -180,14 +198,14 @@ def test_base_chain_errors(tmp_path):
 ])
 def test_backend_config_errors(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(RECIPE, overrides.split())
+        load_recipe(RECIPE, overrides.split())
 
 
 @pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPE.parents[1]).as_posix()
                                           for p in RECIPE.parents[1].rglob("*.yaml")))
 def test_every_shipped_recipe_loads(recipe, tmp_path):
     """Every recipe under configs/ names a registered workload and only known keys."""
-    cfg = load_config(RECIPE.parents[1] / recipe, [f"run.dir={tmp_path}"])
+    cfg = load_recipe(RECIPE.parents[1] / recipe, [f"run.dir={tmp_path}"])
     assert cfg.model.name and cfg.trainer.max_steps > 0
 
 
@@ -198,7 +216,7 @@ def test_preflight_counts_every_training_source(digits_dir, monkeypatch):
     from launch.train import preflight
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = load_config("configs/autoregressive/made.yaml", [
+    cfg = load_recipe("configs/autoregressive/made.yaml", [
         f"data.train.urls={digits_dir}/train", "data.num_workers=2",
         f"data.mix=[{{urls: {digits_dir}/val, weight: 0.5}}]"])
     with pytest.raises(DataError, match=r"data\.mix\.0\.urls: 2 shard\(s\) cannot feed 2 rank\(s\) x 2"):
@@ -208,7 +226,7 @@ def test_preflight_counts_every_training_source(digits_dir, monkeypatch):
 def test_deepspeed_json_that_does_not_parse_is_named(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text("{zero_optimization: {stage: 2}}")
-    cfg = load_config("configs/autoregressive/made_zero2.yaml", [f"trainer.deepspeed.config_file={bad}"])
+    cfg = load_recipe("configs/autoregressive/made_zero2.yaml", [f"trainer.deepspeed.config_file={bad}"])
     from trainer.backends import check_launch_env
 
     with pytest.raises(ConfigError, match=r"'trainer\.deepspeed\.config_file': .*ds\.json is not valid JSON"):

@@ -199,11 +199,11 @@ def test_sigkill_resume_is_exact(tmp_path, lm_data, cpu_env, recipe, overrides):
 
 @pytest.mark.drill
 def test_compile_switch(tmp_path, lm_data, cpu_env):
-    """model.compile=true trains (inductor on CPU) and exports the plain model's keys."""
+    """trainer.compile=true trains (inductor on CPU) and exports the plain model's keys."""
     data = lm_data(256)
     cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/lm/causal_1k.yaml"),
            f"run.dir={tmp_path}", f"data.train.urls={data}/train", f"data.val.urls={data}/val",
-           "data.test.urls=''", "model.compile=true", "model.seq_len=256", "model.dim=32", "model.depth=2",
+           "data.test.urls=''", "trainer.compile=true", "model.seq_len=256", "model.dim=32", "model.depth=2",
            "model.heads=2", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=0",
            "trainer.checkpoint_every=0", "trainer.sample_every=0", "model.sample_bytes=4",
            "optim.warmup_steps=1", "trainer.progress_bar=false"]

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -184,21 +184,31 @@ def _load_recipe(path: Path, seen: tuple = ()):
     return OmegaConf.merge(_load_recipe(base_path, seen + (path.resolve(),)), raw)
 
 
-def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = ()) -> RunConfig:
+# one name for one switch: the other names users reach for are refused with the right one
+RENAMED_KEYS = {"model.compile": "trainer.compile",
+                "model.gradient_checkpointing": "model.activation_checkpointing",
+                "trainer.activation_checkpointing": "model.activation_checkpointing",
+                "trainer.gradient_checkpointing": "model.activation_checkpointing"}
+
+
+def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = (), *,
+                model_schema: Callable[[str], type]) -> RunConfig:
     """Read a YAML recipe, apply `a.b=c` overrides, type-check and validate.
 
-    Returns plain dataclass objects. Raises ConfigError naming the key at fault.
+    `model_schema(name)` is the Config dataclass of workload `name` (the launcher hands over
+    the model registry: the trainer knows no workload). Returns plain dataclass objects.
+    Raises ConfigError naming the key at fault. An empty override (`data.val.urls=`) is the
+    empty string, as `data.val.urls=""` is.
     """
-    from models.registry import workload_config_class  # models never import trainer
-
     try:
         raw = _load_recipe(Path(recipe)) if recipe else OmegaConf.create({})
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not of the form key=value")
         for item in overrides:
+            key, value = item.split("=", 1)
             try:
-                raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([item]))
+                raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([item if value else f"{key}=''"]))
             except yaml.YAMLError as exc:
                 raise ConfigError(f"config key '{item.split('=', 1)[0]}': cannot parse the value "
                                   f"of '{item}' ({str(exc).splitlines()[0]})") from None
@@ -209,11 +219,15 @@ def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = ()) 
     except FileNotFoundError:
         raise ConfigError(f"recipe file '{recipe}' does not exist") from None
 
+    for key, name in RENAMED_KEYS.items():
+        if OmegaConf.select(raw, key, default=RENAMED_KEYS) is not RENAMED_KEYS:
+            raise ConfigError(f"config key '{key}' is not a key: it is called '{name}'")
+
     name = OmegaConf.select(raw, "model.name")
     if not name:
         raise ConfigError("config key 'model.name' is missing: say which workload to train")
     try:
-        model_cls = workload_config_class(name)
+        model_cls = model_schema(name)
     except ValueError as exc:
         raise ConfigError(f"config key 'model.name': {exc}") from None
 

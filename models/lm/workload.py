@@ -45,7 +45,6 @@ class LMConfig:
     mask_fraction: float = 0.15  # masked objective: share of bytes hidden
     mask_span: float = 3.0  # masked objective: mean span length (geometric)
     activation_checkpointing: bool = False  # recompute each block in backward
-    compile: bool = False  # torch.compile the model (GPU runs; slow to start on CPU)
     sdpa_backend: str = "auto"  # softmax attention's kernel: auto (torch chooses) | math | flash | efficient | cudnn
     sample_prompt: str = "def "  # causal text samples continue this prompt
     sample_bytes: int = 200
@@ -112,10 +111,7 @@ class LMWorkload(Workload):
         super().__init__(cfg)
 
     def build_model(self) -> nn.Module:
-        model = ByteLM(self.cfg)
-        if self.cfg.compile:
-            model.compile()  # in place: state_dict keys stay those of the plain model
-        return model
+        return ByteLM(self.cfg)
 
     def flops_per_token(self) -> float:
         """Forward+backward matmul FLOPs per trained token (3x forward), for MFU."""

@@ -8,11 +8,14 @@ checkpoint, since only it knows how its state is laid out across ranks.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
+
+from trainer.config import ConfigError
 
 
 class Backend(Protocol):
@@ -49,6 +52,7 @@ class Backend(Protocol):
 def check_launch_env(trainer_cfg, micro_batch: int) -> None:
     """The launcher's settings (an `accelerate launch` YAML exports them) must agree with the
     recipe; raises ConfigError before any process group starts."""
+    check_launch_precision(trainer_cfg.mixed_precision)
     if trainer_cfg.backend == "accelerate":
         from trainer.backends.accelerate import check_launch_env as check
         check(trainer_cfg.accelerate)
@@ -56,6 +60,18 @@ def check_launch_env(trainer_cfg, micro_batch: int) -> None:
         from trainer.backends.deepspeed import check_accelerate_launch_env, deepspeed_config
         check_accelerate_launch_env(trainer_cfg.deepspeed)
         deepspeed_config(trainer_cfg, micro_batch)  # a config_file that contradicts the recipe
+
+
+def check_launch_precision(recipe: str) -> None:
+    """`accelerate launch --mixed_precision X` exports ACCELERATE_MIXED_PRECISION, which our
+    Accelerator never reads (the recipe's precision is passed in): a launcher asking for a
+    precision the recipe does not train in is refused. Its "no" is also the launcher's
+    default when nothing was asked, so it never contradicts a recipe's bf16 or fp16."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched != "no" and launched != recipe:
+        raise ConfigError(f"accelerate launch was given --mixed_precision {launched} (ACCELERATE_MIXED_PRECISION), "
+                          f"but the recipe has trainer.mixed_precision={recipe}; set "
+                          f"trainer.mixed_precision={launched}, or launch with --mixed_precision {recipe}")
 
 
 def init_elastic_process_group(timeout_s: int) -> bool:
