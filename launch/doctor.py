@@ -7,7 +7,9 @@ One line per check (ok / warn / FAIL, naming the config key, shard or folder at 
 the config; the global batch at this world size; every split's shards (there, readable,
 enough for ranks x workers) and how many steps an epoch gives; room in run.dir for
 trainer.keep_last_k + 1 checkpoints and the best export; a rough memory per rank for the
-backend (fp32 weights, grads and AdamW state; activations excluded). Reads nothing remote.
+backend (weights, grads, AdamW state, DeepSpeed's fp32 master copy and the reduction buffers
+that live as long; activations excluded), each number naming its estimator: DeepSpeed's own
+where it has one, ours elsewhere. Reads nothing remote.
 
 Exit codes: 0 no FAIL (warnings allowed); 1 some check failed; 2 usage error.
 """
@@ -20,10 +22,11 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from data_pipelines.stream import DataError, _is_local, check_readers, resolve_shards
-from trainer.config import ConfigError, load_config, resolve_global_batch, training_splits
+from launch.recipes import load_recipe
+from trainer.config import ConfigError, resolve_global_batch, training_splits
 
 Say = Callable[[str, str, str], None]  # (level, check, message)
 OVERHEAD, PER_RANK = 64_000, 32_000  # scheduler and trainer state; RNG and data position per rank
@@ -36,24 +39,111 @@ def _size(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def memory_per_rank(trainer_cfg, params: int, world: int, trainable: Optional[int] = None) -> tuple[float, float]:
-    """(device, host) bytes per rank for fp32 weights (4P), grads (4P) and AdamW state (8P);
-    frozen parameters have no grads or optimizer state."""
-    trainable = params if trainable is None else trainable
-    weights, grads, optim = 4.0 * params, 4.0 * trainable, 8.0 * trainable
-    if trainer_cfg.backend == "accelerate":
-        share = world if trainer_cfg.accelerate.strategy == "fsdp" else 1
-        return (weights + grads + optim) / share, 0.0
-    ds = trainer_cfg.deepspeed
-    optim /= world if ds.zero_stage >= 1 else 1
-    grads /= world if ds.zero_stage >= 2 else 1
-    weights /= world if ds.zero_stage == 3 else 1
-    host = (optim if ds.offload_optimizer else 0.0) + (weights if ds.offload_params else 0.0)
-    return weights + grads + optim - host, host
+class ModelSize(NamedTuple):
+    total: int
+    trainable: int
+    largest_layer: int  # one module's own parameters, the most of any: ZeRO-3 gathers a module at a time
+    numels: tuple[int, ...]  # each parameter's size, in model order: ZeRO-3 keeps the small ones whole
 
 
-def count_params(model_cfg) -> tuple[int, int]:
-    """(all, trainable) parameters, built on the meta device: no memory, no init time."""
+class Part(NamedTuple):
+    place: str  # "device" or "host"
+    what: str
+    bytes: float
+    by: str  # the estimator that gave the number: OURS or DeepSpeed's function
+
+
+OURS = "ours"
+
+
+def memory_per_rank(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool = False,
+                    zero=None) -> list[Part]:
+    """What one rank holds from step to step, part by part: weights, grads, AdamW state,
+    DeepSpeed's fp32 master partition, and the reduction buffers that stay allocated (DDP's
+    buckets, ZeRO-3's reduce bucket). Activations and buffers that live only inside backward
+    are left out. `zero`: the engine's DeepSpeedZeroConfig (bucket sizes, thresholds;
+    DeepSpeed's defaults when None); `cpu_ranks`: a buffer counts only the pages it touches,
+    not its whole allocation as on a GPU."""
+    world = nodes * per_node
+    P, T = size.total, size.trainable
+    if trainer_cfg.backend == "accelerate":  # Accelerate keeps fp32 weights under mixed precision (autocast)
+        if trainer_cfg.accelerate.strategy == "fsdp":
+            return [Part("device", "fp32 weights, grads and AdamW state, sharded", (4 * P + 12 * T) / world, OURS)]
+        parts = [Part("device", "fp32 weights, grads and AdamW state", 4 * P + 12 * T, OURS)]
+        if world > 1:  # a group of one is unwrapped (trainer/backends/accelerate.py)
+            # torch DDP's default (no gradient_as_bucket_view): buckets of its own beside .grad,
+            # 25 MB each, together as large as the trained parameters
+            parts.append(Part("device", "DDP gradient buckets", 4 * T, OURS))
+        return parts
+    return deepspeed_memory(trainer_cfg, size, nodes, per_node, cpu_ranks, zero)
+
+
+def deepspeed_memory(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool, zero) -> list[Part]:
+    """The DeepSpeed engine's parts. Ours first, as the engine allocates them
+    (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py); where DeepSpeed's own estimator covers
+    a 16-bit layout, its number replaces the parts it counts."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    ds, world = trainer_cfg.deepspeed, nodes * per_node
+    stage, P, T = ds.zero_stage, size.total, size.trainable
+    zero = zero or DeepSpeedZeroConfig(stage=stage)
+    w = 4 if trainer_cfg.mixed_precision == "no" else 2  # the engine casts the module to bf16/fp16
+    opt_at = "host" if ds.offload_optimizer else "device"
+    opt_share = world if stage >= 1 else 1
+    weight_share = world if stage == 3 else 1
+    # stage 1 reduces and frees the grads at each boundary, as stage 2 does; with accumulation
+    # it keeps them whole in between (benchmarks/RESULTS.md, zero_memory)
+    accumulating = stage == 1 and trainer_cfg.grad_accum_steps > 1
+    parts = [Part("host" if ds.offload_params else "device", "weights", w * T / weight_share, OURS)]
+    if P > T:
+        parts.append(Part("host" if ds.offload_params else "device", "frozen weights", w * (P - T) / weight_share, OURS))
+    if w == 2 or stage >= 1:  # DeepSpeed clones the fp32 master even from fp32 weights
+        parts.append(Part(opt_at, "fp32 master", 4 * T / opt_share, OURS))
+    whole = stage == 0 or accumulating  # grads at full size on every rank
+    if whole:
+        parts.append(Part("device", "grads" if stage == 0 else "whole grads between micro-steps", w * T, OURS))
+    if w == 2 and not whole and not ds.offload_optimizer:  # the reduced partition (offload: straight to the host)
+        parts.append(Part("device", "16-bit grads", 2 * T / world, OURS))
+    if w == 2 or not whole:  # the fp32 grads the step reads: the partition's copy, or (fp32) the partition
+        parts.append(Part(opt_at, "fp32 grads", 4 * T / opt_share, OURS))
+    parts.append(Part(opt_at, "AdamW state", 8 * T / opt_share, OURS))
+    if stage == 3:
+        # one module's weights and grads at full size, as DeepSpeed's estimator counts them
+        parts.append(Part("device", "gathered largest layer", 2 * w * size.largest_layer, OURS))
+        kept = 0  # parameter_offload.py, mark_persistent_parameters
+        for n in size.numels:
+            if n <= zero.param_persistence_threshold and kept + n <= zero.model_persistence_threshold:
+                kept += n
+        if kept:
+            parts.append(Part("device", "whole small params", w * kept, OURS))
+        if zero.contiguous_gradients:  # allocated once at start, one per communication dtype
+            bucket = min(zero.reduce_bucket_size, T) if cpu_ranks else zero.reduce_bucket_size
+            parts.append(Part("device", "reduce bucket", w * bucket, OURS))
+    if w == 4 or stage == 0 or (stage == 3 and ds.offload_params and not ds.offload_optimizer):
+        # DeepSpeed's estimators cover 16-bit weights under ZeRO 1-3, param offload only with the optimizer's
+        return parts
+
+    covered = {"weights", "fp32 master", "16-bit grads", "fp32 grads", "AdamW state", "gathered largest layer"}
+    theirs = [p for p in parts if p.place == "device" and p.what in covered]
+    ours = [p for p in parts if p.place != "device" or p.what not in covered]
+    if stage == 3:
+        from deepspeed.runtime.zero import stage3
+
+        estimate = stage3.estimate_zero3_model_states_mem_needs
+        # zero_init=False: the trainer builds the whole model on every rank, then partitions it
+        _, gpu, _ = estimate(T, size.largest_layer, per_node, nodes, cpu_offload=ds.offload_optimizer,
+                             cpu_offload_params=ds.offload_params, zero_init=False)
+    else:
+        from deepspeed.runtime.zero import stage_1_and_2
+
+        estimate = stage_1_and_2.estimate_zero2_model_states_mem_needs
+        _, gpu = estimate(T, per_node, nodes, cpu_offload=ds.offload_optimizer)
+    # the host side stays ours: DeepSpeed's cpu figure is per node, for loading the whole model on each rank
+    return [Part("device", ", ".join(p.what for p in theirs), gpu, f"DeepSpeed's {estimate.__name__}"), *ours]
+
+
+def count_params(model_cfg) -> ModelSize:
+    """Parameter counts, the model built on the meta device: no memory, no init time."""
     import torch
 
     from models.registry import build_workload
@@ -63,8 +153,14 @@ def count_params(model_cfg) -> tuple[int, int]:
             model = build_workload(model_cfg).build_model()
     except Exception:  # a model that reads its init from disk or needs real tensors
         model = build_workload(model_cfg).build_model()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    return model_size(model)
+
+
+def model_size(model) -> ModelSize:
+    params = list(model.parameters())  # each shared parameter once
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    return ModelSize(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+                     largest, tuple(p.numel() for p in params))
 
 
 def check_batch(cfg, world: int, say: Say) -> Optional[int]:
@@ -153,7 +249,7 @@ def checkpoint_bytes(trainer_cfg, params: int, trainable: int, world: int) -> fl
     return size + OVERHEAD + PER_RANK * world
 
 
-def check_run_dir(cfg, params: Optional[tuple[int, int]], world: int, say: Say) -> None:
+def check_run_dir(cfg, size: Optional[ModelSize], world: int, say: Say) -> None:
     from trainer.checkpoint import complete_checkpoints, latest
 
     run_dir, t = Path(cfg.run.dir), cfg.trainer
@@ -183,17 +279,17 @@ def check_run_dir(cfg, params: Optional[tuple[int, int]], world: int, say: Say) 
     if resume_from is not None:
         say("ok", "resume", f"trainer.resume={t.resume}: the run continues from '{resume_from}'")
         per_ckpt = sum(p.stat().st_size for p in resume_from.rglob("*") if p.is_file())
-    elif params is None:
+    elif size is None:
         say("warn", "disk", "checkpoint size unknown (the model did not build); disk room not checked")
         return
     else:
-        per_ckpt = checkpoint_bytes(t, *params, world)
+        per_ckpt = checkpoint_bytes(t, size.total, size.trainable, world)
     if existing and t.resume == "never":
         say("warn", "resume", f"trainer.resume=never, but '{root}' holds checkpoints up to "
             f"'{existing[-1].name}': pruning keeps the highest steps, and a later auto resume picks them")
     # one more than keep_last_k is on disk while the oldest waits to be pruned
     count = max(1, t.keep_last_k + 1 - len(existing))
-    best = 4 * params[0] if params and cfg.data.val.urls and not (run_dir / "best").exists() else 0
+    best = 4 * size.total if size and cfg.data.val.urls and not (run_dir / "best").exists() else 0
     need, free = count * per_ckpt + best, shutil.disk_usage(there).free
     text = (f"{count} new checkpoint(s) of ~{_size(per_ckpt)} (trainer.keep_last_k={t.keep_last_k}, +1 "
             f"until the oldest is pruned)" + (f" + best export {_size(best)}" if best else "") +
@@ -201,17 +297,44 @@ def check_run_dir(cfg, params: Optional[tuple[int, int]], world: int, say: Say) 
     say("ok" if need <= free else "FAIL", "disk", text if need <= free else f"run.dir: not enough room: {text}")
 
 
-def check_memory(cfg, params: tuple[int, int], world: int, gpu_mem_gb: Optional[float], say: Say) -> None:
-    t = cfg.trainer
-    device, host = memory_per_rank(t, params[0], world, params[1])
+def check_memory(cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool,
+                 gpu_mem_gb: Optional[float], say: Say) -> None:
+    t, world = cfg.trainer, nodes * per_node
+    zero = None
+    if t.backend == "deepspeed":
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        from trainer.backends.deepspeed import deepspeed_config
+
+        try:  # the engine's bucket sizes and thresholds, a config_file's included
+            zero = DeepSpeedZeroConfig(**deepspeed_config(t, cfg.data.batch_size)["zero_optimization"])
+        except ConfigError:
+            say("warn", "memory", "not estimated: trainer.deepspeed.config_file does not load (the batch line says why)")
+            return
+        except ValueError as exc:  # pydantic's ValidationError: the engine would refuse it at start
+            say("FAIL", "memory", f"config key 'trainer.deepspeed.config_file': {t.deepspeed.config_file}: DeepSpeed "
+                f"refuses its zero_optimization: {' '.join(str(exc).splitlines()[1:3])}")
+            return
+    parts = memory_per_rank(t, size, nodes, per_node, cpu_ranks, zero)
+    device, host = (sum(p.bytes for p in parts if p.place == place) for place in ("device", "host"))
     ds = t.deepspeed
     offloaded = [name for name, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params)) if on]
     what = (f"accelerate {t.accelerate.strategy}" if t.backend == "accelerate" else
             f"deepspeed zero-{ds.zero_stage}" + (f" ({' and '.join(offloaded)} offloaded)" if offloaded else ""))
-    frozen = f" ({params[0] - params[1]:,} frozen)" if params[1] < params[0] else ""
-    text = (f"{params[0]:,} params{frozen}, {what} on {world} rank(s): ~{_size(device)} per rank on its device"
-            + (f" + {_size(host)} in host memory" if host else "")
-            + " for weights, grads and AdamW state (activations not included)")
+    if t.backend == "deepspeed" and t.mixed_precision != "no":
+        what += f", {t.mixed_precision}"
+    frozen = f" ({size.total - size.trainable:,} frozen)" if size.trainable < size.total else ""
+
+    def listing(place: str) -> str:  # "by DeepSpeed's estimate_...: a 1 MB; by ours: b 2 MB, c 3 MB"
+        by = {}
+        for p in parts:
+            if p.place == place:
+                by.setdefault(p.by, []).append(f"{p.what} {_size(p.bytes)}")
+        return "; ".join(f"by {name}: {', '.join(items)}" for name, items in by.items())
+
+    text = (f"{size.total:,} params{frozen}, {what} on {world} rank(s): ~{_size(device)} per rank on its "
+            f"device [{listing('device')}]" + (f" + {_size(host)} in host memory [{listing('host')}]" if host else "")
+            + " (activations not included)")
     if gpu_mem_gb and device > 0.8 * gpu_mem_gb * 1e9:
         say("warn", "memory", f"{text}: over 80% of --gpu-mem-gb {gpu_mem_gb:g}")
     else:
@@ -244,7 +367,7 @@ def main(argv=None) -> int:
         print(f"{level:<5} {check:<8} {message}", flush=True)
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_recipe(args.config, args.overrides)
     except ConfigError as exc:
         say("FAIL", "config", str(exc))
     else:
@@ -252,13 +375,13 @@ def main(argv=None) -> int:
         global_batch = check_batch(cfg, world, say)
         check_shards(cfg, world, global_batch, say)
         try:
-            params = count_params(cfg.model)
+            size = count_params(cfg.model)
         except Exception as exc:
-            params = None
+            size = None
             say("FAIL", "model", f"model.name={cfg.model.name} does not build: {type(exc).__name__}: {exc}")
-        check_run_dir(cfg, params, world, say)
-        if params:
-            check_memory(cfg, params, world, args.gpu_mem_gb, say)
+        check_run_dir(cfg, size, world, say)
+        if size:
+            check_memory(cfg, size, args.nodes, per_node, args.procs_per_node is not None, args.gpu_mem_gb, say)
     if problems:
         print(f"verdict: {problems} problem(s); fix them before submitting")
         return 1

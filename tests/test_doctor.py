@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from launch import doctor
-from trainer.config import load_config
+from launch.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "autoregressive"
@@ -96,6 +96,15 @@ def test_deepspeed_config_file_not_json(run, tmp_path):
     assert code == 1
     (fail,) = failures(lines)
     assert "trainer.deepspeed.config_file" in fail and str(ds_json) in fail and "not valid JSON" in fail
+
+
+def test_deepspeed_config_file_zero_key_deepspeed_refuses(run, tmp_path):
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"reduce_bukcet_size": 5e7}}))
+    code, lines = run(f"trainer.deepspeed.config_file={ds_json}", recipe="made_zero2.yaml")
+    assert code == 1
+    (fail,) = failures(lines)
+    assert fail.startswith("FAIL  memory") and str(ds_json) in fail and "reduce_bukcet_size" in fail
 
 
 def test_unwritable_run_dir(run, tmp_path):
@@ -184,18 +193,67 @@ def test_resume_uses_the_real_checkpoint_size(run, tmp_path):
     assert "2 new checkpoint(s) of ~3.0 MB" in disk  # keep 2, +1 while pruning, 1 already there
 
 
-@pytest.mark.parametrize("recipe, per_rank, host", [
-    ("made.yaml", 16, 0),             # DDP: everything on every rank
-    ("made_fsdp.yaml", 16 / 2, 0),
-    ("made_zero1.yaml", 4 + 4 + 8 / 2, 0),
-    ("made_zero2.yaml", 4 + (4 + 8) / 2, 0),
-    ("made_zero3.yaml", 16 / 2, 0),
-    ("made_zero3_offload.yaml", 4 / 2, (4 + 8) / 2),  # grads stay; params and optimizer go to host
+P = 1_000_000
+SIZE = doctor.ModelSize(P, P, largest_layer=P // 2, numels=(P // 2, P // 2))  # two layers, none kept whole by ZeRO-3
+
+
+def totals(parts):
+    return tuple(sum(p.bytes for p in parts if p.place == place) for place in ("device", "host"))
+
+
+@pytest.mark.parametrize("recipe, device, host", [
+    ("made.yaml", 16 * P + 4 * P, 0),          # DDP: everything on every rank, + its gradient buckets
+    ("made_fsdp.yaml", 16 * P / 2, 0),
+    ("made_zero1.yaml", 4 * P + (4 + 4 + 8) * P / 2, 0),  # + fp32 master partition; grads freed after backward
+    ("made_zero2.yaml", 4 * P + (4 + 4 + 8) * P / 2, 0),
+    # + gathered largest layer (weights and grads) and the reduce bucket (5e8 fp32, DeepSpeed's default)
+    ("made_zero3.yaml", (4 + 4 + 4 + 8) * P / 2 + 8 * P // 2 + 4 * 5e8, 0),
+    # zero3_offload.json: reduce_bucket_size 5e7; weights, master, grads and AdamW state on the host
+    ("made_zero3_offload.yaml", 8 * P // 2 + 4 * 5e7, (4 + 4 + 4 + 8) * P / 2),
 ])
-def test_memory_per_rank_on_two_ranks(recipe, per_rank, host):
-    P = 1_000_000
-    cfg = load_config(RECIPES / recipe, ["run.dir=/tmp/unused"])
-    assert doctor.memory_per_rank(cfg.trainer, P, 2) == (per_rank * P, host * P)
+def test_memory_per_rank_on_two_ranks(recipe, device, host, monkeypatch):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from trainer.backends.deepspeed import deepspeed_config
+
+    monkeypatch.chdir(ROOT)  # the offload recipe names its JSON relative to the repo
+    cfg = load_recipe(RECIPES / recipe, ["run.dir=/tmp/unused"])
+    zero = (DeepSpeedZeroConfig(**deepspeed_config(cfg.trainer, 32)["zero_optimization"])
+            if cfg.trainer.backend == "deepspeed" else None)
+    parts = doctor.memory_per_rank(cfg.trainer, SIZE, nodes=1, per_node=2, zero=zero)
+    assert totals(parts) == pytest.approx((device, host))
+    assert {p.by for p in parts} == {"ours"}  # fp32: DeepSpeed's estimators assume 16-bit weights
+
+
+def test_sixteen_bit_zero_uses_deepspeeds_estimators():
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    for stage in (1, 2):
+        cfg = load_recipe(RECIPES / f"made_zero{stage}.yaml", ["run.dir=/tmp/unused", "trainer.mixed_precision=bf16"])
+        (part,) = doctor.memory_per_rank(cfg.trainer, SIZE, nodes=2, per_node=4)
+        assert part.by == "DeepSpeed's estimate_zero2_model_states_mem_needs"
+        theirs = stage_1_and_2.estimate_zero2_model_states_mem_needs(P, 4, 2, cpu_offload=False)[1]
+        assert part.bytes == theirs == 2 * P + 18 * P // 8  # 16-bit weights + (2 + 4 + 4 + 8) / N
+    cfg = load_recipe(RECIPES / "made_zero3.yaml", ["run.dir=/tmp/unused", "trainer.mixed_precision=bf16"])
+    theirs, *ours = doctor.memory_per_rank(cfg.trainer, SIZE, nodes=2, per_node=4)
+    assert theirs.by == "DeepSpeed's estimate_zero3_model_states_mem_needs"
+    assert theirs.bytes == stage3.estimate_zero3_model_states_mem_needs(P, P // 2, 4, 2, cpu_offload=False,
+                                                                        cpu_offload_params=False, zero_init=False)[1]
+    assert [(p.what, p.bytes, p.by) for p in ours] == [("reduce bucket", 2 * 5e8, "ours")]  # bf16 bucket, DeepSpeed's size
+
+
+def test_zero3_on_cpu_ranks_counts_the_bucket_pages_it_touches_and_small_params_whole():
+    size = doctor.ModelSize(P, P, largest_layer=P - 1000, numels=(P - 1000, 1000))
+    cfg = load_recipe(RECIPES / "made_zero3.yaml", ["run.dir=/tmp/unused"])
+    parts = {p.what: p.bytes for p in doctor.memory_per_rank(cfg.trainer, size, nodes=1, per_node=2, cpu_ranks=True)}
+    assert parts["reduce bucket"] == 4 * P  # the whole gradient passes through it, not 5e8 elements
+    assert parts["whole small params"] == 4 * 1000  # under stage3_param_persistence_threshold, on every rank
+
+
+def test_stage1_with_accumulation_keeps_whole_grads():
+    cfg = load_recipe(RECIPES / "made_zero1.yaml", ["run.dir=/tmp/unused", "trainer.grad_accum_steps=4"])
+    parts = {p.what: p.bytes for p in doctor.memory_per_rank(cfg.trainer, SIZE, nodes=1, per_node=2)}
+    assert parts["whole grads between micro-steps"] == 4 * P and "fp32 grads" not in parts  # no second copy
 
 
 def test_memory_line_says_what_it_leaves_out(run):
@@ -204,6 +262,19 @@ def test_memory_line_says_what_it_leaves_out(run):
     memory = next(line for line in lines if line.split()[1] == "memory")
     assert code == 0 and memory.startswith("warn")
     assert f"{params:,} params" in memory and "~1.1 MB per rank" in memory and "activations not included" in memory
+    assert "[by ours: fp32 weights, grads and AdamW state 1.1 MB]" in memory  # one rank: DDP is unwrapped, no buckets
+
+
+def test_memory_line_names_each_estimator(run):
+    code, lines = run("--procs-per-node", "2", "trainer.mixed_precision=bf16", recipe="made_zero3.yaml")
+    memory = next(line for line in lines if line.split()[1] == "memory")
+    assert code == 0 and "deepspeed zero-3, bf16 on 2 rank(s)" in memory
+    assert ("by DeepSpeed's estimate_zero3_model_states_mem_needs: weights, fp32 master, 16-bit grads, fp32 grads, "
+            "AdamW state, gathered largest layer") in memory
+    assert "by ours: whole small params" in memory and "reduce bucket" in memory
+    code, lines = run("--procs-per-node", "2")
+    memory = next(line for line in lines if line.split()[1] == "memory")
+    assert "by ours: fp32 weights, grads and AdamW state" in memory and "DDP gradient buckets" in memory
 
 
 def test_usage_errors_exit_2(capsys):
