@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 KINDS = ("softmax", "linear", "flash")
 TOKENS = (1024, 2048, 4096, 8192, 16384)
 

@@ -43,6 +43,9 @@ import threading
 import time
 from pathlib import Path
 
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"10M": (320, 8), "50M": (640, 10), "200M": (1024, 16), "400M": (1280, 20)}  # (dim, depth): ~12 dim^2 a block
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -134,17 +137,16 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    sys.path.insert(0, str(ROOT))
     from models.registry import build_workload
     from trainer.backends import make_backend
     from trainer.checkpoint import Checkpointer, verify
-    from trainer.config import load_config
+    from launch.recipes import load_recipe
     from trainer.loop import build_optimizer, lr_factor
 
     dim, depth = SIZES[args.size]
     strategy = {"fsdp": ["trainer.accelerate.strategy=fsdp"], "ddp": [],
                 "zero3": ["trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=3"]}[args.strategy]
-    cfg = load_config(ROOT / "configs/lm/causal_1k.yaml", [
+    cfg = load_recipe(ROOT / "configs/lm/causal_1k.yaml", [
         f"run.dir={args.dir}", f"model.dim={dim}", f"model.depth={depth}", f"model.heads={dim // 64}",
         "model.seq_len=64", "data.batch_size=1", "trainer.dist_timeout_s=3600", *strategy])
     b = make_backend(cfg)

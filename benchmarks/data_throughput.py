@@ -47,6 +47,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import torch
 import webdataset as wds

@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

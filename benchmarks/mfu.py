@@ -25,7 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer.metrics import read_jsonl
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (recipe, steps, log_every, extra overrides); the data each needs comes from `make data*`
@@ -46,6 +47,8 @@ RECIPES = {
 
 
 def run(name: str, scale: float) -> dict:
+    from trainer.metrics import read_jsonl
+
     recipe, steps, log_every, extra = RECIPES[name]
     steps = max(3 * log_every, int(steps * scale) // log_every * log_every)
     run_dir = Path(tempfile.mkdtemp(prefix=f"tributary-mfu-{name}-"))

@@ -22,10 +22,11 @@ Backends, each at 1 and 2 processes (torchrun, gloo on CPU, NCCL on GPUs):
               with the same DeepSpeed config, stepped by engine.backward/engine.step
 
 Step time: our step is the time from the end of a bare step to our next hook call (it holds
-our log steps); the bare step is the hook's bare step. The durations are averaged over
-windows of `log_every` steps (each window holds one of our log steps) after warm-up;
-`ratio` is the median window of ours over the median window of the bare loop, and
-`paired_ratio` the median of the window-by-window ratios.
+our log steps); the bare step is the hook's bare step. On CUDA each clock read waits for the
+device (torch.cuda.synchronize), so each loop is charged its own GPU time. The durations
+are averaged over windows of `log_every` steps (each window holds one of our log steps)
+after warm-up; `ratio` is the median window of ours over the median window of the bare
+loop, and `paired_ratio` the median of the window-by-window ratios.
 
     python -m benchmarks.overhead [--quick] [--recipes made,lm] [--nprocs 1,2]
 
@@ -47,6 +48,9 @@ import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"made": "configs/autoregressive/made.yaml", "lm": "configs/lm/causal_1k.yaml"}
 # steps per round (full, quick): the smoke step is ~1 ms, the LM step ~0.2 s on 2 CPU cores
@@ -56,9 +60,9 @@ WARMUP = {"made": 100, "lm": 10}
 
 # ---------------------------------------------------------------- the worker (one rank)
 def _config(recipe: str, backend: str, run_dir: Path, steps: int, log_every: int = 0):
-    from trainer.config import load_config
+    from launch.recipes import load_recipe
 
-    cfg = load_config(ROOT / RECIPES[recipe], [
+    cfg = load_recipe(ROOT / RECIPES[recipe], [
         f"run.dir={run_dir}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
         "trainer.sample_every=0", "trainer.checkpoint_every=0", f"trainer.backend={backend}",
         "trainer.deepspeed.zero_stage=2", f"optim.warmup_steps={min(10, steps // 2)}"])
@@ -99,6 +103,15 @@ def _device():
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def sync(device) -> None:
+    """Wait for the work queued on `device`: a CUDA step returns once its kernels are queued,
+    so a clock read without this would charge one loop's GPU time to the other."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class BareLoop:
@@ -175,23 +188,31 @@ def paired_run(cfg, kind: str, data: str) -> tuple[list[float], list[float]]:
     workload = build_workload(cfg.model)
     ours_s: list[float] = []
     bare_s: list[float] = []
-    hook = workload.on_step_end
-    last = [0.0]
-
-    def paired(net, step):  # called by our loop after each optimizer step, on every rank
-        hook(net, step)
-        t0 = time.perf_counter()
-        if step > 1:
-            ours_s.append(t0 - last[0])  # from the end of the last bare step: our step, our log
-        bare.step()
-        last[0] = time.perf_counter()
-        bare_s.append(last[0] - t0)
-
-    workload.on_step_end = paired
+    workload.on_step_end = paired_hook(workload.on_step_end, bare, ours_s, bare_s)
     backend = make_backend(cfg)
     assert backend.world_size == int(os.environ.get("WORLD_SIZE", 1)), "set ACCELERATE_USE_CPU=1 on a CPU machine"
     (MemoryTrainer if data == "memory" else Trainer)(cfg, workload, backend).fit()
     return ours_s, bare_s[1:]
+
+
+def paired_hook(hook, bare, ours_s: list[float], bare_s: list[float]):
+    """`hook` followed by one timed bare step: the per-step hook that makes the loops take
+    turns. Appends our step's duration (from the end of the last bare step: our step, our
+    log) to `ours_s` and the bare step's to `bare_s`; the device is idle at each clock read."""
+    last = [0.0]
+
+    def paired(net, step):  # called by our loop after each optimizer step, on every rank
+        hook(net, step)
+        sync(bare.device)
+        t0 = time.perf_counter()
+        if step > 1:
+            ours_s.append(t0 - last[0])
+        bare.step()
+        sync(bare.device)
+        last[0] = time.perf_counter()
+        bare_s.append(last[0] - t0)
+
+    return paired
 
 
 def windows(durations: list[float], warmup: int, width: int) -> list[float]:

@@ -47,7 +47,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer.metrics import read_jsonl
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"made": "configs/autoregressive/made.yaml", "lm": "configs/lm/causal_1k.yaml"}
@@ -77,6 +78,8 @@ def nosync_worker(argv: list[str]) -> int:
 
 def launch(recipe: str, ranks: int, threads: int, variant: str, steps: int, run_dir: Path) -> list[dict]:
     """One training run; the log records of its metrics.jsonl."""
+    from trainer.metrics import read_jsonl
+
     entry = ["benchmarks.scaling", "--nosync-worker"] if variant == "nosync" else ["launch.train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
            "-m", *entry, "--config", RECIPES[recipe], f"run.dir={run_dir}",
@@ -92,7 +95,7 @@ def launch(recipe: str, ranks: int, threads: int, variant: str, steps: int, run_
 
 
 def measure(recipe: str, ranks: int, threads: int, variant: str, quick: bool) -> dict:
-    from trainer.config import load_config
+    from launch.recipes import load_recipe
 
     plan = PLAN[recipe]
     run_dir = Path(tempfile.mkdtemp(prefix=f"scaling-{recipe}-"))
@@ -105,7 +108,7 @@ def measure(recipe: str, ranks: int, threads: int, variant: str, quick: bool) ->
         return statistics.median(w[key] for w in windows) if key in windows[0] else None
 
     sps = median("train/samples_per_s")
-    batch = ranks * load_config(ROOT / RECIPES[recipe]).data.batch_size
+    batch = ranks * load_recipe(ROOT / RECIPES[recipe]).data.batch_size
     row = {"recipe": recipe, "ranks": ranks, "threads_per_rank": threads, "variant": variant,
            "windows": len(windows), "samples_per_s": float(f"{sps:.4g}"),
            "step_ms": round(1000 * batch / sps, 2), "data_wait_frac": round(median("train/data_wait_frac"), 3)}

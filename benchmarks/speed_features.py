@@ -42,10 +42,14 @@ import glob
 import json
 import os
 import statistics
+import sys
 import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -114,10 +118,10 @@ class Bench:
     # ---------------------------------------------------------------- models and batches
     def lm(self, overrides=(), seq_len: int = 0):
         from models.registry import build_workload
-        from trainer.config import load_config
+        from launch.recipes import load_recipe
 
         extra = [f"model.seq_len={seq_len}"] if seq_len else []
-        cfg = load_config(LM_RECIPE, [*self.lm_overrides, *extra, *overrides])
+        cfg = load_recipe(LM_RECIPE, [*self.lm_overrides, *extra, *overrides])
         w = build_workload(cfg.model)
         torch.manual_seed(0)
         return cfg, w, w.build_model().train()
@@ -139,29 +143,30 @@ class Bench:
 
     def sd(self, overrides=()):
         from models.registry import build_workload
-        from trainer.config import load_config
+        from launch.recipes import load_recipe
 
         vae_dir, tok_dir = self.sd_parts()
-        cfg = load_config(SD_RECIPE, [f"model.vae={vae_dir}", f"model.tokenizer={tok_dir}", *overrides])
+        cfg = load_recipe(SD_RECIPE, [f"model.vae={vae_dir}", f"model.tokenizer={tok_dir}", "model.sample_prompts=",
+                                      "model.color_match_samples=0", *overrides])
         w = build_workload(cfg.model)
         torch.manual_seed(0)
         return cfg, w, w.build_model().train()
 
     def sd_parts(self):
         if self._sd_parts is None:
+            from data_pipelines.sources.shapes import prompts
+            from data_pipelines.tokenizer import train_clip_bpe
+            from launch.recipes import load_recipe
             from models.registry import build_workload
-            from models.sd import tokenizer as tok_lib
-            from models.sd.workload import shape_prompts
-            from trainer.config import load_config
 
             torch.manual_seed(0)
-            vae = build_workload(load_config(VAE_RECIPE).model).build_model().vae
+            vae = build_workload(load_recipe(VAE_RECIPE).model).build_model().vae
             vae.register_to_config(scaling_factor=0.6)
             vae_dir = Path(self.tmp.name) / "vae"
             vae.save_pretrained(vae_dir)
             tok_dir = ROOT / "data/shapes/tokenizer"
             if not (tok_dir / "vocab.json").is_file():
-                tok_dir = tok_lib.train(shape_prompts(300), Path(self.tmp.name) / "tokenizer")
+                tok_dir = train_clip_bpe(prompts(300), Path(self.tmp.name) / "tokenizer")
             self._sd_parts = (vae_dir, tok_dir)
         return self._sd_parts
 
@@ -176,10 +181,10 @@ class Bench:
                 samples.append(w.decode(s))
                 if len(samples) == n:
                     return w.collate(samples)
-        from models.sd.workload import shape_prompts
+        from data_pipelines.sources.shapes import prompts
 
         side = cfg.model.image_size // 4
-        return {"latents": torch.randn(n, 4, side, side), "input_ids": w.tokenize(shape_prompts(n))}
+        return {"latents": torch.randn(n, 4, side, side), "input_ids": w.tokenize(prompts(n))}
 
     @staticmethod
     def train_step(w, model, opt, batch):

@@ -18,11 +18,12 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def free_port() -> int:
@@ -32,11 +33,14 @@ def free_port() -> int:
 
 
 def worker(rank: int, world: int, port: int, iters: int, hidden: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from models.registry import build_workload
-    from trainer.config import load_config
+    from launch.recipes import load_recipe
     from trainer.preempt import StopAgreement
 
     every_step = StopAgreement(check_every=1)
@@ -48,7 +52,7 @@ def worker(rank: int, world: int, port: int, iters: int, hidden: int, out) -> No
             votes.append(time.perf_counter() - t)
     every_step.close()
 
-    cfg = load_config("configs/autoregressive/made.yaml", [f"model.hidden=[{hidden}]"])
+    cfg = load_recipe("configs/autoregressive/made.yaml", [f"model.hidden=[{hidden}]"])
     wl = build_workload(cfg.model)
     net = torch.nn.parallel.DistributedDataParallel(wl.build_model())
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -93,6 +97,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--hidden", type=int, default=512, help="512: the recipe; the launch tests use 64")
     a = p.parse_args()
+    import torch.multiprocessing as mp
+
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     mp.start_processes(worker, args=(a.ranks, free_port(), a.iters, a.hidden, out), nprocs=a.ranks,

@@ -13,14 +13,12 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import webdataset as wds
-
-from data_pipelines.sources import digits
-from data_pipelines.stream import ShardStream, resolve_shards
-from models.autoregressive import MADEConfig, MADEWorkload
+if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def time_batches(iterator, n_batches: int) -> float:
@@ -37,6 +35,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+
+    import webdataset as wds
+
+    from data_pipelines.sources import digits
+    from data_pipelines.stream import ShardStream, resolve_shards
+    from models.autoregressive import MADEConfig, MADEWorkload
 
     if not Path(args.shards, "manifest.json").exists():
         digits.build(Path(args.shards).parent)

@@ -7,8 +7,18 @@ precision at that recall or beyond) and read at the 101 recalls 0, 0.01, ..., 1.
 The trainer sums eval statistics over batches and ranks, and a ranking over the whole
 split is not a sum. Counting true and false positives in `bins` score bins is: AP from the
 summed counts treats the detections inside one bin as tied, and with 1000 bins it agrees
-with the exact value to about 1e-3 (tests/test_detr.py measures it). No library here does
-it: torchmetrics and pycocotools gather every detection instead.
+with the exact value to about 1e-3 (tests/test_detr.py measures it). pycocotools and
+torchmetrics' detection mAP gather every detection instead. torchmetrics' classification
+AveragePrecision(thresholds=N) does keep binned counts, but it is not a dependency and its
+AP is the uninterpolated sum over thresholds of (R_n - R_n-1) * P_n, not COCO's 101 points.
+
+`frame_map` (models/oadtr/workload.py, OadTR and its GRU baseline) is the mean, over the
+action classes that have frames, of `average_precision_from_histograms`: every frame is
+one detection per class, scored by its softmax probability, in `model.histogram_bins`
+(1000) bins of width 1/1000, with that class's frames as the positives. So it is binned
+per-frame AP with COCO's 101-point interpolation; it is not the uninterpolated AP
+(sklearn's average_precision_score) that online-detection papers usually report, nor
+COCO's box AP (no IoU matching, no maxDets).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Stopping early without losing a step, outside SLURM: a signal to one rank stops all of
 them after the same step with a checkpoint and exit code 75; the job's end time does the
-same; torchrun --max-restarts brings a killed rank back from the last checkpoint."""
+same; torchrun --max-restarts brings a killed rank back from the last checkpoint. Fake
+squeue and scontrol commands check what the stop asks SLURM (tests/test_slurm.py asks a
+real one)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -84,9 +87,50 @@ def test_job_end_time_from_the_env_or_from_squeue(tmp_path, monkeypatch):
     fake = tmp_path / "squeue"
     fake.write_text("#!/bin/bash\n[[ $* == '-h -j 77 -o %e' ]] && echo 2026-12-01T12:30:00\n")
     fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     assert job_end_time() is None  # only the rank that asks (rank 0) asks SLURM
     assert job_end_time(ask_slurm=True) == time.mktime((2026, 12, 1, 12, 30, 0, 0, 0, -1))
     fake.write_text("#!/bin/bash\necho UNLIMITED\n")
     assert job_end_time(ask_slurm=True) is None
+
+
+def fake_slurm_command(folder, name: str, script: str) -> None:
+    fake = folder / name
+    fake.write_text("#!/bin/bash\n" + script)
+    fake.chmod(0o755)
+
+
+def test_an_array_task_requeues_itself_not_its_array(tmp_path, monkeypatch):
+    """To scontrol an array's own job id means every task of the array, and one task's
+    SLURM_JOB_ID is that id; ARRAYID_TASKID is the task alone."""
+    from trainer.preempt import REQUEUE_SIGNAL, TERM, requeue_slurm_job
+
+    argv = tmp_path / "argv"
+    fake_slurm_command(tmp_path, "scontrol", f'echo "$*" >> {argv}\n')
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")  # the task SLURM starts last keeps the array's id
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert requeue_slurm_job(REQUEUE_SIGNAL) == "SLURM job 41_1 requeued; it resumes from this checkpoint"
+    assert requeue_slurm_job(TERM) is None  # SIGTERM: SLURM decides
+    assert argv.read_text() == "requeue 41_1\n"
+
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    requeue_slurm_job(REQUEUE_SIGNAL)
+    assert argv.read_text() == "requeue 41_1\nrequeue 42\n"
+
+
+def test_an_array_task_asks_squeue_for_its_own_end_time(tmp_path, monkeypatch):
+    """`squeue -j ARRAYID` lists every task: one end time per line, which is no time."""
+    from trainer.preempt import job_end_time
+
+    fake_slurm_command(tmp_path, "squeue", "[[ $* == '-h -j 41_1 -o %e' ]] && echo 2026-12-01T12:30:00\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("TRIBUTARY_JOB_END", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert job_end_time(ask_slurm=True) == time.mktime((2026, 12, 1, 12, 30, 0, 0, 0, -1))

@@ -1,8 +1,10 @@
 """Against a real SLURM controller on loopback (slurm/loopback.sh: munged, slurmctld and
 slurmd from Debian's packages): `launch.submit` renders and submits the templates in
 slurm/, `sbatch --wait` waits for the job, and the run must match an uninterrupted one step
-for step, through a SIGUSR1, a checkpoint, `scontrol requeue` and a resume."""
+for step, through a SIGUSR1, a checkpoint, `scontrol requeue` and a resume. An array task
+requeues itself and no other task; launch.submit's usage names recipes that exist."""
 
+import ast
 import os
 import re
 import shutil
@@ -35,6 +37,13 @@ def submit(env, run_dir, digits_dir, launcher, *more, wait):
     cmd += smoke_overrides(run_dir, digits_dir, *more)
     return subprocess.Popen(cmd, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def test_submit_usage_names_recipes_that_exist():
+    """launch.submit's --help starts with its module docstring: its examples must run."""
+    doc = ast.get_docstring(ast.parse((ROOT / "launch/submit.py").read_text()))
+    recipes = re.findall(r"--config (\S+)", doc)
+    assert recipes and [r for r in recipes if not (ROOT / r).is_file()] == [], recipes
 
 
 def job_state(env, job):
@@ -106,3 +115,39 @@ def test_deepspeed_launcher_preemption(tmp_path, digits_dir, slurm_env):
                            "trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=2")
     assert [r["step"] for r in train_records(run_dir)] == list(range(1, STEPS + 1))
     assert (run_dir / "final_metrics.json").exists()
+
+
+ARRAY_TASK = """#!/bin/bash
+#SBATCH --array=0-1 --requeue --mem=100M --time=5 --open-mode=append --output={dir}/task-%a.out
+# One task's own job id is the array's (SLURM gives it to the task it starts last): to
+# scontrol that number means the whole array. That task requeues itself once, as
+# launch.train does on SIGUSR1; the other runs beside it until the requeued task is back.
+cd {root}
+if [[ $SLURM_JOB_ID == "$SLURM_ARRAY_JOB_ID" ]]; then role=requeuer; else role=bystander; fi
+echo "start $role restart ${{SLURM_RESTART_COUNT:-0}}"
+wait_for() {{ for _ in $(seq 240); do [[ -e {dir}/$1 ]] && return; sleep 0.25; done; }}
+if [[ $role == bystander ]]; then
+  touch {dir}/started; wait_for resumed; exit 0
+fi
+if [[ ${{SLURM_RESTART_COUNT:-0}} != 0 ]]; then touch {dir}/resumed; exit 0; fi
+wait_for started
+{python} -c "from trainer.preempt import *; print(requeue_slurm_job(REQUEUE_SIGNAL), flush=True)"
+sleep 60  # the requeue ends this run
+"""
+
+
+def test_an_array_task_requeues_itself_and_not_the_other_task(tmp_path, slurm_env):
+    script = tmp_path / "array.sbatch"
+    script.write_text(ARRAY_TASK.format(dir=tmp_path, root=ROOT, python=sys.executable))
+    out = subprocess.run(["sbatch", "--wait", str(script)], env=slurm_env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    array = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
+    logs = {task: (tmp_path / f"task-{task}.out").read_text() for task in (0, 1)}
+    restarts, task_of = {}, {}  # role: SLURM_RESTART_COUNT of each run; role: array index
+    for task, log in logs.items():
+        for _, role, _, restart in (line.split() for line in log.splitlines() if line.startswith("start ")):
+            restarts.setdefault(role, []).append(int(restart))
+            task_of[role] = task
+    assert restarts == {"requeuer": [0, 1], "bystander": [0]}, logs  # by the array's id: bystander [0, 1]
+    assert f"SLURM job {array}_{task_of['requeuer']} requeued" in logs[task_of["requeuer"]]

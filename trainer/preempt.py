@@ -36,6 +36,17 @@ NONE, TERM, REQUEUE_SIGNAL, REQUEUE_DEADLINE = 0, 1, 2, 3  # MAX across ranks wi
 REASONS = {TERM: "SIGTERM", REQUEUE_SIGNAL: "SIGUSR1", REQUEUE_DEADLINE: "the job's time limit"}
 
 
+def slurm_job_name() -> str | None:
+    """This job's id for scontrol and squeue, None outside SLURM. An array task's is
+    ARRAYID_TASKID: one task's own SLURM_JOB_ID equals SLURM_ARRAY_JOB_ID, and to scontrol
+    and squeue that number means the whole array (`scontrol requeue` would rerun every
+    task, finished ones too)."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
 def job_end_time(ask_slurm: bool = False) -> float | None:
     """The job's end time in epoch seconds: TRIBUTARY_JOB_END (the sbatch templates set
     it), else, with `ask_slurm` inside a SLURM job, squeue's answer; None if unknown."""
@@ -46,7 +57,7 @@ def job_end_time(ask_slurm: bool = False) -> float | None:
         except ValueError:
             log.warning("TRIBUTARY_JOB_END=%r is not epoch seconds; no time-limit stop", value)
             return None
-    job, squeue = os.environ.get("SLURM_JOB_ID"), shutil.which("squeue")
+    job, squeue = slurm_job_name(), shutil.which("squeue")
     if not (ask_slurm and job and squeue):
         return None
     try:
@@ -122,8 +133,9 @@ class StopAgreement:
 
 
 def requeue_slurm_job(reason: int) -> str | None:
-    """`scontrol requeue` this SLURM job when the stop asks for it; what was done, in words."""
-    job = os.environ.get("SLURM_JOB_ID")
+    """`scontrol requeue` this SLURM job (or array task) when the stop asks for it; what was
+    done, in words."""
+    job = slurm_job_name()
     if reason not in (REQUEUE_SIGNAL, REQUEUE_DEADLINE) or not job:
         return None
     scontrol = shutil.which("scontrol")
