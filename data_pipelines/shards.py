@@ -19,18 +19,16 @@ import webdataset as wds
 from tqdm.auto import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data_pipelines.digest import file_digest
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "tributary-manifest/1"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")
 
 
 def safe_key(key: str) -> str:

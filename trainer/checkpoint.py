@@ -24,7 +24,6 @@ restricted readers, trainer/sharded.py). Checkpoints of the earlier layout
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import logging
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipelines.digest import file_digest as digest_of_file
 from trainer.faults import failpoint
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ MARKER = "COMPLETE.json"
 FORMAT = 2  # 1: model.safetensors + optimizer.pt written by rank 0, sha256 digests
 HASH = "xxh3_128"  # ~24 GB/s on one core here, sha256 ~1.8 (benchmarks/RESULTS.md: checkpoint_scale)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_CHUNK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -140,20 +139,8 @@ def step_of(path: Path) -> Optional[int]:
 
 # ---------------------------------------------------------------- integrity
 def file_digest(path: Path, algo: str = HASH) -> str:
-    """Hex digest of a file, read in 8 MiB blocks. xxh3-128 for checkpoints of this format;
-    sha256 for the earlier one."""
-    if algo == HASH:
-        import xxhash
-
-        h = xxhash.xxh3_128()
-    else:
-        h = hashlib.new(algo)
-    block = bytearray(_CHUNK)
-    view = memoryview(block)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(block):
-            h.update(view[:n])
-    return h.hexdigest()
+    """xxh3-128 for checkpoints of this format; sha256 for the earlier one."""
+    return digest_of_file(path, algo)
 
 
 def read_marker(path: Path) -> tuple[Optional[dict], Optional[str]]:
