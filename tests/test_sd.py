@@ -193,13 +193,60 @@ def run(cmd, env):
     return out.stdout + out.stderr
 
 
+def tensorboard_texts(run_dir, tag) -> list[tuple[int, str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(f"{tag}/text_summary")]
+
+
+def test_finetune_recipe_samples_its_own_prompts(tmp_path, shapes_dir, pretrained_dir, cpu_env):
+    """configs/sd/finetune_sd15.yaml on the tiny local folder: the sample grid is of the
+    recipe's prompts (logged beside it), and without model.sample_prompts of the val split's
+    first captions; no colour check runs unless the recipe asks for one."""
+    short = [f"model.pretrained={pretrained_dir}", "model.image_size=32", "model.sample_steps=1",
+             f"data.train.urls={shapes_dir}/train", "data.batch_size=2", "data.num_workers=0",
+             "data.shuffle_buffer=1", "trainer.max_steps=2", "trainer.grad_accum_steps=1",
+             "trainer.mixed_precision=no", "trainer.sample_every=2", "trainer.num_samples=3",
+             "trainer.checkpoint_every=0", "optim.warmup_steps=1"]
+    run(torchrun(tmp_path / "recipe", *short, nproc=1), cpu_env)
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "configs/sd/finetune_sd15.yaml").read_text())["model"]["sample_prompts"]
+    ((step, logged),) = tensorboard_texts(tmp_path / "recipe", "samples/prompts")
+    assert step == 2 and logged.split("\n\n") == [recipe[i % len(recipe)] for i in range(3)]
+    final = json.loads((tmp_path / "recipe" / "final_metrics.json").read_text())
+    assert not any(k.startswith("color_match") for k in final)
+
+    run(torchrun(tmp_path / "val", *short, "model.sample_prompts=null", f"data.val.urls={shapes_dir}/val",
+                 nproc=1), cpu_env)
+    from data_pipelines.stream import iter_raw_samples, resolve_shards
+
+    captions = [s["txt"].decode() for _, s in zip(range(3), iter_raw_samples(resolve_shards(f"{shapes_dir}/val").urls))]
+    ((_, logged),) = tensorboard_texts(tmp_path / "val", "samples/prompts")
+    assert logged.split("\n\n") == captions
+
+
+def test_sample_prompts_and_palette_keys_refuse_bad_values(shapes_dir, tiny_vae, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.sample_prompts=.*no such file"):
+        scratch_workload(shapes_dir, tiny_vae, sample_prompts=str(tmp_path / "none.txt"))
+    with pytest.raises(ValueError, match="model.color_match_samples=4 needs model.color_palette"):
+        scratch_workload(shapes_dir, tiny_vae, color_match_samples=4)
+    w = scratch_workload(shapes_dir, tiny_vae, sample_prompts=["a dog", "a cat"])
+    assert w.prompts(3) == ["a dog", "a cat", "a dog"]
+    with pytest.raises(ValueError, match="no model.sample_prompts and no data split"):
+        scratch_workload(shapes_dir, tiny_vae).prompts(2)
+
+
 @pytest.mark.drill  # 37 s; make test trains the SD step in the tests above (CI time)
 def test_finetune_from_local_folder_resumes_exactly_and_exports(tmp_path, shapes_dir, pretrained_dir, cpu_env):
     """The fine-tune recipe on a tiny local SD folder, 2 CPU ranks: SIGKILL after a
     checkpoint and resume gives the same losses and the same EMA UNet as an unbroken run;
     VAE and text encoder stay as loaded; the exported folder generates an image."""
-    small = [f"model.pretrained={pretrained_dir}", "model.image_size=32", "model.gradient_checkpointing=true",
+    small = [f"model.pretrained={pretrained_dir}", "model.image_size=32", "model.activation_checkpointing=true",
              "model.ema_decay=0.9", "model.sample_steps=2", "model.color_match_samples=4",
+             f"model.color_palette={shapes_dir}/palette.json", f"model.sample_prompts={shapes_dir}/prompts.txt",
              f"data.train.urls={shapes_dir}/train", "data.batch_size=4", "data.num_workers=1",
              "data.shuffle_buffer=20", "trainer.max_steps=12", "trainer.grad_accum_steps=1",
              "trainer.mixed_precision=no", "trainer.log_every=1", "trainer.sample_every=6",
@@ -270,6 +317,7 @@ def test_tiny_recipe_from_scratch_reaches_the_colour_target(tmp_path, cpu_env):
          "--out", str(tmp_path / "latents")], cpu_env)
     run([*launch, "--config", str(ROOT / "configs/sd/tiny.yaml"), f"run.dir={tmp_path}/sd",
          f"model.vae={tmp_path}/vae/vae", f"model.tokenizer={data}/tokenizer",
+         f"model.sample_prompts={data}/prompts.txt", f"model.color_palette={data}/palette.json",
          f"data.train.urls={tmp_path}/latents/train", f"data.val.urls={tmp_path}/latents/val", *common], cpu_env)
     final = json.loads((tmp_path / "sd/final_metrics.json").read_text())
     assert final["color_match_guided"] >= 0.9, final

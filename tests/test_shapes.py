@@ -12,6 +12,9 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.sources import shapes
+from models.sd.color_match import Palette
+
+PALETTE = Palette(shapes.COLORS, shapes.BACKGROUND)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,13 +25,13 @@ def test_caption_colour_and_box_match_the_pixels():
         img, caption, record = shapes.draw(rng, 32)
         (obj,) = record["objects"]
         px = np.asarray(img)
-        assert shapes.dominant_color(px) == obj["color"]
+        assert PALETTE.dominant(px) == obj["color"]
         assert caption.startswith(f"a {obj['color']} {obj['shape']}")
         ys, xs = np.nonzero(np.abs(px.astype(int) - shapes.BACKGROUND).sum(-1) > 60)
         x0, y0, x1, y1 = obj["box"]
         assert x0 - 1 <= xs.min() and xs.max() <= x1 + 1 and y0 - 1 <= ys.min() and ys.max() <= y1 + 1
     blank = np.full((32, 32, 3), shapes.BACKGROUND, np.uint8)
-    assert shapes.dominant_color(blank) is None
+    assert PALETTE.dominant(blank) is None
 
 
 def test_several_shapes_each_in_its_own_cell():
@@ -43,6 +46,9 @@ def test_several_shapes_each_in_its_own_cell():
 def test_build_is_reproducible_and_reads_back(tmp_path):
     counts = {"train": (64, 0), "val": (16, 1)}
     a = shapes.build(tmp_path / "a", counts=counts)
+    assert Palette.load(tmp_path / "a" / "palette.json") == PALETTE
+    prompts = (tmp_path / "a" / "prompts.txt").read_text().splitlines()
+    assert len(set(prompts)) == 5 * 3 * 9 and all(PALETTE.named(p) == p.split()[1] for p in prompts)
     b = shapes.build(tmp_path / "b", counts=counts)
     assert [s["sha256"] for s in a["train"]["shards"]] == [s["sha256"] for s in b["train"]["shards"]]
     from data_pipelines.stream import eval_batches, resolve_shards
@@ -56,7 +62,7 @@ def test_build_is_reproducible_and_reads_back(tmp_path):
         record = json.loads(sample["json"])
         image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
         assert image.shape == (32, 32, 3)
-        assert shapes.dominant_color(image) == record["objects"][0]["color"]
+        assert PALETTE.dominant(image) == record["objects"][0]["color"]
         assert sample["txt"].decode().startswith("a " + record["objects"][0]["color"])
 
 

@@ -47,12 +47,12 @@ def test_unavailable_sdpa_backend_names_the_key():
 @pytest.fixture(scope="module")
 def sd_parts(tmp_path_factory):
     """A caption tokenizer and an untrained AutoencoderKL folder (4x8x8 latents)."""
-    from models.sd import tokenizer as tok_lib
+    from data_pipelines.sources.shapes import prompts
+    from data_pipelines.tokenizer import train_clip_bpe
     from models.sd.vae import VAEConfig, build_autoencoder
-    from models.sd.workload import shape_prompts
 
     out = tmp_path_factory.mktemp("sd")
-    tok_lib.train(shape_prompts(60), out / "tokenizer")
+    train_clip_bpe(prompts(60), out / "tokenizer")
     torch.manual_seed(0)
     build_autoencoder(VAEConfig(block_out_channels=[16, 32, 32], norm_num_groups=8)).save_pretrained(out / "vae")
     return out
@@ -62,7 +62,7 @@ def sd_model(sd_parts, **overrides):
     from models.sd.workload import SDConfig, SDWorkload
 
     w = SDWorkload(SDConfig(vae=str(sd_parts / "vae"), tokenizer=str(sd_parts / "tokenizer"),
-                            unet_channels=[32, 32], text_hidden=32, ema_decay=0.9, color_match_samples=0,
+                            unet_channels=[32, 32], text_hidden=32, ema_decay=0.9,
                             **overrides))
     torch.manual_seed(0)
     return w, w.build_model().train()
@@ -72,7 +72,7 @@ def test_channels_last_unet_is_the_same_model_and_exports(sd_parts, tmp_path):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_model, save_file
 
-    from models.sd.workload import shape_prompts
+    from data_pipelines.sources.shapes import prompts
 
     w, plain = sd_model(sd_parts)
     _, nhwc = sd_model(sd_parts, channels_last=True)
@@ -80,7 +80,7 @@ def test_channels_last_unet_is_the_same_model_and_exports(sd_parts, tmp_path):
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert nhwc.ema_unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
-    batch = {"latents": torch.randn(4, 4, 8, 8), "input_ids": w.tokenize(shape_prompts(4))}
+    batch = {"latents": torch.randn(4, 4, 8, 8), "input_ids": w.tokenize(prompts(4))}
     losses = []
     for model in (plain, nhwc):
         torch.manual_seed(3)  # the same noise, timesteps and caption dropout

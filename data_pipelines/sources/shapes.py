@@ -4,11 +4,13 @@ default data of the text-to-image workload (no download), in img2dataset's layou
 txt + json per key); the boxes serve detection models too.
 
 Everything is drawn from a seeded generator, so a build is the same on every machine.
-`dominant_color` is the pixel check that scores generated images against their captions.
+Beside the splits: `palette.json` (the caption colours, for a colour check of samples) and
+`prompts.txt` (every colour, shape and place once, for sample grids).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Optional
@@ -57,22 +59,28 @@ def draw(rng: random.Random, size: int, max_shapes: int = 1) -> tuple[Image.Imag
     return img, " and ".join(phrases), {"objects": objects, "size": size}
 
 
-def dominant_color(image: np.ndarray, min_fraction: float = 0.02) -> Optional[str]:
-    """The palette colour closest to most non-background pixels of an (H, W, 3) uint8 image,
-    or None when fewer than `min_fraction` of the pixels are coloured."""
-    px = image.reshape(-1, 3).astype(np.float32)
-    coloured = np.abs(px - np.array(BACKGROUND, np.float32)).sum(1) > 60
-    if coloured.mean() < min_fraction:
-        return None
-    palette = np.array(list(COLORS.values()), np.float32)
-    nearest = np.argmin(((px[coloured, None, :] - palette[None]) ** 2).sum(-1), axis=1)
-    return list(COLORS)[int(np.bincount(nearest, minlength=len(COLORS)).argmax())]
+def prompts(n: int) -> list[str]:
+    """n captions in the dataset's words, cycling colour, then shape, then position."""
+    colors, positions = list(COLORS), list(POSITIONS)
+    out = []
+    for i in range(n):
+        c, s = colors[i % len(colors)], SHAPES[(i // len(colors)) % len(SHAPES)]
+        p = positions[(i // (len(colors) * len(SHAPES))) % len(positions)]
+        out.append(f"a {c} {s} in the center" if p == "center" else f"a {c} {s} at the {p}")
+    return out
+
+
+def write_palette(path: str | Path) -> Path:
+    """The colours the captions name, as RGB, and the background: what a colour check of
+    generated images needs to know of this dataset (`model.color_palette` of configs/sd/)."""
+    Path(path).write_text(json.dumps({"colors": COLORS, "background": BACKGROUND}, indent=1))
+    return Path(path)
 
 
 def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: Optional[dict] = None) -> dict:
-    """Write the splits, then a CLIP BPE tokenizer trained on the train captions into
-    `out_dir/tokenizer` (trained once here and shipped with the shards: docs/platform-notes.md)."""
-    from models.sd import tokenizer
+    """Write the splits, `palette.json`, `prompts.txt`, then a CLIP BPE tokenizer trained on the train captions
+    into `out_dir/tokenizer` (trained once here and shipped with the shards: docs/platform-notes.md)."""
+    from data_pipelines.tokenizer import train_clip_bpe
 
     manifests, captions = {}, []
     for split, (n, seed) in (counts or SPLITS).items():
@@ -85,10 +93,13 @@ def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: O
                     captions.append(caption)
                 yield {"__key__": f"{split}{i:06d}", "png": np.asarray(img), "txt": caption, "json": record}
         manifests[split] = write_shards(samples(), Path(out_dir) / split, maxcount=-(-n // 8))
-    tokenizer.train(captions, Path(out_dir) / "tokenizer", vocab_size=256)
+    write_palette(Path(out_dir) / "palette.json")
+    (Path(out_dir) / "prompts.txt").write_text("\n".join(prompts(len(COLORS) * len(SHAPES) * len(POSITIONS))) + "\n")
+    train_clip_bpe(captions, Path(out_dir) / "tokenizer", vocab_size=256)
     return manifests
 
 
 def is_built(out_dir: str | Path) -> bool:
     return (all((Path(out_dir) / split / MANIFEST).exists() for split in SPLITS)
+            and (Path(out_dir) / "palette.json").exists() and (Path(out_dir) / "prompts.txt").exists()
             and (Path(out_dir) / "tokenizer" / "merges.txt").exists())

@@ -22,7 +22,7 @@ import copy
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from models.base import Workload
 from models.registry import register
 from models.sd import tokenizer as tok_lib
+from models.sd.color_match import Palette
 from data_pipelines.decode import fields, image_tensor
 
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -68,26 +69,37 @@ class SDConfig:
     caption_dropout: float = 0.1
     noise_offset: float = 0.0
     ema_decay: float = 0.999  # 0: no EMA
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False  # diffusers' gradient checkpointing of the UNet (and a trained text encoder)
     channels_last: bool = False  # the UNet's convolutions in NHWC memory format (weights' shapes unchanged)
     precomputed: bool = False  # shards carry latent.npy (and text.npy) from `make_shards latents`
     # sampling
     sample_steps: int = 25
     guidance_scale: float = 4.0
-    color_match_samples: int = 90  # 0: skip the captioned-shapes colour check
+    # prompts of the sample grids and the colour check: a list, or a text file of one prompt
+    # a line; empty: the first captions of the val split (else test, else train)
+    sample_prompts: Any = None
+    # the colour check at the end of a run (color_match_*): the data's palette.json, and how
+    # many samples; it runs only when both are set, on prompts that name one palette colour
+    color_palette: str = ""
+    color_match_samples: int = 0
 
 
-def shape_prompts(n: int) -> list[str]:
-    """n captions in the shapes dataset's words, cycling colour, then shape, then position."""
-    from data_pipelines.sources.shapes import COLORS, POSITIONS, SHAPES
-
-    colors, positions = list(COLORS), list(POSITIONS)
-    out = []
-    for i in range(n):
-        c, s = colors[i % len(colors)], SHAPES[(i // len(colors)) % len(SHAPES)]
-        p = positions[(i // (len(colors) * len(SHAPES))) % len(positions)]
-        out.append(f"a {c} {s} in the center" if p == "center" else f"a {c} {s} at the {p}")
-    return out
+def prompt_list(value: Any) -> list[str]:
+    """`model.sample_prompts` as a list: a list of strings, or a text file of one prompt a line."""
+    if value is None or value == "" or value == []:
+        return []
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.sample_prompts={value}: no such file (give a list of prompts, "
+                                    "or a text file of one prompt a line)")
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        value = [line for line in lines if line]
+        if not value:
+            raise ValueError(f"model.sample_prompts={path} has no prompts")
+    if not all(isinstance(p, str) for p in value):
+        raise ValueError(f"model.sample_prompts must be a list of strings or a file path, got {value!r}")
+    return list(value)
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -113,7 +125,7 @@ class LatentDiffusion(nn.Module):
         self.ema_unet = None
         if cfg.ema_decay > 0:
             self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
-        if cfg.gradient_checkpointing:
+        if cfg.activation_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
@@ -220,6 +232,14 @@ class SDWorkload(Workload):
                                         f"train stage one first, e.g. configs/sd/tiny_vae.yaml")
         if not 0 <= cfg.caption_dropout < 1:
             raise ValueError(f"model.caption_dropout={cfg.caption_dropout} must be in [0, 1)")
+        self.palette = None
+        if cfg.color_match_samples > 0:
+            if not cfg.color_palette:
+                raise ValueError(f"model.color_match_samples={cfg.color_match_samples} needs model.color_palette: "
+                                 "the palette.json of data whose captions name colours (make_shards shapes writes one)")
+            self.palette = Palette.load(cfg.color_palette)
+        self._recipe_prompts = prompt_list(cfg.sample_prompts)
+        self._prompts: Optional[list[str]] = None
         self._tokenizer = None
 
     # ------------------------------------------------------------------ parts
@@ -237,6 +257,26 @@ class SDWorkload(Workload):
 
     def __getstate__(self):  # data-loader workers build their own tokenizer
         return {**self.__dict__, "_tokenizer": None}
+
+    def prompts(self, n: int) -> list[str]:
+        """n prompts, cycling: the recipe's, else the first captions of the held-out split."""
+        if self._prompts is None:
+            self._prompts = self._recipe_prompts or self._captions(max(n, self.cfg.color_match_samples))
+        return [self._prompts[i % len(self._prompts)] for i in range(n)]
+
+    def _captions(self, n: int) -> list[str]:
+        split = next((s for s in ("val", "test", "train") if s in self.splits), None)
+        if split is None:
+            raise ValueError("no model.sample_prompts and no data split to take captions from")
+        out = []
+        for sample in self.splits[split]():
+            if "txt" in sample:
+                out.append(sample["txt"].decode("utf-8"))
+            if len(out) == n:
+                break
+        if not out:
+            raise ValueError(f"no model.sample_prompts, and the {split} split has no 'txt' captions to sample from")
+        return out
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         tok = self.tokenizer
@@ -340,27 +380,31 @@ class SDWorkload(Workload):
 
     @torch.no_grad()
     def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Guided samples for fixed prompts (colour, shape and position vary along the grid)."""
-        images = self.generate(model, shape_prompts(n), generator)
+        """Guided samples of the same prompts at every sample step (`prompts`)."""
+        images = self.generate(model, self.prompts(n), generator)
         return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+    def sample_captions(self, n: int) -> list[str]:
+        return self.prompts(n)
 
     @torch.no_grad()
     def final_metrics(self, model: nn.Module, generator: torch.Generator) -> dict[str, float]:
-        """The fraction of samples whose dominant colour is the caption's, guided and
-        unconditional (the empty prompt), for the captioned-shapes data."""
-        from data_pipelines.sources.shapes import dominant_color
-
-        n = self.cfg.color_match_samples
-        if n <= 0:
+        """With a palette: the fraction of samples whose dominant colour is the one their prompt
+        names, guided and unconditional (the empty prompt, against the same colours)."""
+        if self.palette is None:
             return {}
-        prompts = shape_prompts(n)
-        wanted = [p.split()[1] for p in prompts]
+        named = [(p, self.palette.named(p)) for p in self.prompts(self.cfg.color_match_samples)]
+        prompts = [p for p, c in named if c is not None]
+        colours = [c for _, c in named if c is not None]
+        if not prompts:
+            raise ValueError(f"model.color_match_samples: none of the prompts names exactly one colour of "
+                             f"{self.cfg.color_palette} ({', '.join(self.palette.colors)})")
         out = {}
         for key, texts, scale in (("color_match_guided", prompts, None),
-                                  ("color_match_unconditional", [""] * n, 1.0)):
+                                  ("color_match_unconditional", [""] * len(prompts), 1.0)):
             images = self.generate(model, texts, generator, guidance_scale=scale)
-            found = [dominant_color((im * 255).round().astype(np.uint8)) for im in images]
-            out[key] = float(np.mean([f == w for f, w in zip(found, wanted)]))
+            found = [self.palette.dominant((im * 255).round().astype(np.uint8)) for im in images]
+            out[key] = float(np.mean([f == w for f, w in zip(found, colours)]))
         return out
 
     def export(self, weights: dict, out_dir: Path, final: dict) -> None:
