@@ -8,9 +8,9 @@ import io
 import itertools
 import json
 import math
-import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +187,144 @@ def test_perfect_predictions_score_map_one_and_the_set_loss_is_small():
     assert metrics["map50"] == pytest.approx(1.0) and metrics["map50_95"] == pytest.approx(1.0)
     assert metrics["loss_l1"] < 1e-6 and metrics["loss_giou"] < 1e-6 and metrics["loss_ce"] < 1e-3
     assert sums["n_gt"].tolist() == [3, 2, 1]  # labels 0 1 2, 0, 0 1
+
+
+# ---------------------------------------------------------------- the box losses' normaliser
+NORM_COUNTS = [([3, 2], [1, 0]),  # objects per image of rank 0 and rank 1, one step a row:
+               ([2, 2], [0, 0])]  # rank 1 has few objects, then none (it still joins the all_reduce)
+NORM_CFG = {"num_queries": 4, "loss_ce": 0.0}  # CE is a per-rank mean in DETR too: not compared
+
+
+class PerImage(torch.nn.Module):
+    """Fixed random outputs of 2 decoder layers for each image, by its id (pixel 0): the same
+    for an image whichever batch or rank it is in."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images):
+        logits, boxes = [], []
+        for i in images[:, 0, 0, 0].long().tolist():
+            g = torch.Generator().manual_seed(i)
+            logits.append(torch.randn(2, 4, 4, generator=g))
+            boxes.append(torch.cat([torch.rand(2, 4, 2, generator=g) * 0.5 + 0.25,
+                                    torch.rand(2, 4, 2, generator=g) * 0.2 + 0.1], -1))
+        return torch.stack(logits, 1) * self.scale, torch.stack(boxes, 1)
+
+
+def norm_batch(step: int, rank: int) -> dict:
+    """The images of `rank` at `step` (ids step*4 + rank*2 + 0, 1) and their objects."""
+    counts = NORM_COUNTS[step][rank]
+    ids = [step * 4 + rank * 2 + j for j in range(len(counts))]
+    images = torch.zeros(len(ids), 3, 8, 8)
+    images[:, 0, 0, 0] = torch.tensor(ids, dtype=torch.float32)
+    labels, boxes = [], []
+    for i, n in zip(ids, counts):
+        g = torch.Generator().manual_seed(1000 + i)
+        labels.append(torch.randint(3, (n,), generator=g))
+        boxes.append(torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.2 + 0.1], 1))
+    return {"images": images, "labels": labels, "boxes": boxes}
+
+
+def norm_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One of 2 gloo ranks: the normaliser and the training loss of its batch at each step."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a rank left out of a collective fails, not hangs
+    try:
+        w, model, got = DETRWorkload(DETRConfig(**NORM_CFG)), PerImage(), []
+        for step in range(len(NORM_COUNTS)):
+            batch = norm_batch(step, rank)
+            n = w.num_boxes(batch["labels"], torch.device("cpu"), across_ranks=True).item()
+            got.append([n, w.training_loss(model, batch).item()])
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_box_losses_are_normalised_by_the_mean_object_count_over_ranks(tmp_path):
+    """2 gloo ranks holding different numbers of objects (one none): each divides its box
+    losses by the mean count over the ranks, so the ranks' mean loss (what DDP's averaged
+    gradients descend) is the one-process loss of both batches together; dividing by each
+    rank's own count, as before, is not."""
+    torch.multiprocessing.spawn(norm_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    w, model = DETRWorkload(DETRConfig(**NORM_CFG)), PerImage()
+    for step, counts in enumerate(NORM_COUNTS):
+        assert ranks[0][step][0] == ranks[1][step][0] == max(sum(map(sum, counts)) / 2, 1)
+        a, b = norm_batch(step, 0), norm_batch(step, 1)
+        together = {"images": torch.cat([a["images"], b["images"]]), "labels": a["labels"] + b["labels"],
+                    "boxes": a["boxes"] + b["boxes"]}
+        single = w.training_loss(model, together).item()  # one process: all the objects at once
+        assert (ranks[0][step][1] + ranks[1][step][1]) / 2 == pytest.approx(single, rel=1e-6)
+        own_counts = (w.training_loss(model, a).item() + w.training_loss(model, b).item()) / 2
+        assert abs(own_counts - single) > 0.1 * single, (own_counts, single)
+    assert w.num_boxes([T([], dtype=torch.long)], torch.device("cpu"), across_ranks=True).item() == 1  # clamped
+
+
+# ---------------------------------------------------------------- sample grids
+def _scene_shards(folder, boxes: list, background, size=32):
+    """Shards of plain size x size images, each with one object (label 4) in the given box."""
+    from data_pipelines.shards import write_shards
+
+    samples = ({"__key__": f"s{i:03d}", "png": np.full((size, size, 3), background, np.uint8),
+                "json": {"objects": [{"label": 4, "box": box}]}} for i, box in enumerate(boxes))
+    write_shards(samples, folder, maxcount=2)
+
+
+def test_sample_grid_draws_on_held_out_images_of_any_size(tmp_path):
+    """The grid is the first images of the val split (else test) with the confident
+    detections drawn on: any image size and class count, no generator of its own."""
+    import ast
+    import functools
+
+    from data_pipelines.stream import iter_raw_samples, resolve_shards
+
+    val_boxes = [[2, 3, 12, 10], [10, 10, 30, 31], [0, 0, 8, 8]]
+    _scene_shards(tmp_path / "val", val_boxes, (200, 210, 220))
+    _scene_shards(tmp_path / "test", [[4, 4, 9, 9]] * 2, (90, 90, 90))
+    w = DETRWorkload(DETRConfig(image_size=32, num_classes=5, num_queries=3))
+
+    def bind(**folders):
+        w.bind_splits({k: functools.partial(iter_raw_samples, resolve_shards(str(tmp_path / v)).urls)
+                       for k, v in folders.items()})
+
+    class Oracle(torch.nn.Module):
+        """Query 0 finds the val image's object (sure of it), the others see nothing."""
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, images):
+            n = len(images)
+            logits, boxes = torch.full((1, n, 3, 6), -10.0), torch.full((1, n, 3, 4), 0.5)
+            logits[..., 5] = 10
+            for i in range(n):
+                x0, y0, x1, y1 = val_boxes[i]
+                logits[0, i, 0, 4], logits[0, i, 0, 5] = 10, -10
+                boxes[0, i, 0] = T([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]) / 32
+            return logits, boxes
+
+    assert w.sample_images(Oracle(), 2, torch.Generator()) is None  # no held-out split: nothing to draw on
+    bind(train="test", val="val", test="test")
+    grid = w.sample_images(Oracle(), 5, torch.Generator())
+    assert grid.shape == (3, 3, 32, 32)  # all the val split has
+    for picture, (x0, y0, x1, y1) in zip(grid, val_boxes):
+        assert picture[:, y0, x0].tolist() == [0, 0, 0] and picture[:, y1 - 1, x1 - 1].tolist() == [0, 0, 0]
+        inside = picture[:, (y0 + y1) // 2, (x0 + x1) // 2]
+        assert inside.tolist() == pytest.approx([200 / 255, 210 / 255, 220 / 255])
+    bind(test="test")
+    assert w.sample_images(Oracle(), 1, torch.Generator())[0, :, 20, 20].tolist() == pytest.approx([90 / 255] * 3)
+
+    tree = ast.parse((ROOT / "models/detr/workload.py").read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in modules if m and m.startswith(("data_pipelines.sources", "trainer", "launch"))]
 
 
 SMALL = ["model.backbone_width=8", "model.d_model=32", "model.heads=2", "model.ffn=64", "model.enc_layers=1",

@@ -26,6 +26,9 @@ from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"train": (4, 150, 0), "val": (2, 100, 1), "test": (2, 100, 2)}  # streams, frames, seed
+# the generated streams' shape, which a recipe states (the workloads know no data of their own)
+DATA = {"feature_dim": A.FEATURE_DIM, "window": A.WINDOW, "action_classes": A.ACTION_CLASSES,
+        "anticipation": A.ANTICIPATION}
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +43,7 @@ def raw_samples(folder: Path) -> list[dict]:
 
 
 def test_windows_cover_each_stream_once_and_labels_match_the_segments(streams_dir):
-    wl = OadTRWorkload(OadTRConfig())
+    wl = OadTRWorkload(OadTRConfig(**DATA))
     for split, (n_streams, length, seed) in SMALL.items():
         streams = A.split_streams(split, SMALL)
         seen = set()
@@ -94,7 +97,7 @@ def test_build_is_deterministic_and_the_train_split_shuffled(streams_dir, tmp_pa
 def test_decode_names_the_problem(streams_dir):
     import io
 
-    wl = GRUWorkload(GRUConfig())
+    wl = GRUWorkload(GRUConfig(**DATA))
     good = raw_samples(streams_dir / "val")[0]
     with pytest.raises(KeyError, match=r"no 'npy' field; the sample has \['json'\]"):
         wl.decode({"__key__": "x", "json": good["json"]})
@@ -115,13 +118,38 @@ def test_decode_names_the_problem(streams_dir):
 
 def test_both_models_shapes_and_sizes():
     x = torch.randn(5, A.WINDOW, A.FEATURE_DIM)
-    oadtr, gru = OadTRWorkload(OadTRConfig()).build_model(), GRUWorkload(GRUConfig()).build_model()
+    oadtr, gru = OadTRWorkload(OadTRConfig(**DATA)).build_model(), GRUWorkload(GRUConfig(**DATA)).build_model()
     current, future = oadtr(x)
     assert current.shape == (5, A.ACTION_CLASSES + 1) and future.shape == (5, A.ANTICIPATION, A.ACTION_CLASSES + 1)
     current, future = gru(x)
     assert current.shape == (5, A.ACTION_CLASSES + 1) and future is None
     sizes = [sum(p.numel() for p in m.parameters()) for m in (oadtr, gru)]
     assert abs(sizes[0] - sizes[1]) < 0.02 * sizes[0], sizes  # the baseline is no smaller
+
+
+def test_the_recipes_state_the_datas_shape_and_the_workloads_know_none():
+    """feature_dim, window and action_classes have no defaults: a recipe without them fails
+    naming the key; both recipes state the generated streams' values; the workload module
+    imports no data generator."""
+    import ast
+
+    from launch.recipes import load_recipe
+    from trainer.config import ConfigError
+
+    for recipe in ("oadtr", "gru"):
+        model = load_recipe(ROOT / f"configs/oadtr/{recipe}.yaml", ["run.dir=/tmp/x"]).model
+        assert {k: getattr(model, k) for k in DATA} == DATA, recipe
+    for key in ("feature_dim", "window", "action_classes"):
+        with pytest.raises(ConfigError, match=f"config key 'model.{key}' is required but not set"):
+            load_recipe(None, ["run.dir=/tmp/x", "model.name=oadtr",
+                               *(f"model.{k}={v}" for k, v in DATA.items() if k not in (key, "anticipation"))])
+        with pytest.raises(TypeError, match=key):
+            GRUConfig(**{k: v for k, v in DATA.items() if k != key})
+    assert OadTRConfig(**{k: v for k, v in DATA.items() if k != "anticipation"}).anticipation == 8  # l_d, the paper's
+    tree = ast.parse((ROOT / "models/oadtr/workload.py").read_text())
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in names if m and m.startswith("data_pipelines.sources")], names
 
 
 class Fixed(nn.Module):
@@ -157,7 +185,7 @@ def test_frame_map_of_a_hand_made_case():
     """Two action classes. Class 1 ranks its frames TP, FP, TP, FP: precision 1 up to recall
     0.5, then 2/3; on COCO's 101 recalls that is (51 * 1 + 50 * 2/3) / 101. Class 2 ranks
     its only frame first: AP 1. Background scores never count."""
-    wl = GRUWorkload(GRUConfig(action_classes=2))
+    wl = GRUWorkload(GRUConfig(**{**DATA, "action_classes": 2}))
     labels = [1, 0, 1, 0, 2]
     p1 = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.05])
     p2 = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.9])
@@ -184,7 +212,7 @@ def test_histogram_frame_map_matches_the_exact_ap():
     labels = torch.randint(0, k + 1, (n,), generator=g)
     logits = torch.randn(n, k + 1, generator=g) + 2.0 * F.one_hot(labels, k + 1)
     probs = logits.softmax(1)
-    wl = GRUWorkload(GRUConfig(action_classes=k))
+    wl = GRUWorkload(GRUConfig(**{**DATA, "action_classes": k}))
     got = wl.eval_metrics(summed(wl, Fixed(probs), [batch_of(labels.tolist())]))["frame_map"]
     exact = np.mean([average_precision(probs[:, c], labels == c, int((labels == c).sum()))
                      for c in range(1, k + 1)])
@@ -205,11 +233,11 @@ def test_losses():
     current = F.cross_entropy(probs.log(), labels)
     valid = future != -1
     ahead = F.cross_entropy(future_logits[valid], future[valid])
-    oadtr = OadTRWorkload(OadTRConfig())
+    oadtr = OadTRWorkload(OadTRConfig(**DATA))
     assert oadtr.cfg.future_loss_weight == 0.5
     both = Fixed(probs, future_logits)
     assert oadtr.training_loss(both, batch).item() == pytest.approx((current + 0.5 * ahead).item(), rel=1e-6)
-    gru = GRUWorkload(GRUConfig())
+    gru = GRUWorkload(GRUConfig(**DATA))
     assert gru.training_loss(Fixed(probs), batch).item() == pytest.approx(current.item(), rel=1e-6)
     nothing_ahead = batch_of(labels.tolist())  # every future frame past the end: no nan
     assert oadtr.training_loss(both, nothing_ahead).item() == pytest.approx(current.item(), rel=1e-6)

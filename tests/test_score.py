@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from models.score.sde import (SDES, SubVPSDE, VESDE, VPSDE, annealed_langevin, dsm_loss,
+from models.score.sde import (SDES, VESDE, VPSDE, annealed_langevin, dsm_loss,
                               euler_maruyama, geometric_sigmas, predictor_corrector,
                               probability_flow, sliced_wasserstein, smld_loss)
 
@@ -138,59 +138,157 @@ def digit_samples(digits_dir, split: str) -> list[dict]:
     return [samples[k] for k in sorted(samples)]
 
 
-def test_digits_decode_to_the_reference_vectors_and_bad_input_fails_clearly(digits_dir):
-    """The shards' PNGs decode to the same [-1, 1] vectors that distances are measured
-    against (scikit-learn's copy of the test split), in the same order."""
+def bind_folders(wl, **folders):
+    """Hand the workload its splits as the trainer does: raw samples of each shard folder, in order."""
+    import functools
+
+    from data_pipelines.stream import iter_raw_samples, resolve_shards
+
+    wl.bind_splits({name: functools.partial(iter_raw_samples, resolve_shards(str(folder)).urls)
+                    for name, folder in folders.items()})
+    return wl
+
+
+def test_digits_decode_to_the_source_vectors_and_bad_input_fails_clearly(digits_dir):
+    """The shards' PNGs decode to scikit-learn's binarized test digits as [-1, 1] vectors, in
+    the same order, and the held-out points final_metrics measures against are exactly those."""
     import io
 
     from PIL import Image
 
-    from models.score.workload import ScoreConfig, ScoreWorkload, digit_vectors
+    from data_pipelines.sources.digits import binarized_digits, split_indices
+    from models.score.workload import ScoreConfig, ScoreWorkload
 
-    wl = ScoreWorkload(ScoreConfig(data_kind="digits", dims=64))
+    images, _ = binarized_digits()
+    expected = torch.from_numpy(images[split_indices()["test"]].reshape(-1, 64)).float() * 2 - 1
+    wl = ScoreWorkload(ScoreConfig(data_kind="image", dims=64))
     decoded = torch.stack([wl.decode(s) for s in digit_samples(digits_dir, "test")])
     assert decoded.shape == (360, 64) and decoded.dtype == torch.float32
     assert set(decoded.unique().tolist()) == {-1.0, 1.0}
-    assert torch.equal(decoded, digit_vectors("test"))
+    assert torch.equal(decoded, expected)
+    bind_folders(wl, train=digits_dir / "train", val=digits_dir / "val", test=digits_dir / "test")
+    assert torch.equal(wl.held_out_points(), expected)
 
     png = io.BytesIO()
     Image.fromarray(np.zeros((8, 9), np.uint8)).save(png, format="PNG")
-    with pytest.raises(ValueError, match=r"digit image is \(8, 9\)"):
+    with pytest.raises(ValueError, match=r"image is \(8, 9\), model.dims 64 needs \(8, 8\)"):
         wl.decode({"__key__": "x", "png": png.getvalue()})
     with pytest.raises(KeyError, match="no 'png' field"):
         wl.decode({"__key__": "x", "json": b"{}"})
-    with pytest.raises(ValueError, match="model.data_kind 'digits' needs model.dims 64"):
+    with pytest.raises(ValueError, match="model.data_kind 'image' needs a square number of pixels as model.dims"):
+        ScoreWorkload(ScoreConfig(data_kind="image", dims=63))
+    with pytest.raises(ValueError, match="model.data_kind 'digits' is not one of points, image"):
         ScoreWorkload(ScoreConfig(data_kind="digits"))
-    with pytest.raises(ValueError, match="model.data_kind 'mnist' is not one of mixture2d, digits"):
-        ScoreWorkload(ScoreConfig(data_kind="mnist"))
+    with pytest.raises(ValueError, match="model.eval_samples must be >= 0"):
+        ScoreWorkload(ScoreConfig(eval_samples=-1))
 
 
-def test_digits_final_metrics_and_sample_images_on_a_tiny_model():
+def test_digits_final_metrics_and_sample_images_on_a_tiny_model(digits_dir):
     from models.score.workload import ScoreConfig, ScoreWorkload
 
-    wl = ScoreWorkload(ScoreConfig(data_kind="digits", dims=64, hidden=16, layers=1, eval_samples=50,
+    wl = ScoreWorkload(ScoreConfig(data_kind="image", dims=64, hidden=16, layers=1, eval_samples=50,
                                    sampler_steps=30))  # at 10 steps an untrained corrector overflows
+    bind_folders(wl, train=digits_dir / "train", test=digits_dir / "test")
     torch.manual_seed(0)
     model = wl.build_model().eval()
     final = wl.final_metrics(model, torch.Generator().manual_seed(0))
     assert set(final) == {"swd_reference", "swd_euler_maruyama", "swd_predictor_corrector", "swd_probability_flow"}
     assert all(math.isfinite(v) and v > 0 for v in final.values())
     assert final == wl.final_metrics(model, torch.Generator().manual_seed(0))
-    assert final["swd_reference"] < 0.5  # two draws of true digits are close; noise is not
+    assert final["swd_reference"] < 0.5  # two halves of the true digits are close; noise is not
+    assert all(final[k] > 2 * final["swd_reference"] for k in final if k != "swd_reference")
     images = wl.sample_images(model, 6, torch.Generator().manual_seed(0))
     assert images.shape == (6, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
     assert ScoreWorkload(ScoreConfig()).sample_images(model, 6, torch.Generator()) is None
 
-    smld = ScoreWorkload(ScoreConfig(sde="smld", data_kind="digits", dims=64, hidden=16, layers=1,
+    smld = ScoreWorkload(ScoreConfig(sde="smld", data_kind="image", dims=64, hidden=16, layers=1,
                                      eval_samples=50, langevin_steps=2))
+    bind_folders(smld, test=digits_dir / "test")
     assert set(smld.final_metrics(model, torch.Generator().manual_seed(0))) == {"swd_reference", "swd_langevin"}
     assert smld.sample_images(model, 3, torch.Generator().manual_seed(0)).shape == (3, 1, 8, 8)
 
 
-def untrained_distances(sde_name: str, **overrides) -> dict:
+@pytest.fixture(scope="module")
+def mixture_dirs(tmp_path_factory):
+    """Small mixture splits, and a test split of other points (a different seed)."""
+    from data_pipelines.sources import points
+
+    a, b = tmp_path_factory.mktemp("mixture-a"), tmp_path_factory.mktemp("mixture-b")
+    points.build(a, counts={"train": (64, 0), "val": (40, 1), "test": (60, 2)})
+    points.build(b, counts={"train": (64, 5), "test": (60, 6)})
+    return a, b
+
+
+def test_final_metrics_measure_against_the_held_out_split_and_nothing_else(mixture_dirs):
+    """The reference is the run's test split (else its val split) as the workload decodes it:
+    changing the train split changes nothing, changing the held-out split changes the numbers,
+    and a val split stands in for a missing test split."""
     from models.score.workload import ScoreConfig, ScoreWorkload
 
-    wl = ScoreWorkload(ScoreConfig(sde=sde_name, **overrides))
+    a, b = mixture_dirs
+
+    def metrics(**folders):
+        wl = bind_folders(ScoreWorkload(ScoreConfig(hidden=8, layers=1, sampler_steps=30)), **folders)
+        torch.manual_seed(0)
+        return wl.final_metrics(wl.build_model().eval(), torch.Generator().manual_seed(0))
+
+    base = metrics(train=a / "train", val=a / "val", test=a / "test")
+    assert base == metrics(train=b / "train", val=a / "val", test=a / "test")  # not the training data
+    assert base == metrics(val=a / "test")  # val when there is no test split
+    other = metrics(train=a / "train", val=a / "val", test=b / "test")
+    assert all(other[k] != base[k] for k in base)
+    assert metrics(train=a / "train", val=a / "val") != base  # val is a different held-out set
+
+    wl = bind_folders(ScoreWorkload(ScoreConfig()), train=a / "train", val=a / "val", test=a / "test")
+    held_out = wl.held_out_points()
+    assert held_out.shape == (60, 2)
+    truth, half_a, half_b = wl.truth_and_halves(held_out, torch.Generator().manual_seed(0))
+    assert torch.equal(truth, held_out)  # eval_samples 0: all of it
+    assert len(half_a) == len(half_b) == 30
+    together = torch.cat([half_a, half_b])
+    assert torch.equal(together[together[:, 0].argsort()], held_out[held_out[:, 0].argsort()])  # disjoint
+    wl.cfg.eval_samples = 25
+    truth = wl.truth_and_halves(held_out, torch.Generator().manual_seed(0))[0]
+    assert truth.shape == (25, 2) and len({tuple(x) for x in truth.tolist()}) == 25  # no repeats
+    wl.cfg.eval_samples = 61
+    with pytest.raises(ValueError, match="model.eval_samples is 61, more than the 60 samples of the held-out"):
+        wl.truth_and_halves(held_out, torch.Generator())
+    with pytest.raises(ValueError, match=r"set data.test.urls or data.val.urls \(splits handed over: train\)"):
+        bind_folders(ScoreWorkload(ScoreConfig()), train=a / "train").held_out_points()
+
+
+def test_the_mixture_generator_lives_with_the_data_and_is_unchanged():
+    """The mixture's points are what they were when the workload owned the generator (the same
+    shards on every machine), and neither side imports the other's toy knowledge."""
+    import ast
+    import hashlib
+    from pathlib import Path
+
+    from data_pipelines.sources import points
+
+    x = points.mixture2d(2000, torch.Generator().manual_seed(0))
+    assert hashlib.sha256(x.numpy().tobytes()).hexdigest() == \
+        "bb1b270aa2d37e99449ea64d52411204adbf91f365632945ef65095767077ae1"
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(path):  # every module a file imports, `from a import b` as a and a.b
+        out = set()
+        for node in ast.walk(ast.parse((root / path).read_text())):
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        return out
+
+    assert not any(m.startswith("models") for m in imports("data_pipelines/sources/points.py"))
+    for path in ("models/score/workload.py", "models/score/sde.py"):
+        assert not any(m.startswith(("data_pipelines.sources", "trainer", "launch")) for m in imports(path)), path
+
+
+def untrained_distances(data, sde_name: str, **overrides) -> dict:
+    from models.score.workload import ScoreConfig, ScoreWorkload
+
+    wl = bind_folders(ScoreWorkload(ScoreConfig(sde=sde_name, **overrides)), test=data / "test")
     torch.manual_seed(0)
     return wl.final_metrics(wl.build_model().eval(), torch.Generator().manual_seed(0))
 
@@ -226,7 +324,7 @@ def test_score_recipe_trains_and_every_sampler_beats_an_untrained_model(tmp_path
 
     model_cfg = OmegaConf.to_container(OmegaConf.load(tmp_path / "run/config.yaml").model)
     model_cfg.pop("name")
-    untrained = untrained_distances(**{"sde_name": model_cfg.pop("sde"), **model_cfg})
+    untrained = untrained_distances(data, **{"sde_name": model_cfg.pop("sde"), **model_cfg})
     for key, value in swd.items():
         assert value < 0.3 * untrained[key], (key, value, untrained[key])
         assert value < 8 * final["swd_reference"], (key, value, final["swd_reference"])
@@ -236,7 +334,7 @@ def test_score_recipe_trains_and_every_sampler_beats_an_untrained_model(tmp_path
 def test_score_digits_recipe_trains_and_the_samplers_beat_an_untrained_model(tmp_path, cpu_env, digits_dir):
     """vp_digits.yaml, shortened, on 2 ranks: PF-ODE and Euler-Maruyama draw digits whose
     distance to the test split is far below an untrained model's and within a few times that
-    of the train split's."""
+    between two halves of the test split."""
     import json
     import subprocess
     import sys
@@ -256,7 +354,7 @@ def test_score_digits_recipe_trains_and_the_samplers_beat_an_untrained_model(tmp
     final = json.loads((tmp_path / "run/final_metrics.json").read_text())
     model_cfg = OmegaConf.to_container(OmegaConf.load(tmp_path / "run/config.yaml").model)
     model_cfg.pop("name")
-    untrained = untrained_distances(**{"sde_name": model_cfg.pop("sde"), **model_cfg})
+    untrained = untrained_distances(digits_dir, **{"sde_name": model_cfg.pop("sde"), **model_cfg})
     assert set(final) >= set(untrained)
     for key in ("swd_probability_flow", "swd_euler_maruyama"):
         assert final[key] < 0.05 * untrained[key], (key, final[key], untrained[key])

@@ -1,10 +1,13 @@
 """DETR workload: set prediction of boxes and classes, trained with the Hungarian-matched
 set loss (class cross-entropy with a down-weighted "no object" class, L1 and GIoU box
-losses) on every decoder layer. Default data: `launch.make_shards detection` scenes.
+losses) on every decoder layer. The box losses are normalised as in the paper's code: by the
+number of objects per rank averaged over all ranks, so every object weighs the same whichever
+rank holds it.
 
-Samples are an image (png, jpg or webp) and a JSON record {"size": S, "objects": [{"label": k, "box": [x0, y0,
-x1, y1]}, ...]} (boxes in pixels; see data_pipelines/sources/shape_scenes.py). Your own
-data: the same two fields per sample, any number of objects, `model.num_classes` classes.
+Samples are an image (png, jpg or webp) of `model.image_size` pixels square and a JSON
+record {"objects": [{"label": k, "box": [x0, y0, x1, y1]}, ...]} (boxes in pixels), any
+number of objects, labels 0..`model.num_classes` - 1 (e.g. `launch.make_shards detection`).
+Sample grids draw the detections on the first images of the run's val split (else test).
 
 Evaluation is COCO-style mAP at IoU 0.5 (`map50`) and averaged over 0.5:0.95 (`map50_95`):
 each query is one detection with its most likely class. The statistics are score
@@ -16,12 +19,12 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
@@ -33,6 +36,7 @@ from models.detr.matching import IOU_THRESHOLDS, hungarian_match, match_detectio
 from models.detr.net import DETR
 from models.registry import register
 from data_pipelines.decode import IMAGE_FIELDS, fields  # not image_tensor: its resize and crop would move the boxes
+from data_pipelines.stream import decode_or_explain
 
 
 @dataclass(kw_only=True)
@@ -150,13 +154,28 @@ class DETRWorkload(Workload):
                                w_class=c.cost_class, w_l1=c.cost_l1, w_giou=c.cost_giou)
         return [flat[i * b:(i + 1) * b] for i in range(n_layers)]
 
+    @staticmethod
+    def num_boxes(labels: list, device: torch.device, *, across_ranks: bool = False) -> torch.Tensor:
+        """The box losses' normaliser, DETR's num_boxes: the batch's object count, at least 1.
+        `across_ranks` (training): the mean count over the ranks (all_reduce / world size, as
+        the paper's code), so that with the ranks' losses averaged every object weighs the same
+        whichever rank holds it. A collective then: every rank calls it every step, whatever
+        its count; eval, whose ranks may run different batch counts, never does."""
+        n = torch.tensor(float(sum(len(x) for x in labels)), device=device)
+        if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(n)
+            n = n / dist.get_world_size()
+        return n.clamp(min=1)
+
     def set_loss(self, logits: torch.Tensor, boxes: torch.Tensor, labels: list, targets: list,
-                 match: Optional[list] = None) -> dict:
+                 match: Optional[list] = None, num_boxes: Optional[torch.Tensor] = None) -> dict:
         """The set loss of one decoder layer's output: logits (B, Q, C+1), boxes (B, Q, 4);
-        `match` from `match`, else matched here."""
+        `match` from `match`, else matched here; the box losses are sums divided by
+        `num_boxes` (default: this batch's object count, at least 1)."""
         c = self.cfg
         if match is None:
             match = self.match(logits[None], boxes[None], labels, targets)[0]
+        n = self.num_boxes(labels, logits.device) if num_boxes is None else num_boxes
         b, q, k = logits.shape
         target_classes = torch.full((b, q), c.num_classes, dtype=torch.long, device=logits.device)
         rows = [torch.full_like(qi, i) for i, (qi, _) in enumerate(match)]
@@ -167,29 +186,30 @@ class DETRWorkload(Workload):
         weight = torch.ones(k, device=logits.device)
         weight[-1] = c.no_object_weight
         ce = F.cross_entropy(logits.float().reshape(-1, k), target_classes.reshape(-1), weight)
-        n = max(len(gt_labels), 1)
         pred = boxes[bi, qi].float()
         l1 = (pred - gt_boxes).abs().sum() / n
         giou = (1 - generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt_boxes)).diagonal()).sum() / n
         return {"ce": ce, "l1": l1, "giou": giou,
                 "total": c.loss_ce * ce + c.loss_l1 * l1 + c.loss_giou * giou}
 
-    def _loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict, tuple]:
+    def _loss(self, model: nn.Module, batch: dict, across_ranks: bool = False) -> tuple[torch.Tensor, dict, tuple]:
         logits, boxes = model(batch["images"])
         if not self.cfg.aux_loss:
             logits, boxes = logits[-1:], boxes[-1:]
+        num_boxes = self.num_boxes(batch["labels"], logits.device, across_ranks=across_ranks)
         matches = self.match(logits, boxes, batch["labels"], batch["boxes"])
-        parts = [self.set_loss(logits[i], boxes[i], batch["labels"], batch["boxes"], matches[i])
+        parts = [self.set_loss(logits[i], boxes[i], batch["labels"], batch["boxes"], matches[i], num_boxes)
                  for i in range(len(logits))]
         return sum(p["total"] for p in parts), parts[-1], (logits[-1], boxes[-1])
 
     throughput_unit = "images"
 
     def training_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return self._loss(model, batch)[0]
+        return self._loss(model, batch, across_ranks=True)[0]
 
     def flops_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        # the matching needs host values; its cost and the set loss's are elementwise
+        # the matching needs host values; its cost and the set loss's are elementwise. No
+        # collective either: this runs on one rank (training_loss's num_boxes is one)
         logits, boxes = model(batch["images"])
         return logits.sum() + boxes.sum()
 
@@ -217,24 +237,36 @@ class DETRWorkload(Workload):
                 "loss_giou": sums["giou_sum"] / n, **map_from_histograms(sums["hist"], sums["n_gt"])}
 
     # ---------------------------------------------------------------- samples
+    def held_out_images(self, n: int) -> list[dict]:
+        """The first n decoded samples of the run's val split, else its test split
+        (`bind_splits`), for the sample grid; none without either."""
+        split = next((s for s in ("val", "test") if s in self.splits), None)
+        out: list[dict] = []
+        if split is None or n <= 0:
+            return out
+        for sample in self.splits[split]():
+            out.append(decode_or_explain(self.decode, sample))
+            if len(out) == n:
+                break
+        return out
+
     @torch.no_grad()
     def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
-        """n fresh scenes with the detections scoring over 0.5 drawn on them (black boxes)."""
-        from data_pipelines.sources.shape_scenes import scene
-
-        if self.cfg.image_size != 64 or self.cfg.num_classes != 3:
-            return None  # not the shapes data: nothing to draw on
-        rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=generator)))
-        pictures = [scene(rng, self.cfg.image_size)[0] for _ in range(n)]
+        """The first n held-out images with the detections scoring over 0.5 drawn on them
+        (black boxes); None without a val or test split."""
+        scenes = self.held_out_images(n)
+        if not scenes:
+            return None
         device = next(model.parameters()).device
-        x = torch.stack([torch.from_numpy(np.asarray(p, dtype=np.float32)).permute(2, 0, 1) for p in pictures])
-        logits, boxes = model((x / 127.5 - 1).to(device))
+        x = torch.stack([s["image"] for s in scenes])
+        logits, boxes = model(x.to(device))
         scores, classes, xyxy = self.detections(logits[-1], boxes[-1])
         out = []
-        for p, s, k, b in zip(pictures, scores.cpu(), classes.cpu(), xyxy.cpu() * self.cfg.image_size):
-            p = p.copy()
-            pen = ImageDraw.Draw(p)
+        pixels = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for p, s, b in zip(pixels, scores.cpu(), xyxy.cpu() * self.cfg.image_size):
+            picture = Image.fromarray(p)
+            pen = ImageDraw.Draw(picture)
             for box in b[s > 0.5].tolist():
                 pen.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(0, 0, 0))
-            out.append(torch.from_numpy(np.asarray(p, dtype=np.float32) / 255).permute(2, 0, 1))
+            out.append(torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1))
         return torch.stack(out)

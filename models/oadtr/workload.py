@@ -1,6 +1,12 @@
-"""Online action detection on frame-feature windows (`launch.make_shards action-streams`):
+"""Online action detection on frame-feature windows (e.g. `launch.make_shards action-streams`):
 OadTR (`oadtr`) and a GRU baseline (`oad_gru`) read the same windows, are scored the same
 way and differ only in the model and OadTR's anticipation loss.
+
+A sample is a window of the last `model.window` frames' features, (window, feature_dim)
+floats ending at the current frame (`npy`), and a `json` record {"label": k, "future":
+[...]}: the current frame's class (0 is background, 1..action_classes the actions) and the
+classes of the next `model.anticipation` frames (-1: past the stream's end, no target).
+These sizes are the data's, so the recipe states them; only l_d has a default (the paper's).
 
 The metric is the per-frame mAP of the online-detection papers (`frame_map`): for each
 action class, the AP of every frame of the split ranked by that class's softmax score,
@@ -20,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.sources import action_streams as streams
 from models.average_precision import average_precision_from_histograms, mean_ignoring_nan, score_histograms
 from models.base import Workload
 from models.oadtr.model import OadTR, WindowGRU
@@ -33,10 +38,11 @@ NO_TARGET = -1  # a future frame past the stream's end
 @dataclass(kw_only=True)
 class StreamConfig:
     name: str
-    feature_dim: int = streams.FEATURE_DIM
-    window: int = streams.WINDOW  # T
-    action_classes: int = streams.ACTION_CLASSES  # K; class 0 is background
-    anticipation: int = streams.ANTICIPATION  # l_d: future frames in each sample
+    # the data's shape, as the recipe states it
+    feature_dim: int  # floats per frame
+    window: int  # T: frames in each sample, the current one last
+    action_classes: int  # K; class 0 is background, 1..K the actions
+    anticipation: int = 8  # l_d: future frames' classes in each sample (the paper's 8)
     dropout: float = 0.1
     histogram_bins: int = 1000  # score bins per class for the AP (1000: ~1e-3 of the exact AP)
 

@@ -1,10 +1,11 @@
-"""Score-based workload on points: the 2-D mixture of `launch.make_shards mixture2d`
-(`model.data_kind=mixture2d`) or the binarized 8x8 digits as 64-vectors in [-1, 1]
-(`model.data_kind=digits`). A time-conditioned MLP learns the score by denoising score
-matching under a VE, VP or sub-VP SDE, or NCSN's noise levels (`model.sde=smld`). At the end
-of a run every sampler draws points and their sliced Wasserstein distance to true data is
-reported (`swd_<sampler>`), beside the distance between two true samples (`swd_reference`):
-fresh mixture samples, or for digits the test split against a draw from the train split.
+"""Score-based workload on points: JSON records {"x": [...]} of `model.dims` floats
+(`model.data_kind=points`, e.g. `launch.make_shards mixture2d`) or grayscale PNGs of
+`model.dims` pixels (a square) mapped to [-1, 1] (`model.data_kind=image`, e.g. the 8x8
+digits). A time-conditioned MLP learns the score by denoising score matching under a VE, VP
+or sub-VP SDE, or NCSN's noise levels (`model.sde=smld`). At the end of a run every sampler
+draws points and their sliced Wasserstein distance to the run's held-out split (data.test,
+else data.val) is reported (`swd_<sampler>`), beside the distance between two disjoint
+halves of that split (`swd_reference`), the floor a perfect sampler would be near.
 """
 
 from __future__ import annotations
@@ -20,45 +21,19 @@ import torch
 from PIL import Image
 from torch import nn
 
+from data_pipelines.stream import decode_or_explain
 from models.base import Workload
 from models.registry import register
 from models.score import sde as S
 
-MIXTURE_COMPONENTS, MIXTURE_RADIUS, MIXTURE_STD = 8, 2.0, 0.15
-
-
-def mixture2d(n: int, generator: torch.Generator) -> torch.Tensor:
-    """n points of 8 Gaussians (std 0.15) evenly spaced on a circle of radius 2."""
-    k = torch.randint(MIXTURE_COMPONENTS, (n,), generator=generator)
-    angle = 2 * math.pi * k.double() / MIXTURE_COMPONENTS
-    centers = MIXTURE_RADIUS * torch.stack([angle.cos(), angle.sin()], 1)
-    return (centers + MIXTURE_STD * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
-
-
-DATA_KINDS = ("mixture2d", "digits")
-DIGIT_SIZE = 8
-
-
-def digit_vectors(split: str) -> torch.Tensor:
-    """One split of scikit-learn's binarized digits (the split the shards are made from) as
-    (N, 64) vectors in [-1, 1], the same values `decode` gives the shards' PNGs."""
-    from data_pipelines.sources.digits import binarized_digits, split_indices
-
-    images, _ = binarized_digits()
-    on = torch.from_numpy(images[split_indices()[split]].reshape(-1, DIGIT_SIZE ** 2)).float()
-    return on * 2 - 1
-
-
-def draw(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """x itself when it has n rows, else n rows drawn with replacement."""
-    return x if len(x) == n else x[torch.randint(len(x), (n,), generator=generator)]
+DATA_KINDS = ("points", "image")
 
 
 @dataclass(kw_only=True)
 class ScoreConfig:
     name: str = "score"
     sde: str = "vp"  # ve | vp | subvp | smld
-    data_kind: str = "mixture2d"  # mixture2d (json points) | digits (8x8 PNGs, dims 64)
+    data_kind: str = "points"  # points (json {"x": [dims floats]}) | image (grayscale PNG, dims pixels)
     dims: int = 2
     hidden: int = 256
     layers: int = 3
@@ -67,7 +42,9 @@ class ScoreConfig:
     beta_min: float = 0.1  # vp, subvp
     beta_max: float = 20.0
     smld_levels: int = 10
-    eval_samples: int = 2000  # points each sampler draws at the end (digits: 360 = the test split)
+    # points each sampler draws at the end, scored against as many of the held-out split's
+    # (drawn without replacement); 0: as many as the split has, scored against all of them
+    eval_samples: int = 0
     sampler_steps: int = 500
     langevin_steps: int = 100  # smld: steps per noise level
     langevin_lr: float = 2e-5  # smld: step = lr (sigma / sigma_min)^2
@@ -102,9 +79,11 @@ class ScoreWorkload(Workload):
             raise ValueError(f"model.sde '{cfg.sde}' is not one of ve, vp, subvp, smld")
         if cfg.data_kind not in DATA_KINDS:
             raise ValueError(f"model.data_kind '{cfg.data_kind}' is not one of {', '.join(DATA_KINDS)}")
-        if cfg.data_kind == "digits" and cfg.dims != DIGIT_SIZE ** 2:
-            raise ValueError(f"model.data_kind 'digits' needs model.dims {DIGIT_SIZE ** 2} (8x8 pixels), "
-                             f"got {cfg.dims}")
+        if cfg.data_kind == "image" and math.isqrt(cfg.dims) ** 2 != cfg.dims:
+            raise ValueError(f"model.data_kind 'image' needs a square number of pixels as model.dims "
+                             f"(side x side), got {cfg.dims}")
+        if cfg.eval_samples < 0:
+            raise ValueError(f"model.eval_samples must be >= 0 (0: the whole held-out split), got {cfg.eval_samples}")
         super().__init__(cfg)
         c = cfg
         self.sde = {"ve": lambda: S.VESDE(c.sigma_min, c.sigma_max), "vp": lambda: S.VPSDE(c.beta_min, c.beta_max),
@@ -115,8 +94,8 @@ class ScoreWorkload(Workload):
         return ScoreMLP(self.cfg.dims, self.cfg.hidden, self.cfg.layers)
 
     def decode(self, sample: dict) -> torch.Tensor:
-        if self.cfg.data_kind == "digits":
-            return self._decode_digit(sample)
+        if self.cfg.data_kind == "image":
+            return self._decode_image(sample)
         if "json" not in sample:
             raise KeyError(f"no 'json' field with the point; the sample has "
                            f"{sorted(k for k in sample if not k.startswith('__'))}")
@@ -125,15 +104,19 @@ class ScoreWorkload(Workload):
             raise ValueError(f"point has shape {tuple(x.shape)}, model.dims is {self.cfg.dims}")
         return x
 
-    def _decode_digit(self, sample: dict) -> torch.Tensor:
-        """A 0/255 8x8 PNG -> 64 pixels mapped linearly to [-1, 1]."""
+    @property
+    def side(self) -> int:
+        return math.isqrt(self.cfg.dims)
+
+    def _decode_image(self, sample: dict) -> torch.Tensor:
+        """A grayscale side x side PNG -> its pixels mapped linearly from 0..255 to [-1, 1]."""
         if "png" not in sample:
-            raise KeyError(f"no 'png' field with the digit; the sample has "
+            raise KeyError(f"no 'png' field with the image; the sample has "
                            f"{sorted(k for k in sample if not k.startswith('__'))}")
         img = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L"), dtype=np.float32)
-        if img.shape != (DIGIT_SIZE, DIGIT_SIZE):
-            raise ValueError(f"digit image is {img.shape}, model.data_kind 'digits' needs "
-                             f"({DIGIT_SIZE}, {DIGIT_SIZE})")
+        if img.shape != (self.side, self.side):
+            raise ValueError(f"image is {img.shape}, model.dims {self.cfg.dims} needs "
+                             f"({self.side}, {self.side})")
         return torch.from_numpy(img.reshape(-1) / 127.5 - 1)
 
     def score_fn(self, model: nn.Module):
@@ -167,9 +150,9 @@ class ScoreWorkload(Workload):
 
     @torch.no_grad()
     def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
-        """Digits: n probability-flow samples (SMLD: annealed Langevin) as (n, 1, 8, 8) images
-        in [0, 1]; the mixture has no images."""
-        if self.cfg.data_kind != "digits":
+        """Images: n probability-flow samples (SMLD: annealed Langevin) as (n, 1, side, side)
+        in [0, 1]; points have no images."""
+        if self.cfg.data_kind != "image":
             return None
         c, device = self.cfg, next(model.parameters()).device
         g, shape, score = self._device_generator(generator, device), (n, c.dims), self.score_fn(model)
@@ -178,25 +161,46 @@ class ScoreWorkload(Workload):
                                     step_lr=c.langevin_lr, generator=g, device=device)
         else:
             x = S.probability_flow(score, self.sde, shape, generator=g, device=device)[0]
-        return ((x + 1) / 2).clamp(0, 1).view(n, 1, DIGIT_SIZE, DIGIT_SIZE)
+        return ((x + 1) / 2).clamp(0, 1).view(n, 1, self.side, self.side)
 
-    def _truth_and_reference(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """eval_samples true points to score samplers against, and as many independent ones."""
-        n = self.cfg.eval_samples
-        if self.cfg.data_kind == "digits":
-            truth = draw(digit_vectors("test"), n, generator)
-            return truth, draw(digit_vectors("train"), n, generator)
-        truth = mixture2d(n, generator)
-        return truth, mixture2d(n, generator)
+    def held_out_points(self) -> torch.Tensor:
+        """The run's held-out split (test, else val; `bind_splits`) decoded by this workload,
+        (N, dims): what the samplers are measured against, data no step trained on."""
+        split = next((s for s in ("test", "val") if s in self.splits), None)
+        if split is None:
+            raise ValueError("the score workload's final metrics (swd_*) measure samples against the run's "
+                             "held-out split: set data.test.urls or data.val.urls (splits handed over: "
+                             f"{', '.join(sorted(self.splits)) or 'none'})")
+        points = [decode_or_explain(self.decode, sample) for sample in self.splits[split]()]
+        if len(points) < 2:
+            raise ValueError(f"the {split} split has {len(points)} sample(s); swd_* need two at least")
+        return torch.stack(points).float()
+
+    def truth_and_halves(self, held_out: torch.Tensor, generator: torch.Generator
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The eval_samples held-out points the samplers are scored against (all of them at
+        eval_samples 0), and two disjoint halves of the split for the reference distance."""
+        n_all = len(held_out)
+        n = self.cfg.eval_samples or n_all
+        if n > n_all:
+            raise ValueError(f"model.eval_samples is {n}, more than the {n_all} samples of the held-out "
+                             f"split (data.test, else data.val); set it to {n_all} or less, or 0 for all")
+        truth = held_out if n == n_all else held_out[torch.randperm(n_all, generator=generator)[:n]]
+        half, perm = n_all // 2, torch.randperm(n_all, generator=generator)
+        return truth, held_out[perm[:half]], held_out[perm[half:2 * half]]
 
     @torch.no_grad()
     def final_metrics(self, model: nn.Module, generator: torch.Generator) -> dict[str, float]:
+        """swd_<sampler> of each sampler's points against the held-out split, and swd_reference
+        between two disjoint halves of that split (at half the size, so a little above what a
+        perfect sampler would score)."""
         c, device = self.cfg, next(model.parameters()).device
-        shape = (c.eval_samples, c.dims)
+        truth, half_a, half_b = self.truth_and_halves(self.held_out_points(), generator)
+        shape = (len(truth), c.dims)
         g = self._device_generator(generator, device)
         score = self.score_fn(model)
-        truth, reference = (x.to(device) for x in self._truth_and_reference(generator))
-        out = {"swd_reference": S.sliced_wasserstein(reference, truth, generator=generator)}
+        truth = truth.to(device)
+        out = {"swd_reference": S.sliced_wasserstein(half_a.to(device), half_b.to(device), generator=generator)}
         if self.sde is None:
             x = S.annealed_langevin(score, shape, self.sigmas, steps_per_level=c.langevin_steps,
                                     step_lr=c.langevin_lr, generator=g, device=device)
@@ -210,6 +214,6 @@ class ScoreWorkload(Workload):
             "probability_flow": lambda: S.probability_flow(score, self.sde, shape, generator=g,
                                                            device=device)[0],
         }
-        for name, draw in samplers.items():
-            out[f"swd_{name}"] = S.sliced_wasserstein(draw(), truth, generator=generator)
+        for name, sample in samplers.items():
+            out[f"swd_{name}"] = S.sliced_wasserstein(sample(), truth, generator=generator)
         return out
