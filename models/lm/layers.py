@@ -12,7 +12,6 @@ its own residual, so a model is embedding -> blocks -> final norm -> head.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
