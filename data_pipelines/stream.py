@@ -215,6 +215,20 @@ def iter_raw_samples(urls: list[str], on_error: str = "fail") -> Iterator[dict]:
         yield from shard_samples(url, policy)
 
 
+def iter_samples(urls: list[str], on_error: str = "fail", decode: Optional[Callable[[dict], Any]] = None) -> Iterator[Any]:
+    """The samples of `urls` in order, raw or through `decode`; under on_error=skip a sample
+    that does not decode is left out (and logged), as in eval_batches."""
+    policy = ErrorPolicy(on_error, {})
+    for sample in iter_raw_samples(urls, on_error):
+        if decode is None:
+            yield sample
+            continue
+        try:
+            yield decode_or_explain(decode, sample)
+        except DataError as exc:
+            policy("bad_samples", str(exc))
+
+
 # ------------------------------------------------------------------ one reader
 def plan_epoch(num_shards: int, epoch: int, seed: int, rank: int, world: int, role: int,
                workers: int, resampled: bool) -> list[int]:

@@ -68,10 +68,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from models.registry import build_workload
+
     try:
         cfg = load_recipe(args.config, args.overrides)
         preflight(cfg)
-    except (ConfigError, DataError) as exc:
+        workload = build_workload(cfg.model)  # a model.* value it refuses, before any process group
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         # Every rank finds the same error. Rank 0 reports it; the others wait a moment
         # first, because a launcher stops all ranks when the first one exits: had rank 1
         # exited first, rank 0 could be stopped before it printed anything.
@@ -81,7 +84,6 @@ def main(argv=None) -> int:
         print(f"error: {exc}" if rank == "0" else f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    from models.registry import build_workload
     from trainer.backends import make_backend
     from trainer.checkpoint import CheckpointError, IncompatibleCheckpointError, newest_complete
     from trainer.guard import NonFiniteError
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
     if backend.is_main:
         print(f"backend: {backend.name} on {backend.world_size} rank(s), {backend.device.type}", flush=True)
     stopped, lost = 0, False
-    trainer = Trainer(cfg, build_workload(cfg.model), backend)
+    trainer = Trainer(cfg, workload, backend)
 
     def fail(code: int, message: str, agreed: bool = False) -> int:
         if agreed and not backend.is_main:

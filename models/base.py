@@ -26,16 +26,18 @@ class Workload:
     # nothing more), with units_per_sample() of them in each sample
     throughput_unit: ClassVar[str] = "samples"
     # the run's splits, handed over by the trainer (bind_splits); none until then
-    splits: Mapping[str, Callable[[], Iterator[dict]]] = MappingProxyType({})
+    splits: Mapping[str, Callable[..., Iterator]] = MappingProxyType({})
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
 
-    def bind_splits(self, splits: Mapping[str, Callable[[], Iterator[dict]]]) -> None:
-        """The run's splits before training starts: `splits[name]()` iterates that split's raw
-        samples in shard order, for each of "train", "val", "test" the recipe has. What a
-        workload takes from its data (default sample prompts, a reference set) it reads here,
-        so that it knows no dataset of its own."""
+    def bind_splits(self, splits: Mapping[str, Callable[..., Iterator]]) -> None:
+        """The run's splits before training starts, on every rank: `splits[name]()` iterates
+        that split's raw samples in shard order, `splits[name](decode=f)` them through `f`
+        (a sample that does not decode is left out under data.on_error=skip), for each of
+        "train" (data.train; a data.mix is not included), "val" and "test" the recipe has.
+        What a workload takes from its data (default sample prompts, a reference set) it reads
+        here, so that it knows no dataset of its own; one that needs a split checks for it here."""
         self.splits = splits
 
     def build_model(self) -> nn.Module:

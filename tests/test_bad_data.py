@@ -171,3 +171,15 @@ def test_a_manifest_cannot_name_commands_or_files_outside_its_folder(tmp_path, d
     with pytest.raises(DataError, match=r"data\.val\.urls: manifest .* names shard .*refusing it"):
         resolve_shards(str(folder), key="data.val.urls")
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+
+
+def test_a_workloads_own_reads_follow_the_error_policy(tmp_path):
+    """What the trainer hands a workload (bind_splits: iter_samples) decodes under the run's
+    data.on_error: skip leaves the bad sample out, fail names it."""
+    from data_pipelines.stream import iter_samples
+
+    urls = shards_with(tmp_path, {"num": b"not-a-number"})
+    assert list(iter_samples(urls, "skip", decode=decode_strict)) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    assert [s["__key__"] for s in iter_samples(urls, "skip")][7] == "s000007"  # raw: nothing decoded
+    with pytest.raises(DataError, match="sample 's000007'.*cannot decode"):
+        list(iter_samples(urls, "fail", decode=decode_strict))

@@ -282,7 +282,7 @@ def test_sample_grid_draws_on_held_out_images_of_any_size(tmp_path):
     import ast
     import functools
 
-    from data_pipelines.stream import iter_raw_samples, resolve_shards
+    from data_pipelines.stream import iter_samples, resolve_shards
 
     val_boxes = [[2, 3, 12, 10], [10, 10, 30, 31], [0, 0, 8, 8]]
     _scene_shards(tmp_path / "val", val_boxes, (200, 210, 220))
@@ -290,7 +290,7 @@ def test_sample_grid_draws_on_held_out_images_of_any_size(tmp_path):
     w = DETRWorkload(DETRConfig(image_size=32, num_classes=5, num_queries=3))
 
     def bind(**folders):
-        w.bind_splits({k: functools.partial(iter_raw_samples, resolve_shards(str(tmp_path / v)).urls)
+        w.bind_splits({k: functools.partial(iter_samples, resolve_shards(str(tmp_path / v)).urls)
                        for k, v in folders.items()})
 
     class Oracle(torch.nn.Module):

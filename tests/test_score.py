@@ -142,9 +142,9 @@ def bind_folders(wl, **folders):
     """Hand the workload its splits as the trainer does: raw samples of each shard folder, in order."""
     import functools
 
-    from data_pipelines.stream import iter_raw_samples, resolve_shards
+    from data_pipelines.stream import iter_samples, resolve_shards
 
-    wl.bind_splits({name: functools.partial(iter_raw_samples, resolve_shards(str(folder)).urls)
+    wl.bind_splits({name: functools.partial(iter_samples, resolve_shards(str(folder)).urls)
                     for name, folder in folders.items()})
     return wl
 

@@ -233,6 +233,8 @@ def test_sample_prompts_and_palette_keys_refuse_bad_values(shapes_dir, tiny_vae,
         scratch_workload(shapes_dir, tiny_vae, sample_prompts=str(tmp_path / "none.txt"))
     with pytest.raises(ValueError, match="model.color_match_samples=4 needs model.color_palette"):
         scratch_workload(shapes_dir, tiny_vae, color_match_samples=4)
+    with pytest.raises(ValueError, match="model.sample_prompts must be a list of strings or a file path, got 3"):
+        scratch_workload(shapes_dir, tiny_vae, sample_prompts=3)
     w = scratch_workload(shapes_dir, tiny_vae, sample_prompts=["a dog", "a cat"])
     assert w.prompts(3) == ["a dog", "a cat", "a dog"]
     with pytest.raises(ValueError, match="no model.sample_prompts and no data split"):

@@ -151,3 +151,18 @@ def test_an_array_task_requeues_itself_and_not_the_other_task(tmp_path, slurm_en
             task_of[role] = task
     assert restarts == {"requeuer": [0, 1], "bystander": [0]}, logs  # by the array's id: bystander [0, 1]
     assert f"SLURM job {array}_{task_of['requeuer']} requeued" in logs[task_of["requeuer"]]
+
+
+@pytest.mark.parametrize("template", ["torchrun", "accelerate", "deepspeed"])
+def test_templates_signal_and_ask_about_the_array_task_alone(template):
+    """The USR1 hand-off (scancel) and the time-limit lookup (squeue) name an array task as
+    ARRAYID_TASKID: its bare SLURM_JOB_ID can be the array's own id, which means every task."""
+    text = (ROOT / "slurm" / f"{template}.sbatch").read_text()
+    job_lines = [line for line in text.splitlines() if line.startswith("JOB=")]
+    assert 'scancel --signal=USR1 "$JOB"' in text and 'squeue -h -j "$JOB"' in text
+    script = "\n".join(job_lines + ['echo "$JOB"'])
+    for env, want in (({"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "1"}, "41_1"),
+                      ({"SLURM_JOB_ID": "42"}, "42")):
+        out = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", **env},
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want

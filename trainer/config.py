@@ -135,7 +135,7 @@ class TrainerConfig:
     end_margin_s: float = 300.0
     requeue: bool = True  # after a SIGUSR1 or time-limit stop under SLURM, `scontrol requeue`
     # MFU's denominator, TFLOP/s of one rank's device; 0 = the data sheet of a known GPU
-    # (A100, H100, H200) at the run's precision, or a matmul probe on a CPU (models/flops.py)
+    # (A100, H100, H200) at the run's precision, or a matmul probe on a CPU (trainer/meter.py)
     peak_tflops: float = 0.0
     # [first, last]: a torch.profiler trace of these steps, per rank, in run.dir/profile
     # (TensorBoard with torch-tb-profiler, or ui.perfetto.dev); [] = off
@@ -220,8 +220,14 @@ def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = (), 
         raise ConfigError(f"recipe file '{recipe}' does not exist") from None
 
     for key, name in RENAMED_KEYS.items():
-        if OmegaConf.select(raw, key, default=RENAMED_KEYS) is not RENAMED_KEYS:
-            raise ConfigError(f"config key '{key}' is not a key: it is called '{name}'")
+        value = OmegaConf.select(raw, key, default=RENAMED_KEYS)
+        if value is RENAMED_KEYS:
+            continue
+        if value in (False, None):  # off, as the config.yaml of a run made before the rename lists it
+            section, leaf = key.rsplit(".", 1)
+            OmegaConf.select(raw, section).pop(leaf)
+            continue
+        raise ConfigError(f"config key '{key}' is not a key: it is called '{name}'")
 
     name = OmegaConf.select(raw, "model.name")
     if not name:
@@ -316,8 +322,9 @@ def validate(cfg: RunConfig) -> None:
 
         _check(torch.cuda.is_available(), "trainer.mixed_precision",
                "fp16 needs a CUDA device (none is visible); use bf16 or no on CPU")
+    _check(bool(cfg.run.dir), "run.dir", "is empty: name the run's folder")
     if t.resume not in ("auto", "never"):
-        _check(Path(t.resume).is_dir(), "trainer.resume",
+        _check(bool(t.resume) and Path(t.resume).is_dir(), "trainer.resume",
                f"'{t.resume}' is neither auto, never, nor an existing checkpoint folder")
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(o.schedule in SCHEDULES, "optim.schedule", f"'{o.schedule}' is not one of {SCHEDULES}")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from accelerate.utils import send_to_device
 
-from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, iter_raw_samples,
+from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, iter_samples,
                                    resolve_shards, truncate_ledgers)
 from trainer.checkpoint import CheckpointError, Checkpointer, newest_complete, write_json
 from trainer.config import RunConfig, to_yaml, training_splits
@@ -131,7 +131,7 @@ class Trainer:
         on_error = self.cfg.data.on_error
         sources = {"train": self.loader.stream.sources[0].shards if self.loader.stream.sources else None,
                    "val": self.val_shards, "test": self.test_shards}
-        return {name: functools.partial(iter_raw_samples, shards.urls, on_error)
+        return {name: functools.partial(iter_samples, shards.urls, on_error)
                 for name, shards in sources.items() if shards is not None}
 
     def _resume(self) -> TrainState:
@@ -198,6 +198,7 @@ class Trainer:
         finally:
             self.stopper.close()  # a signal from here on acts as it normally would
         if stopped:
+            self.log.close()
             return {"step": state.step, "stopped": stopped}
         return self._finish(state, session_start, last_saved)
 
@@ -215,7 +216,6 @@ class Trainer:
                 loss, norm = self.train_step(step, measure_norm=when.should_measure_norm(step), label=profiler.label)
                 state.step = step
                 failpoint("step.end", step=step, rank=b.rank)
-                profiler.step(step)
                 self.workload.on_step_end(net, step)
                 self.meter.steps += 1
                 self.guard.observe(state, step, loss, norm)
@@ -243,8 +243,8 @@ class Trainer:
                         self._wait_for_save()
                         self.log.text(f"stopped after step {step} ({REASONS[reason]}); checkpoint "
                                       f"{self.checkpointer.root / f'step-{step}'} is complete")
-                        self.log.close()
                         return reason, step
+                profiler.step(step)  # a step's trace holds its hangers-on too
         return 0, last_saved
 
     def _log_window(self, state: TrainState, step: int, lr: float, session_start: float) -> bool:
@@ -421,7 +421,7 @@ class Trainer:
         final: dict = {"step": step}
         if self.val_shards is not None:
             final.update({f"val/{k}": v for k, v in self._eval_and_keep_best(state).items()})
-        if not (self.cfg.trainer.sample_every and step % self.cfg.trainer.sample_every == 0):
+        if not self.schedule.should_sample(step):  # the loop sampled this step already
             self._log_samples(step)
         best = self.run_dir / "best"
         b.barrier()  # rank 0's best export is on disk

@@ -42,9 +42,13 @@ class StepProfiler:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             prof = profile(activities=activities, schedule=self.action, on_trace_ready=self._write,
                            record_shapes=True, profile_memory=True)
-            # count in the run's steps, so that the trace's ProfilerStep#N is step N
+            # count in the run's steps, so that the trace's ProfilerStep#N is step N (the
+            # profiler's counter and the schedule's first answer, as its __init__ set them for 0;
+            # tests/test_loop_components.py checks the labels against a torch upgrade)
             prof.step_num = self.start_step + 1
             prof.current_action = self.action(prof.step_num)
+            if hasattr(prof, "_prev_schedule_action"):
+                prof._prev_schedule_action = prof.current_action
             self._prof = prof.__enter__()
         return self
 
@@ -60,11 +64,16 @@ class StepProfiler:
             prof.__exit__(*exc)  # stops; a trace cut short by an error or a stop is written too
 
     def _write(self, prof: profile) -> None:
-        """The trace (Chrome format, as TensorBoard's profiler plugin names it) and a table."""
+        """The trace (Chrome format, as TensorBoard's profiler plugin names it) and a table.
+        A trace that cannot be written is a warning: it never replaces the run's own error."""
         last = self.recorded if self.recorded is not None else self.first
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         name = f"rank{self.rank}.steps{self.first}-{last}"
-        prof.export_chrome_trace(str(self.out_dir / f"{name}.pt.trace.json"))
-        by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        (self.out_dir / f"{name}.txt").write_text(prof.key_averages().table(sort_by=by, row_limit=30))
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(self.out_dir / f"{name}.pt.trace.json"))
+            by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            (self.out_dir / f"{name}.txt").write_text(prof.key_averages().table(sort_by=by, row_limit=30))
+        except OSError as exc:
+            self.say(f"warning: the profile of steps {self.first}-{last} was not written ({exc})")
+            return
         self.say(f"profile of steps {self.first}-{last}: {self.out_dir}/{name}.pt.trace.json")

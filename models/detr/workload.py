@@ -18,6 +18,7 @@ other eval metric; final_metrics.json carries both for the test split.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Optional
@@ -36,7 +37,6 @@ from models.detr.matching import IOU_THRESHOLDS, hungarian_match, match_detectio
 from models.detr.net import DETR
 from models.registry import register
 from data_pipelines.decode import IMAGE_FIELDS, fields  # not image_tensor: its resize and crop would move the boxes
-from data_pipelines.stream import decode_or_explain
 
 
 @dataclass(kw_only=True)
@@ -237,18 +237,20 @@ class DETRWorkload(Workload):
                 "loss_giou": sums["giou_sum"] / n, **map_from_histograms(sums["hist"], sums["n_gt"])}
 
     # ---------------------------------------------------------------- samples
+    _grid: Optional[list] = None  # the decoded samples the grid draws on
+
+    def bind_splits(self, splits) -> None:
+        super().bind_splits(splits)
+        self._grid = None
+
     def held_out_images(self, n: int) -> list[dict]:
         """The first n decoded samples of the run's val split, else its test split
-        (`bind_splits`), for the sample grid; none without either."""
-        split = next((s for s in ("val", "test") if s in self.splits), None)
-        out: list[dict] = []
-        if split is None or n <= 0:
-            return out
-        for sample in self.splits[split]():
-            out.append(decode_or_explain(self.decode, sample))
-            if len(out) == n:
-                break
-        return out
+        (`bind_splits`), for the sample grid, read once; none without either."""
+        if self._grid is None or len(self._grid) < n:
+            split = next((s for s in ("val", "test") if s in self.splits), None)
+            self._grid = [] if split is None or n <= 0 else \
+                list(itertools.islice(self.splits[split](decode=self.decode), n))
+        return self._grid[:n]
 
     @torch.no_grad()
     def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:

@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from data_pipelines.stream import decode_or_explain
 from models.base import Workload
 from models.registry import register
 from models.score import sde as S
@@ -163,15 +162,24 @@ class ScoreWorkload(Workload):
             x = S.probability_flow(score, self.sde, shape, generator=g, device=device)[0]
         return ((x + 1) / 2).clamp(0, 1).view(n, 1, self.side, self.side)
 
-    def held_out_points(self) -> torch.Tensor:
-        """The run's held-out split (test, else val; `bind_splits`) decoded by this workload,
-        (N, dims): what the samplers are measured against, data no step trained on."""
+    def bind_splits(self, splits) -> None:
+        """Refuses, before the first step, a run with no held-out split to measure against."""
+        super().bind_splits(splits)
+        self._held_out_split()
+
+    def _held_out_split(self) -> str:
         split = next((s for s in ("test", "val") if s in self.splits), None)
         if split is None:
             raise ValueError("the score workload's final metrics (swd_*) measure samples against the run's "
                              "held-out split: set data.test.urls or data.val.urls (splits handed over: "
                              f"{', '.join(sorted(self.splits)) or 'none'})")
-        points = [decode_or_explain(self.decode, sample) for sample in self.splits[split]()]
+        return split
+
+    def held_out_points(self) -> torch.Tensor:
+        """The run's held-out split (test, else val; `bind_splits`) decoded by this workload,
+        (N, dims): what the samplers are measured against, data no step trained on."""
+        split = self._held_out_split()
+        points = list(self.splits[split](decode=self.decode))
         if len(points) < 2:
             raise ValueError(f"the {split} split has {len(points)} sample(s); swd_* need two at least")
         return torch.stack(points).float()

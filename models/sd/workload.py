@@ -97,7 +97,7 @@ def prompt_list(value: Any) -> list[str]:
         value = [line for line in lines if line]
         if not value:
             raise ValueError(f"model.sample_prompts={path} has no prompts")
-    if not all(isinstance(p, str) for p in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
         raise ValueError(f"model.sample_prompts must be a list of strings or a file path, got {value!r}")
     return list(value)
 
@@ -257,6 +257,10 @@ class SDWorkload(Workload):
 
     def __getstate__(self):  # data-loader workers build their own tokenizer
         return {**self.__dict__, "_tokenizer": None}
+
+    def bind_splits(self, splits) -> None:
+        super().bind_splits(splits)
+        self._prompts = None  # captions are read from the splits now bound
 
     def prompts(self, n: int) -> list[str]:
         """n prompts, cycling: the recipe's, else the first captions of the held-out split."""
