@@ -40,6 +40,10 @@ class Workload:
         here, so that it knows no dataset of its own; one that needs a split checks for it here."""
         self.splits = splits
 
+    def first_split(self, *names: str) -> Optional[str]:
+        """The first of `names` the run has (e.g. "test", "val": the held-out split), or None."""
+        return next((s for s in names if s in self.splits), None)
+
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 

@@ -98,10 +98,8 @@ class MetricsLogger:
 
     def samples_text(self, tag: str, texts: list[str], step: int) -> None:
         """Generated text to TensorBoard's Text tab, one code block each (bytes, not markdown)."""
-        if self.enabled:
-            fence = "`" * 3
-            body = "\n\n".join(f"{fence}\n{t.replace(fence, '~~~')}\n{fence}" for t in texts)
-            self.tb.add_text(tag, body, step)
+        fence = "`" * 3
+        self.tb_text(tag, "\n\n".join(f"{fence}\n{t.replace(fence, '~~~')}\n{fence}" for t in texts), step)
 
     def tb_text(self, tag: str, markdown: str, step: int) -> None:
         if self.enabled:

@@ -247,7 +247,7 @@ class DETRWorkload(Workload):
         """The first n decoded samples of the run's val split, else its test split
         (`bind_splits`), for the sample grid, read once; none without either."""
         if self._grid is None or len(self._grid) < n:
-            split = next((s for s in ("val", "test") if s in self.splits), None)
+            split = self.first_split("val", "test")
             self._grid = [] if split is None or n <= 0 else \
                 list(itertools.islice(self.splits[split](decode=self.decode), n))
         return self._grid[:n]

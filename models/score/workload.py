@@ -168,7 +168,7 @@ class ScoreWorkload(Workload):
         self._held_out_split()
 
     def _held_out_split(self) -> str:
-        split = next((s for s in ("test", "val") if s in self.splits), None)
+        split = self.first_split("test", "val")
         if split is None:
             raise ValueError("the score workload's final metrics (swd_*) measure samples against the run's "
                              "held-out split: set data.test.urls or data.val.urls (splits handed over: "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -269,15 +270,11 @@ class SDWorkload(Workload):
         return [self._prompts[i % len(self._prompts)] for i in range(n)]
 
     def _captions(self, n: int) -> list[str]:
-        split = next((s for s in ("val", "test", "train") if s in self.splits), None)
+        split = self.first_split("val", "test", "train")
         if split is None:
             raise ValueError("no model.sample_prompts and no data split to take captions from")
-        out = []
-        for sample in self.splits[split]():
-            if "txt" in sample:
-                out.append(sample["txt"].decode("utf-8"))
-            if len(out) == n:
-                break
+        captions = (s["txt"].decode("utf-8") for s in self.splits[split]() if "txt" in s)
+        out = list(itertools.islice(captions, n))
         if not out:
             raise ValueError(f"no model.sample_prompts, and the {split} split has no 'txt' captions to sample from")
         return out
