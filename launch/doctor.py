@@ -278,12 +278,14 @@ def check_run_dir(cfg, size: Optional[ModelSize], world: int, say: Say) -> None:
         resume_from = Path(t.resume)
     if resume_from is not None:
         say("ok", "resume", f"trainer.resume={t.resume}: the run continues from '{resume_from}'")
+        check_resume(cfg, resume_from, say)
         per_ckpt = sum(p.stat().st_size for p in resume_from.rglob("*") if p.is_file())
     elif size is None:
         say("warn", "disk", "checkpoint size unknown (the model did not build); disk room not checked")
         return
     else:
         per_ckpt = checkpoint_bytes(t, size.total, size.trainable, world)
+    check_lock(cfg, say)
     if existing and t.resume == "never":
         say("warn", "resume", f"trainer.resume=never, but '{root}' holds checkpoints up to "
             f"'{existing[-1].name}': pruning keeps the highest steps, and a later auto resume picks them")
@@ -295,6 +297,52 @@ def check_run_dir(cfg, size: Optional[ModelSize], world: int, say: Say) -> None:
             f"until the oldest is pruned)" + (f" + best export {_size(best)}" if best else "") +
             f" = {_size(need)}; {_size(free)} free under '{there}'")
     say("ok" if need <= free else "FAIL", "disk", text if need <= free else f"run.dir: not enough room: {text}")
+
+
+def check_resume(cfg, path: Path, say: Say) -> None:
+    """The checkpoint's model against this recipe's, as the resume will check it."""
+    import torch
+    import yaml
+
+    from models.registry import build_workload
+    from trainer.checkpoint import IncompatibleCheckpointError, check_resume_model
+    from trainer.config import to_yaml
+
+    try:
+        with torch.device("meta"):
+            model = build_workload(cfg.model).build_model()
+    except Exception:  # noqa: BLE001 - the model check above reports a model that does not build
+        return
+    try:
+        changes = check_resume_model(path, {n: list(v.shape) for n, v in model.state_dict().items()},
+                                     yaml.safe_load(to_yaml(cfg))["model"])
+    except IncompatibleCheckpointError as exc:
+        say("FAIL", "resume", str(exc))
+        return
+    if changes:
+        say("warn", "resume", "model.* differs from the checkpoint's, every tensor's shape the same: "
+            + "; ".join(changes))
+
+
+def check_lock(cfg, say: Say) -> None:
+    """Whether another launch writes run.dir now: a launch would be refused."""
+    import socket
+    import time
+
+    from trainer.preempt import slurm_job_name
+    from trainer.rundir import LOCK, Holder, read_holder, stale_reason
+
+    holder = read_holder(Path(cfg.run.dir) / LOCK)
+    if holder is None:
+        return
+    now = time.time()
+    me = Holder(host=socket.gethostname(), pid=os.getpid(), slurm_job=slurm_job_name(), started=now,
+                heartbeat=now, token="")
+    why = stale_reason(holder, me, cfg.trainer.lock_stale_s, now)
+    if why is None:
+        say("FAIL", "run.dir", f"in use by another launch ({holder.describe(now)}); a launch now is refused")
+    else:
+        say("warn", "run.dir", f"'{LOCK}' of an earlier launch ({holder.describe(now)}) is taken over at start: {why}")
 
 
 def check_memory(cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool,

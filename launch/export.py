@@ -56,17 +56,19 @@ def export(run_dir: Path, which: str | None = None, out: Path | None = None, *, 
     parse_size(max_shard_size, key="--max-shard-size")
     src = source(run_dir, which, step)
     out = out or run_dir / "export"
-    cfg = load_recipe(run_dir / "config.yaml", ["trainer.resume=never"])
+    # a checkpoint carries the config it was written with (best/ too); older ones: the run's
+    recipe = src / "config.yaml" if (src / "config.yaml").is_file() else run_dir / "config.yaml"
+    cfg = load_recipe(recipe, ["trainer.resume=never"])
     files = export_checkpoint(src, out, max_shard_size)
     try:
         with torch.device("meta"):
             model = build_workload(cfg.model).build_model()
-        checked = "the model of config.yaml (names and shapes)"
+        checked = f"the model of {recipe} (names and shapes)"
     except Exception as exc:  # noqa: BLE001 - a model that cannot be built on meta is still exported
         model, checked = None, f"nothing: the model does not build on the meta device ({type(exc).__name__})"
     if model is not None:
         check_shapes(out, model, where=out)
-    shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
+    shutil.copyfile(recipe, out / "config.yaml")
     return out, files, f"from {src}; checked against {checked}"
 
 

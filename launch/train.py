@@ -6,12 +6,13 @@ Run it under `accelerate launch`, `torchrun` or `deepspeed` for several processe
 and checked, and the shards counted against ranks x workers, before any process group
 starts, so a bad recipe fails in seconds with the key it is about.
 
-Exit codes: 0 finished; 2 bad config or data layout, or a resume from a checkpoint of another
-model; 3 bad data met while training; 4 another rank died or stopped answering
+Exit codes: 0 finished; 2 bad config or data layout, a resume from a checkpoint of another
+model, or a run.dir another live launch writes (run.dir/lock.json names it); 3 bad data met while training; 4 another rank died or stopped answering
 (trainer.dist_timeout_s); 5 a checkpoint or log could not be written (full disk, read-only run
 dir; the previous checkpoint is intact); 6 a NaN/Inf loss under trainer.nonfinite=halt (nothing after the last good checkpoint is saved);
-75 stopped early by SIGUSR1, SIGTERM or the job's time limit, with a complete checkpoint
-(under SLURM a SIGUSR1 or time-limit stop also requeues the job).
+75 stopped early by SIGUSR1, SIGTERM, Ctrl-C (SIGINT) or the job's time limit, with a complete
+checkpoint (under SLURM a SIGUSR1 or time-limit stop also requeues the job); 130 a second Ctrl-C,
+or one before training began or after it ended: out at once, nothing more saved.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 from data_pipelines.stream import DataError, check_readers, resolve_shards
 from launch.recipes import load_recipe
 from trainer.config import ConfigError, resolve_global_batch, training_splits
-from trainer.preempt import EXIT_STOPPED, requeue_slurm_job
+from trainer.preempt import EXIT_INTERRUPTED, EXIT_STOPPED, requeue_slurm_job, slurm_job_name
+from trainer.rundir import RunDirLock, RunDirLocked
 
 EXIT_LOST_RANK, EXIT_CHECKPOINT, EXIT_NONFINITE = 4, 5, 6
 
@@ -60,6 +62,17 @@ def preflight(cfg) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while no stop agreement listens (setup, the final report): nothing to save
+        # that is not saved; the last complete checkpoint, if any, is where a rerun resumes
+        print("interrupted (SIGINT) outside the training steps; the last complete checkpoint "
+              "is kept", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/autoregressive/made.yaml")
@@ -74,6 +87,13 @@ def main(argv=None) -> int:
         cfg = load_recipe(args.config, args.overrides)
         preflight(cfg)
         workload = build_workload(cfg.model)  # a model.* value it refuses, before any process group
+        # one launch per run dir: rank 0 holds it, before any process group (when rank 0 is
+        # refused and exits, the launcher stops the other ranks)
+        lock = RunDirLock.acquire(Path(cfg.run.dir), cfg.trainer.lock_stale_s, slurm_job=slurm_job_name()) \
+            if os.environ.get("RANK", "0") == "0" else None
+    except RunDirLocked as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         # Every rank finds the same error. Rank 0 reports it; the others wait a moment
         # first, because a launcher stops all ranks when the first one exits: had rank 1
@@ -83,7 +103,19 @@ def main(argv=None) -> int:
             time.sleep(5)
         print(f"error: {exc}" if rank == "0" else f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
         return 2
+    except OSError as exc:  # the run dir's lock cannot be written (read-only, full)
+        print(f"error: cannot take the run dir's lock in {exc.filename or 'run.dir'}: {exc.strerror or exc}",
+              file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
 
+    try:
+        return _train(cfg, workload)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, workload) -> int:
     from trainer.backends import make_backend
     from trainer.checkpoint import CheckpointError, IncompatibleCheckpointError, newest_complete
     from trainer.guard import NonFiniteError

@@ -36,6 +36,7 @@ def test_recipe_loads_with_overrides():
     ("data.mix=[{weight: 1}]", "data.mix.0.urls"),         # a source without shards
     ("trainer.max_steps", "trainer.max_steps"),            # not key=value
     ("trainer.max_time=-1", "trainer.max_time"),
+    ("trainer.lock_stale_s=0", "trainer.lock_stale_s"),
     ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps"),
     ("trainer.clip_grad_norm=-1", "trainer.clip_grad_norm"),
     ("trainer.log_every=0", "trainer.log_every"),

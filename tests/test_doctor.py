@@ -309,3 +309,41 @@ def test_model_that_does_not_build(run):
     (fail,) = failures(lines)
     assert fail.startswith("FAIL  model") and "model.pretrained" in fail
     assert any(line.startswith("warn  disk") for line in lines)  # no size: room not checked
+
+
+def test_resume_of_another_model_and_a_busy_run_dir_fail(run, tmp_path):
+    """The checkpoint's records (config.yaml, model.json) against the recipe, and run.dir's
+    lock, as a launch would judge them."""
+    import time
+
+    import torch
+    import yaml
+
+    from launch.recipes import load_recipe
+    from models.registry import build_workload
+    from trainer.config import to_yaml
+
+    step = tmp_path / "run" / "checkpoints" / "step-7"
+    fake_checkpoint(step, 1000)
+    cfg = load_recipe(RECIPES / "made.yaml", ["run.dir=x", "model.hidden=[96]"])
+    with torch.device("meta"):
+        shapes = {n: list(v.shape) for n, v in build_workload(cfg.model).build_model().state_dict().items()}
+    (step / "config.yaml").write_text(to_yaml(cfg))
+    (step / "model.json").write_text(json.dumps({"shapes": shapes}))
+    assert yaml.safe_load((step / "config.yaml").read_text())["model"]["hidden"] == [96]
+
+    code, lines = run("model.hidden=[96]", "model.mask_seed=3")  # shapes the same: a note
+    assert code == 0
+    assert any(line.startswith("warn  resume") and "model.mask_seed: 0 -> 3" in line for line in lines)
+    code, lines = run("model.hidden=[64]")
+    assert code == 1
+    (fail,) = failures(lines)
+    assert fail.startswith("FAIL  resume") and "model.hidden: the checkpoint has [96], this recipe [64]" in fail
+
+    (tmp_path / "run" / "lock.json").write_text(json.dumps(
+        {"host": "node-b", "pid": 1, "slurm_job": "9", "started": time.time(), "heartbeat": time.time(),
+         "token": "t"}))
+    code, lines = run("model.hidden=[96]")
+    assert code == 1
+    (fail,) = failures(lines)
+    assert fail.startswith("FAIL  run.dir") and "pid 1 on node-b, SLURM job 9" in fail

@@ -4,6 +4,7 @@ resumes at another world size and under the other strategy, and a checkpoint of 
 model shape is refused by name."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,9 +109,22 @@ def test_a_checkpoint_of_another_model_shape_is_refused_by_name(written, digits_
     out = run(command(tmp_path, digits_dir, *FSDP, "model.hidden=[64]", f"trainer.resume={ckpt}"), cpu_env, ok=False)
     assert out.returncode != 0 and "exitcode  : 2" in out.stderr, out.stderr[-3000:]
     line = next(x for x in out.stderr.splitlines() if x.startswith("error: rank 0"))
-    assert "'net.0.weight' is (64, 64) in the model but (128, 64) float32 in the checkpoint" in line, line
-    assert str(ckpt) in line
+    # the checkpoint's own records (config.yaml, model.json) name the key, before DCP reads a byte
+    assert f"{ckpt} was written for another model, and nothing was loaded: model.hidden: the checkpoint " \
+        "has [128], this recipe [64]" in line, line
     assert verify(ckpt) is None  # the checkpoint is untouched
+
+    # a checkpoint from before checkpoints carried those records: DCP's index names the tensor
+    old = tmp_path / "old" / "step-20"
+    shutil.copytree(ckpt, old)
+    marker = json.loads((old / "COMPLETE.json").read_text())
+    for name in ("config.yaml", "model.json"):
+        (old / name).unlink()
+        del marker["files"][name]
+    (old / "COMPLETE.json").write_text(json.dumps(marker))
+    out = run(command(tmp_path, digits_dir, *FSDP, "model.hidden=[64]", f"trainer.resume={old}"), cpu_env, ok=False)
+    line = next(x for x in out.stderr.splitlines() if x.startswith("error: rank 0"))
+    assert "'net.0.weight' is (64, 64) in the model but (128, 64) float32 in the checkpoint" in line, line
 
 
 def test_exports_are_indexed_safetensors_shards(written, digits_dir, cpu_env, tmp_path):
@@ -134,7 +148,8 @@ def test_exports_are_indexed_safetensors_shards(written, digits_dir, cpu_env, tm
                           "--max-shard-size", "40KB", "--out", str(tmp_path)], cwd=ROOT, env=cpu_env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "checked against the model of config.yaml" in out.stdout
+    # the checkpoint's own record of the config it was written with
+    assert "checked against the model of " + str(written / "fsdp/checkpoints/step-20/config.yaml") in out.stdout
     files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert len(files) > 1 and all((tmp_path / f).stat().st_size < 40_000 for f in files)
     state = written / "fsdp/checkpoints/step-20/state"

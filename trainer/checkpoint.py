@@ -82,6 +82,54 @@ def check_model_shapes(where: Path, model: dict[str, tuple], saved: dict[str, Op
             f"({len(extra)} such tensor(s)); it was written for another model")
 
 
+MODEL_RECORD, CONFIG_RECORD = "model.json", "config.yaml"  # rank 0 adds them to every checkpoint
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}"))
+    return out
+
+
+def model_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted model.* key, the checkpoint's value, this recipe's) for every key that differs."""
+    a, b = _flat(saved, "model"), _flat(now, "model")
+    missing = "(not set)"
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(a.keys() | b.keys())
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def check_resume_model(path: Path, shapes: dict[str, list], model_cfg: dict) -> list[str]:
+    """Before anything is loaded: refuse a checkpoint written for another model, naming the
+    model.* keys that differ with both values (or, when none does, the first tensor: the model's
+    code changed). Returns the model.* changes that leave every name and shape alone, in words.
+    A checkpoint from before checkpoints carried these records is left to the load's checks."""
+    import yaml
+
+    if not (path / MODEL_RECORD).is_file():
+        return []
+    saved_shapes = json.loads((path / MODEL_RECORD).read_text())["shapes"]
+    changes = []
+    if (path / CONFIG_RECORD).is_file():
+        changes = model_changes(yaml.safe_load((path / CONFIG_RECORD).read_text())["model"], model_cfg)
+    if saved_shapes == shapes:
+        return [f"{k}: {a} -> {b}" for k, a, b in changes]
+    fix = "use a new run.dir, or trainer.resume=never to start this run dir afresh"
+    if changes:
+        said = "; ".join(f"{k}: the checkpoint has {a}, this recipe {b}" for k, a, b in changes[:6])
+        more = f" (+{len(changes) - 6} more)" if len(changes) > 6 else ""
+        raise IncompatibleCheckpointError(
+            f"{path} was written for another model, and nothing was loaded: {said}{more}; {fix}")
+    name = next((n for n in sorted(shapes.keys() | saved_shapes.keys()) if shapes.get(n) != saved_shapes.get(n)))
+    raise IncompatibleCheckpointError(
+        f"{path} was written for another model, and nothing was loaded: its model.* config is this "
+        f"recipe's, but '{name}' is {saved_shapes.get(name, 'absent')} in the checkpoint and "
+        f"{shapes.get(name, 'absent')} in this model (the model's code changed?); {fix}")
+
+
 def rng_state() -> dict:
     py = random.getstate()
     npy = np.random.get_state()
@@ -320,18 +368,20 @@ class Checkpointer:
 
     # ------------------------------------------------ save
     def save(self, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-             data_state: dict) -> Path:
+             data_state: dict, records: Optional[dict[str, str]] = None) -> Path:
         """Write step-N; on any rank's failure (a full disk, an unwritable folder) every rank
         raises CheckpointError, the partial folder is removed and older checkpoints stay.
-        In the background mode a failure of the write is raised by the next save or wait."""
+        In the background mode a failure of the write is raised by the next save or wait.
+        `records`: text files rank 0 adds (the resolved config, the model's tensor shapes)."""
         self.wait()
         b = self.backend
         started = time.perf_counter()
         final = self.root / f"step-{step}"
         tmp = self.root / f".step-{step}.partial"
         own = [f"rng-rank{b.rank}.pt", f"data-rank{b.rank}.json"]
+        records = records or {}
         if b.is_main:
-            own += ["scheduler.pt", "extra.pt", "trainer_state.json"]
+            own += ["scheduler.pt", "extra.pt", "trainer_state.json", *records]
         write: list[Callable[[], list[str]]] = []
 
         def start():
@@ -350,6 +400,8 @@ class Checkpointer:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(b.extra_state(), tmp / "extra.pt")
                 write_json(tmp / "trainer_state.json", trainer_state)
+                for name, text in records.items():
+                    (tmp / name).write_text(text)
 
         self._phase("save.start", step, tmp, start)
         self._phase("save.files", step, tmp, rank_files)

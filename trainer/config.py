@@ -134,6 +134,10 @@ class TrainerConfig:
     # this many seconds before it: room for the last steps and a checkpoint
     end_margin_s: float = 300.0
     requeue: bool = True  # after a SIGUSR1 or time-limit stop under SLURM, `scontrol requeue`
+    # one launch writes a run dir (run.dir/lock.json, trainer/rundir.py): a holder whose
+    # heartbeat is this old is taken over (a dead process on this host, or the same SLURM
+    # job after a requeue, at once)
+    lock_stale_s: float = 120.0
     # MFU's denominator, TFLOP/s of one rank's device; 0 = the data sheet of a known GPU
     # (A100, H100, H200) at the run's precision, or a matmul probe on a CPU (trainer/meter.py)
     peak_tflops: float = 0.0
@@ -313,6 +317,7 @@ def validate(cfg: RunConfig) -> None:
                           f"'{t.export_max_shard_size}' as a size (e.g. 5GB, 500MB, 2GiB)") from None
     _check(t.stop_check_every >= 0, "trainer.stop_check_every", "must be >= 0 (0 = about once a second)")
     _check(t.end_margin_s >= 0, "trainer.end_margin_s", "must be >= 0")
+    _check(t.lock_stale_s > 0, "trainer.lock_stale_s", "must be > 0 seconds")
     if t.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (as in `trainer.mixed_precision=no`) as false
         t.mixed_precision = "no"
     _check(t.mixed_precision in PRECISIONS, "trainer.mixed_precision",

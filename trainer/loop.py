@@ -10,6 +10,7 @@ optimizer step), `NonFiniteGuard` (the NaN policy), `ThroughputMeter` (rates and
 from __future__ import annotations
 
 import functools
+import json
 import math
 import random
 import shutil
@@ -19,19 +20,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from accelerate.utils import send_to_device
 
 from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, iter_samples,
                                    resolve_shards, truncate_ledgers)
-from trainer.checkpoint import CheckpointError, Checkpointer, newest_complete, write_json
+from trainer.checkpoint import (CONFIG_RECORD, MODEL_RECORD, CheckpointError, Checkpointer, check_resume_model,
+                                newest_complete, write_json)
 from trainer.config import RunConfig, to_yaml, training_splits
 from trainer.export import SafetensorsShards
 from trainer.faults import failpoint
 from trainer.guard import NonFiniteGuard
 from trainer.meter import ThroughputMeter, peak_tflops
 from trainer.metrics import MetricsLogger, summarize_line
-from trainer.preempt import REASONS, StopAgreement
+from trainer.preempt import MAX_TIME, REASONS, StopAgreement
 from trainer.profiler import StepProfiler
+from trainer.rundir import record_launch, write_config_record
 from trainer.schedule import Schedule
 from trainer.step import TrainStep
 
@@ -108,6 +112,8 @@ class Trainer:
         cfg, b, t = self.cfg, self.backend, self.cfg.trainer
         seed_all(t.seed)  # identical initial weights on every rank
         model = self.workload.build_model().to(b.device)
+        # names and shapes of the whole model, recorded in each checkpoint for the resume check
+        self.model_shapes = {n: list(v.shape) for n, v in model.state_dict().items()}
         if t.compile:
             model.compile()  # in place: the state_dict keys stay those of the plain model
         optimizer = build_optimizer(model, cfg.optim)
@@ -138,7 +144,11 @@ class Trainer:
         state = TrainState()
         path = self.checkpointer.resolve(self.cfg.trainer.resume)
         self.resumed_from, self.resume_mode = path, None
+        self.resume_changes = []
         if path is not None:
+            # another model's checkpoint is refused before anything is loaded, naming the keys
+            self.resume_changes = check_resume_model(path, self.model_shapes,
+                                                     yaml.safe_load(self.config_text)["model"])
             trainer_state, data_states = self.checkpointer.load(
                 path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             state = TrainState(**trainer_state)
@@ -159,9 +169,14 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
         cfg, t, b = self.cfg, self.cfg.trainer, self.backend
+        # the run's record: every launch's config in launches/<n>.yaml; config.yaml is the one
+        # the latest checkpoint was written with (so a refused launch leaves it alone)
+        self.config_text, self.launch_record, self._recorded = to_yaml(cfg), None, False
         if b.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            self.launch_record = record_launch(self.run_dir, self.config_text)
+            if newest_complete(self.run_dir / "checkpoints") is None:
+                write_config_record(self.run_dir, self.launch_record, self.config_text, None)
         self._build()
         state = self.state = self._resume()
         self.log = MetricsLogger(self.run_dir, enabled=b.is_main, resume_step=state.step,
@@ -169,6 +184,9 @@ class Trainer:
         if self.resumed_from is not None:
             how = self.resume_note if self.resume_mode == "elastic" else "exact"
             self.log.text(f"resumed from {self.resumed_from} (step {state.step}, {how})")
+            if self.resume_changes:
+                self.log.text("model.* changed on resume, every parameter's name and shape the same: "
+                              + "; ".join(self.resume_changes))
             self.checkpointer.restore_rng(self.resumed_from)  # last: nothing may draw after
         last_saved = state.step if self.resumed_from is not None else -1
         self._last_val: tuple[int, dict] = (-1, {})
@@ -192,7 +210,9 @@ class Trainer:
                                     fp16=t.mixed_precision == "fp16")
         session_start = time.perf_counter()
         self.model.train()
-        self.stopper = StopAgreement(check_every=t.stop_check_every, end_margin_s=t.end_margin_s)
+        trained_before = state.train_time_s
+        self.stopper = StopAgreement(check_every=t.stop_check_every, end_margin_s=t.end_margin_s, max_time=t.max_time,
+                                     elapsed=lambda: trained_before + time.perf_counter() - session_start)
         try:
             stopped, last_saved = self._loop(state, session_start, last_saved)
         finally:
@@ -220,23 +240,24 @@ class Trainer:
                 self.meter.steps += 1
                 self.guard.observe(state, step, loss, norm)
                 logged = when.should_log(step)
-                out_of_time = logged and self._log_window(state, step, lr, session_start)
+                if logged:
+                    self._log_window(state, step, lr)
                 self.log.advance(step)
 
                 with self.meter.paused():  # throughput counts steps only
                     evals, samples, saves = when.should_eval(step), when.should_sample(step), when.should_save(step)
-                    reason = self.stopper.poll(step)  # a signal or the job's end: all ranks, same step
+                    reason = self.stopper.poll(step)  # a signal, the job's end, max_time: all ranks, same step
                     if not logged and (evals or samples or saves or reason):
                         self.guard.check(step)  # nothing unchecked is evaluated, shown or saved
                     if evals:
                         self._eval_and_keep_best(state)
                     if samples:
                         self._log_samples(step)
-                    if saves or out_of_time or reason:
+                    if saves or reason:
                         if last_saved != step:
                             self._save(state, session_start)
                         last_saved = step
-                    if out_of_time:
+                    if reason == MAX_TIME:  # finish as at max_steps: final eval and report
                         self.log.text(f"trainer.max_time={t.max_time}s reached at step {step}")
                         return 0, last_saved
                     if reason:
@@ -247,10 +268,10 @@ class Trainer:
                 profiler.step(step)  # a step's trace holds its hangers-on too
         return 0, last_saved
 
-    def _log_window(self, state: TrainState, step: int, lr: float, session_start: float) -> bool:
+    def _log_window(self, state: TrainState, step: int, lr: float) -> None:
         """The log step: the window's means over ranks, rates and skips; halts on a non-finite
-        window first. Collective. Whether trainer.max_time has run out (all ranks agree)."""
-        b, t = self.backend, self.cfg.trainer
+        window first. Collective."""
+        b = self.backend
         now = time.perf_counter()
         window = self.guard.window
         skips = self.loader.stats()
@@ -276,10 +297,6 @@ class Trainer:
         self.log.log(step, record, bar_keys=("train/loss", "train/lr", "train/samples_per_s"))
         window.clear()
         self.meter.start_window(now)
-        if t.max_time <= 0:
-            return False
-        over = state.train_time_s + (now - session_start) >= t.max_time
-        return b.reduce_sum(torch.tensor(float(over), device=b.device)).item() > 0
 
     def _kept_checkpoint(self) -> str:
         try:
@@ -294,9 +311,10 @@ class Trainer:
     def _save(self, state: TrainState, session_start: float) -> None:
         saved = TrainState(**asdict(state))
         saved.train_time_s += time.perf_counter() - session_start
+        records = {CONFIG_RECORD: self.config_text, MODEL_RECORD: json.dumps({"shapes": self.model_shapes})}
         self.checkpointer.save(state.step, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, trainer_state=asdict(saved),
-                               data_state=self.loader.state_dict())
+                               data_state=self.loader.state_dict(), records=records)
         self._log_saves()
 
     def _wait_for_save(self) -> None:
@@ -308,6 +326,9 @@ class Trainer:
         """How long each completed save blocked the loop, and how long it took in all."""
         for done in self.checkpointer.take_finished():
             self.log.log(done["step"], {"checkpoint/blocked_s": done["blocked_s"], "checkpoint/save_s": done["save_s"]})
+            if self.launch_record is not None and not self._recorded:
+                write_config_record(self.run_dir, self.launch_record, self.config_text, done["step"])
+                self._recorded = True
 
     def evaluate(self, shards) -> dict[str, float]:
         b = self.backend

@@ -1,4 +1,4 @@
-"""Stopping early without losing a step: preemption signals and the job's time limit.
+"""Stopping early without losing a step: signals, the job's time limit and trainer.max_time.
 
 A signal reaches ranks at different moments (or only some of them), so no rank acts on it
 alone. Each rank notes what it saw; at a step boundary the ranks agree (one MAX
@@ -12,9 +12,13 @@ and all stop after the same step, save, and leave. The vote is held about once a
                  trainer.end_margin_s: save, then requeue
   SIGTERM        scancel, SLURM's own preemption, a kill: save and exit; SLURM decides
                  whether the job comes back (a requeue here would undo an scancel)
+  SIGINT         Ctrl-C: save and exit like SIGTERM. A second SIGINT exits at once (130),
+                 leaving at most a `.step-N.partial` folder, which no resume chooses
+  max_time       trainer.max_time seconds of training: save, then finish as at max_steps
+                 (final eval, test metrics, report)
 
-The process exits with EXIT_STOPPED (75, EX_TEMPFAIL: "try again") so a stopped run is
-told apart from a finished (0) or a failed one.
+After a signal or the time limit the process exits with EXIT_STOPPED (75, EX_TEMPFAIL:
+"try again") so a stopped run is told apart from a finished (0) or a failed one.
 """
 
 from __future__ import annotations
@@ -32,8 +36,12 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75
-NONE, TERM, REQUEUE_SIGNAL, REQUEUE_DEADLINE = 0, 1, 2, 3  # MAX across ranks wins
-REASONS = {TERM: "SIGTERM", REQUEUE_SIGNAL: "SIGUSR1", REQUEUE_DEADLINE: "the job's time limit"}
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: out at once, nothing saved (128 + SIGINT, as shells say)
+# MAX across ranks wins: a signal outranks max_time (stop, not finish); a requeue outranks a plain stop
+NONE, MAX_TIME, INTERRUPT, TERM, REQUEUE_SIGNAL, REQUEUE_DEADLINE = 0, 1, 2, 3, 4, 5
+REASONS = {MAX_TIME: "trainer.max_time", INTERRUPT: "SIGINT", TERM: "SIGTERM", REQUEUE_SIGNAL: "SIGUSR1",
+           REQUEUE_DEADLINE: "the job's time limit"}
+_SIGNAL_REASONS = {signal.SIGUSR1: REQUEUE_SIGNAL, signal.SIGTERM: TERM, signal.SIGINT: INTERRUPT}
 
 
 def slurm_job_name() -> str | None:
@@ -78,8 +86,11 @@ class StopAgreement:
     waits at most about `target_s` plus one step. `check_every=N` votes every N steps.
     """
 
-    def __init__(self, *, check_every: int = 0, end_margin_s: float = 0.0, target_s: float = 1.0):
+    def __init__(self, *, check_every: int = 0, end_margin_s: float = 0.0, target_s: float = 1.0,
+                 max_time: float = 0.0, elapsed=None):
         self.check_every, self.target_s = check_every, target_s
+        # trainer.max_time against `elapsed()`, the run's training seconds so far (0 = no limit)
+        self.max_time, self.elapsed = max_time, elapsed
         self.seen = NONE
         self.group = None
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -90,16 +101,26 @@ class StopAgreement:
         if self.world > 1:
             # the vote is a CPU collective: with NCCL as the default group, a gloo side group
             self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._interrupted = False
         self.vote = torch.zeros(2, dtype=torch.int64)  # [reason, steps to the next vote]
         self.next_vote = 1
         self.votes = 0
         self._since = (0, time.perf_counter())  # (step, time) of the last vote
         self._previous = {}
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
+        for signum in _SIGNAL_REASONS:
             self._previous[signum] = signal.signal(signum, self._handler)
 
     def _handler(self, signum, frame) -> None:
-        reason = REQUEUE_SIGNAL if signum == signal.SIGUSR1 else TERM
+        reason = _SIGNAL_REASONS[signum]
+        if reason == INTERRUPT:
+            if self._interrupted:
+                # the second Ctrl-C: a save in flight stays a .partial folder, never chosen
+                os.write(2, b"second SIGINT: exiting now without saving\n")
+                os._exit(EXIT_INTERRUPTED)
+            self._interrupted = True
+            if self.rank == 0:
+                os.write(2, b"SIGINT: stopping after the step all ranks agree on, then saving "
+                            b"(Ctrl-C again to exit at once without saving)\n")
         self.seen = max(self.seen, reason)
 
     def poll(self, step: int) -> int:
@@ -109,6 +130,8 @@ class StopAgreement:
         local = self.seen
         if self.deadline is not None and time.time() >= self.deadline:
             local = max(local, REQUEUE_DEADLINE)
+        if self.max_time > 0 and self.elapsed is not None and self.elapsed() >= self.max_time:
+            local = max(local, MAX_TIME)
         if self.world == 1:  # nobody to agree with: look every step
             return local
         self.vote[0] = local
