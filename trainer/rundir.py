@@ -116,8 +116,9 @@ def stale_reason(holder: Holder, me: Holder, stale_s: float, now: float) -> Opti
 class RunDirLock:
     """`RunDirLock.acquire(run_dir, stale_s)` or raise RunDirLocked; `release()` at the end."""
 
-    def __init__(self, path: Path, me: Holder, stale_s: float):
+    def __init__(self, path: Path, me: Holder, stale_s: float, made_dir: bool = False):
         self.path, self.me, self.stale_s = path, me, stale_s
+        self.made_dir = made_dir  # a launch refused before it wrote anything leaves no empty run dir
         for leftover in path.parent.glob(".lock.*.beat"):  # a holder killed mid-heartbeat
             leftover.unlink(missing_ok=True)
         self.lost: Optional[str] = None
@@ -128,6 +129,7 @@ class RunDirLock:
     @classmethod
     def acquire(cls, run_dir: Path, stale_s: float, *, slurm_job: Optional[str] = None,
                 settle_s: float = 0.2) -> "RunDirLock":
+        made_dir = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK
         now = time.time()
@@ -138,7 +140,7 @@ class RunDirLock:
         try:
             for _ in range(5):
                 if _create(tmp, path):
-                    return cls(path, me, stale_s)
+                    return cls(path, me, stale_s, made_dir)
                 holder = read_holder(path)
                 if holder is None:
                     continue  # released meanwhile: try again
@@ -158,7 +160,7 @@ class RunDirLock:
                 if now_holder is None or now_holder.token != me.token:
                     raise RunDirLocked(f"run.dir {run_dir}: another launch took the stale lock first "
                                        f"({now_holder.describe(time.time()) if now_holder else 'gone'})")
-                return cls(path, me, stale_s)
+                return cls(path, me, stale_s, made_dir)
             raise RunDirLocked(f"run.dir {run_dir}: {path} keeps appearing and vanishing; is another "
                                "launch starting and stopping in it?")
         finally:
@@ -187,6 +189,11 @@ class RunDirLock:
         holder = read_holder(self.path)
         if holder is not None and holder.token == self.me.token:
             self.path.unlink(missing_ok=True)
+            if self.made_dir:
+                try:
+                    self.path.parent.rmdir()  # only if the launch left nothing in it
+                except OSError:
+                    pass
 
 
 def record_launch(run_dir: Path, text: str) -> Path:
