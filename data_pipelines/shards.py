@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "tributary-manifest/1"
 
+# A training split needs a shard per reader (rank x loader worker) in every epoch; a
+# modest multi-node run has this many. Eval splits are read by sample: any count serves.
+TYPICAL_RUN = (2, 8, 4)  # nodes, GPUs per node, loader workers per GPU
+TYPICAL_READERS = TYPICAL_RUN[0] * TYPICAL_RUN[1] * TYPICAL_RUN[2]
+EVAL_SPLITS = ("val", "validation", "test", "eval", "dev")
+
 
 def sha256_file(path: str | os.PathLike) -> str:
     return file_digest(path, "sha256")
@@ -35,6 +41,25 @@ def safe_key(key: str) -> str:
     """webdataset splits a member name at its first dot, so a key must hold none; '/'
     would make folders inside the tar, which some readers mishandle."""
     return key.replace("/", "__").replace(".", "_")
+
+
+def samples_per_shard(n: int, shards: int, min_shards: int = 0) -> int:
+    """Samples per shard that cut `n` samples into `shards` shards, or into at least
+    `min_shards` where that asks for more (and there are that many samples)."""
+    if min_shards > shards:
+        return max(1, n // min_shards)
+    return max(1, -(-n // shards))
+
+
+def few_shards_warning(folder: str | os.PathLike, num_shards: int, split: str = "") -> str | None:
+    """One line when a training split (named by `split`, else by its folder) has fewer
+    shards than a typical run has readers."""
+    if (split or Path(folder).name).lower() in EVAL_SPLITS or num_shards >= TYPICAL_READERS:
+        return None
+    nodes, gpus, workers = TYPICAL_RUN
+    return (f"warning: {folder}: {num_shards} shard(s), fewer than the {nodes} nodes x {gpus} GPUs x "
+            f"{workers} workers = {TYPICAL_READERS} readers of a typical run; at most {num_shards} "
+            f"readers (ranks x data.num_workers) can share this split")
 
 
 def write_shards(

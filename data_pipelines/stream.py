@@ -29,10 +29,17 @@ to their offset (bounded by one shard per reader); consumed shards are never res
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
+import re
+import signal
 import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -139,26 +146,91 @@ def check_readers(num_shards: int, world_size: int, num_workers: int, *, key: st
 
 
 # ------------------------------------------------------------------ reading tars
+LOG_EACH_SKIP = 10  # skips of a kind logged one by one in a process; then the 100th, 1000th, ...
+_skips_seen: Counter = Counter()
+FAILURES_NAMED = 3  # shards named in a "yields nothing" error, with their causes
+
+
+def _log_skip(kind: str, message: str) -> None:
+    """A thousand bad shards must not bury the log: the first few skips of each kind,
+    then one line per power of ten (the counters in the metrics hold every one)."""
+    _skips_seen[kind] += 1
+    n = _skips_seen[kind]
+    if n <= LOG_EACH_SKIP:
+        log.warning("skipped (%s): %s", kind, message)
+    elif re.fullmatch(r"10*", str(n)):
+        log.warning("skipped (%s), the %dth in this process (only the first %d and each "
+                    "power of ten are logged): %s", kind, n, LOG_EACH_SKIP, message)
+
+
 class ErrorPolicy:
-    """`skip`: count, warn with shard and key, go on. `fail`: raise DataError."""
+    """`skip`: count, warn with shard and key, go on. `fail`: raise DataError.
+
+    Shard failures are also remembered (the first few, and how many), so that a source
+    which ends up yielding nothing can say why."""
 
     def __init__(self, policy: str, stats: dict[str, int]):
         if policy not in POLICIES:
             raise ValueError(f"data.on_error must be one of {POLICIES}, not '{policy}'")
         self.policy, self.stats = policy, stats
+        self.failures: list[str] = []  # "url: cause", at most FAILURES_NAMED
+        self.failed: set[str] = set()  # every failing url since forget_failures()
 
     def __call__(self, kind: str, message: str) -> None:
         if self.policy == "fail":
             raise DataError(message)
         self.stats[kind] = self.stats.get(kind, 0) + 1
-        log.warning("skipped (%s): %s", kind, message)
+        _log_skip(kind, message)
+
+    def shard_failed(self, kind: str, url: str, cause: str) -> None:
+        if url not in self.failed and len(self.failures) < FAILURES_NAMED:
+            self.failures.append(f"{url}: {cause}")
+        self.failed.add(url)
+        self(kind, f"shard '{url}': {cause}")
+
+    def forget_failures(self) -> None:
+        self.failures.clear()
+        self.failed.clear()
+
+    def why_nothing(self) -> str:
+        if not self.failed:
+            return "its shards hold no samples"
+        more = len(self.failed) - len(self.failures)
+        return "; ".join(self.failures) + (f"; +{more} more failing shard(s)" if more else "")
+
+
+HTTP_TIMEOUT = 60  # seconds without a byte before a remote shard counts as failed
+HTTP_RETRY_WAITS = (1, 2, 4)  # seconds before each retry of a transient HTTP failure
+HTTP_TRANSIENT = {408, 425, 429, 500, 502, 503, 504}
+
+
+def open_http(url: str):
+    """An http(s) shard through urllib, retried on transient failures.
+
+    Ours, not webdataset's: its `curl -f -s` pipe ends an HTTP 404 as "exit 22", the
+    status lost. (`pipe:curl -s -L URL` still works for anyone who wants curl.)
+    """
+    for wait in (*HTTP_RETRY_WAITS, None):
+        try:
+            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code not in HTTP_TRANSIENT or wait is None:
+                raise
+        except (urllib.error.URLError, OSError):
+            if wait is None:
+                raise
+        time.sleep(wait)
 
 
 def open_url(url: str):
-    """Local paths, file://, pipe: and http(s) through webdataset's gopen; other schemes
-    (s3://, gs://, ...) through fsspec when its filesystem package is installed."""
+    """Local paths, file:// and pipe: through webdataset's gopen, http(s) through
+    `open_http`; other schemes (s3://, gs://, ...) through fsspec when its filesystem
+    package is installed."""
     scheme = urlparse(url).scheme
-    if url.startswith("pipe:") or scheme in ("", "file", "http", "https"):
+    if scheme in ("http", "https"):
+        return open_http(url)
+    if url.startswith("pipe:") or scheme in ("", "file"):
         return gopen(url, "rb")
     try:
         import fsspec
@@ -166,6 +238,61 @@ def open_url(url: str):
         return fsspec.open(url, "rb").open()
     except (ImportError, ValueError):
         return gopen(url, "rb")  # webdataset's own handlers (gsutil, hf, ais)
+
+
+def _first_arg(exc: BaseException) -> str:
+    """An exception's own words, without what webdataset appends (" @ <stream>", the url)."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return text.split(" @ ")[0]
+
+
+def open_failure(exc: Exception) -> str:
+    """Why a shard would not open, in a few words."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}".rstrip()
+    if isinstance(exc, urllib.error.URLError):
+        return f"cannot connect ({exc.reason})"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not a tar file"
+    if isinstance(exc, TimeoutError):
+        return f"timed out ({_first_arg(exc)})"
+    return f"{type(exc).__name__}: {_first_arg(exc)}"
+
+
+def read_failure(exc: Exception, n: int) -> str:
+    """Why a shard stopped after `n` samples, in a few words."""
+    text = _first_arg(exc)
+    if isinstance(exc, tarfile.TarError):
+        if text in ("unexpected end of data", "truncated header"):
+            return f"truncated: a tar member is cut short after {n} sample(s)"
+        if n == 0:
+            return "not a tar archive" if text != "empty file" else "an empty file, not a tar archive"
+        return f"damaged tar header after {n} sample(s) ({text})"
+    if isinstance(exc, EOFError):
+        return f"truncated after {n} sample(s) (compressed stream ends early)"
+    if isinstance(exc, (http.client.HTTPException, ConnectionError, TimeoutError)):
+        return f"connection lost after {n} sample(s) ({type(exc).__name__})"
+    return f"unreadable after {n} sample(s) ({type(exc).__name__}: {text})"
+
+
+def pipe_failure(stream) -> Optional[str]:
+    """The exit status of a `pipe:` URL's command, when it failed: the real cause behind
+    the empty or cut stream that tarfile saw."""
+    proc = getattr(stream, "proc", None)  # webdataset's Pipe
+    if proc is None:
+        return None
+    try:
+        stream.stream.close()  # a command still writing ends on SIGPIPE, not after a wait
+        status = proc.wait(timeout=5)
+    except Exception:
+        return None
+    if status in (0, 141, -signal.SIGPIPE) or status in getattr(stream, "ignore_status", [0]):
+        return None
+    return f"its command exited with status {status}"
 
 
 def shard_samples(url: str, on_error: ErrorPolicy, expected: Optional[int] = None) -> Iterator[dict]:
@@ -177,7 +304,7 @@ def shard_samples(url: str, on_error: ErrorPolicy, expected: Optional[int] = Non
     try:
         stream = open_url(url)
     except Exception as exc:
-        on_error("missing_shards", f"shard '{url}': cannot open ({type(exc).__name__}: {exc})")
+        on_error.shard_failed("missing_shards", url, f"cannot open: {open_failure(exc)}")
         return
     n = 0
     try:
@@ -185,11 +312,17 @@ def shard_samples(url: str, on_error: ErrorPolicy, expected: Optional[int] = Non
             n += 1
             yield sample
         if expected is not None and n < expected:
-            on_error("bad_shards", f"shard '{url}': unreadable after {n} samples (ends before "
-                                   f"the {expected} its manifest lists: truncated?)")
-    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-        on_error("bad_shards", f"shard '{url}': unreadable after {n} samples "
-                               f"({type(exc).__name__}: {exc})")
+            cause = f"truncated: ends after {n} sample(s), its manifest lists {expected}"
+        elif n == 0:
+            cause = "a tar without samples"
+        else:
+            cause = None
+        if cause is not None:
+            on_error.shard_failed("bad_shards", url, pipe_failure(stream) or cause)
+    except (tarfile.TarError, OSError, ValueError, EOFError, http.client.HTTPException) as exc:
+        cause = pipe_failure(stream)
+        cause = f"{cause} after {n} sample(s)" if cause else read_failure(exc, n)
+        on_error.shard_failed("bad_shards", url, cause)
     finally:
         try:
             stream.close()
@@ -209,10 +342,16 @@ def decode_or_explain(decode: Callable[[dict], Any], sample: dict) -> Any:
 
 
 def iter_raw_samples(urls: list[str], on_error: str = "fail") -> Iterator[dict]:
-    """Raw samples of `urls`, in order (eval splits, tools)."""
+    """Raw samples of `urls`, in order (eval splits, tools); a list whose every shard
+    fails is an error under either policy, naming them."""
     policy = ErrorPolicy(on_error, {})
+    n = 0
     for url in urls:
-        yield from shard_samples(url, policy)
+        for sample in shard_samples(url, policy):
+            n += 1
+            yield sample
+    if n == 0 and policy.failed:
+        raise DataError(f"{len(urls)} shard(s) yield no samples: {policy.why_nothing()}")
 
 
 def iter_samples(urls: list[str], on_error: str = "fail", decode: Optional[Callable[[dict], Any]] = None) -> Iterator[Any]:
@@ -335,14 +474,18 @@ class SourceReader:
             while len(self.buffer) < self.buffer_size and self._read_one():
                 pass
             if self.buffer:
+                if self.policy.failed:
+                    self.policy.forget_failures()  # only failures since the last sample explain
                 j = int(self.rng.integers(len(self.buffer)))
                 self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
                 return self.buffer.pop()
             if not self.queue:
                 empty_plans += 1
                 if empty_plans > 2:
+                    # one line: launch.train keeps a worker error's last line
                     raise DataError(f"rank {self.rank} worker {self.role}: no readable samples in "
-                                    f"source '{self.source.name}' for two epochs in a row")
+                                    f"source '{self.source.name}' for two epochs in a row: "
+                                    f"{self.policy.why_nothing()}")
                 self._plan_next_epoch()
 
 
@@ -404,6 +547,7 @@ class ShardStream(IterableDataset):
         """(decoded sample, name) of one reader, endless; and a function giving its state."""
         readers, mix = self._readers(role, state)
         policy = ErrorPolicy(self.on_error, readers[0].stats)
+        failing_since: dict[int, int] = {}  # source -> epoch of its first undecodable sample in a row
 
         def samples():
             while True:
@@ -413,7 +557,12 @@ class ShardStream(IterableDataset):
                     sample = decode_or_explain(self.decode, raw)
                 except DataError as exc:
                     policy("missing_key" if "missing key" in str(exc) else "bad_samples", str(exc))
+                    if name[0] - failing_since.setdefault(i, name[0]) >= 2:
+                        raise DataError(f"rank {self.rank} worker {role}: no sample of source "
+                                        f"'{readers[i].source.name}' decodes for two epochs in "
+                                        f"a row; the last: {exc}") from None
                     continue
+                failing_since.pop(i, None)
                 yield sample, [i, *name, raw.get("__key__")]
 
         def snapshot():
@@ -508,6 +657,12 @@ def elastic_reader_states(stream: ShardStream, old_rank_states: list[dict]) -> d
 
 
 # ------------------------------------------------------------------ the rank's loader
+def ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: the main process handles it
+    (stop and save); a worker that took it too would die with a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StreamLoader:
     """A rank's training batches, and the data position the trainer checkpoints.
 
@@ -536,7 +691,8 @@ class StreamLoader:
             self.stream.reader_states = dict(self.states)
             kwargs = {}
             if self.num_workers > 0:
-                kwargs = dict(prefetch_factor=self.prefetch_factor, persistent_workers=True)
+                kwargs = dict(prefetch_factor=self.prefetch_factor, persistent_workers=True,
+                              worker_init_fn=ignore_sigint)
             loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                 # own generator: building the loader must not draw from
                                 # the global RNG, or a resumed run's RNG would drift

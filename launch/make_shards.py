@@ -13,6 +13,10 @@
     python -m launch.make_shards action-streams --out data/action-streams
     python -m launch.make_shards latents data/shapes --vae runs/sd/tiny_vae/vae --out data/shapes-latents
     python -m launch.make_shards verify data/digits/train
+
+Every tool that writes shards takes --min-shards: a training split needs a shard per reader
+(ranks x data.num_workers), and a split with fewer than a typical run's readers gets a
+warning naming it (docs/data.md).
 """
 
 from __future__ import annotations
@@ -23,26 +27,41 @@ import sys
 
 from pathlib import Path
 
-from data_pipelines.shards import MANIFEST, index_shards, verify_shards
+from data_pipelines.shards import MANIFEST, TYPICAL_READERS, few_shards_warning, index_shards, verify_shards
 from data_pipelines.sources import digits
+
+MIN_SHARDS = 16  # for users' data: enough for 2 ranks x 8 workers, or 16 single-worker ranks
 
 
 def _add_shard_size(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="shard folder to write (gets manifest.json)")
     p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard at most")
     p.add_argument("--maxsize", type=float, default=256e6, help="bytes per shard at most")
+    _add_min_shards(p, MIN_SHARDS)
 
 
-def _summary(folder, manifest: dict) -> str:
+def _add_min_shards(p: argparse.ArgumentParser, default: int, own: str = "") -> None:
+    p.add_argument("--min-shards", type=int, default=default,
+                   help=f"shards per split at least, where there are that many samples (default: "
+                        f"{own or default}); a training split needs one per rank x loader worker")
+
+
+def _summary(folder, manifest: dict, split: str = "",
+             remedy: str = f"for such a run write it with --min-shards {TYPICAL_READERS}") -> str:
+    """The summary line (stdout), and a warning (stderr) for a split too small to share."""
+    warning = few_shards_warning(folder, len(manifest["shards"]), split)
+    if warning:
+        print(f"{warning}; {remedy}", file=sys.stderr)
     return f"{folder}: {manifest['total_samples']} samples in {len(manifest['shards'])} shards"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.make_shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("digits", help="binarized 8x8 digits (scikit-learn's copy)")
     p.add_argument("--out", default="data/digits")
+    _add_min_shards(p, 0, "8 train, 2 val, 2 test")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("from-datasets", help="a Hugging Face dataset (save_to_disk folder or hub name)")
@@ -63,14 +82,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="data/shapes")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--max-shapes", type=int, default=1, help="shapes per image at most (1-9)")
+    _add_min_shards(p, 0, "8 per split")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("detection", help="scenes of several shapes with boxes and classes (DETR)")
     p.add_argument("--out", default="data/shapes-det")
+    _add_min_shards(p, 0, "8 per split")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("action-streams", help="frame-feature streams with action segments, as windows (OadTR)")
     p.add_argument("--out", default="data/action-streams")
+    _add_min_shards(p, 0, "8 per split")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("latents", help="precompute VAE latents (and frozen text states) of image-caption shards")
@@ -81,9 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--maxcount", type=int, default=0, help="samples per shard (default: as in the source)")
+    _add_min_shards(p, 0, "as many as the source has")
 
     p = sub.add_parser("mixture2d", help="points of a 2-D Gaussian mixture (score-based models)")
     p.add_argument("--out", default="data/mixture2d")
+    _add_min_shards(p, 0, "8 per split")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("text", help="byte windows of text for language models (stdlib, folder, file, datasets column)")
@@ -96,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--pattern", default="*", help="folder source: which files (glob, default all)")
     p.add_argument("--column", help="datasets source: the text column")
     p.add_argument("--split", help="datasets source: split of a DatasetDict")
-    p.add_argument("--min-shards", type=int, default=16, help="shards per split at least (readers)")
+    _add_min_shards(p, MIN_SHARDS)
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("index", help="write manifest.json for existing tars (e.g. img2dataset's)")
@@ -105,7 +129,11 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("verify", help="check shards against manifest.json")
     p.add_argument("folders", nargs="+")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
     try:
@@ -120,7 +148,7 @@ def _embedded(source, args, **kwargs) -> int:
     if source.is_built(args.out) and not args.force:
         print(f"{args.out}: already built (use --force to rebuild)")
         return 0
-    for split, m in source.build(args.out, **kwargs).items():
+    for split, m in source.build(args.out, min_shards=args.min_shards, **kwargs).items():
         print(_summary(f"{args.out}/{split}", m))
     return 0
 
@@ -135,15 +163,15 @@ def run(args: argparse.Namespace) -> int:
         ds = hf.load_source(args.source, args.split)
         columns = hf.parse_columns(args.columns) if args.columns else None
         m = hf.dataset_to_shards(ds, args.out, columns=columns, key_column=args.key_column,
-                                 maxcount=args.maxcount, maxsize=args.maxsize)
-        print(_summary(args.out, m))
+                                 maxcount=args.maxcount, maxsize=args.maxsize, min_shards=args.min_shards)
+        print(_summary(args.out, m, split=args.split or "train"))
         return 0
 
     if args.command == "from-folder":
         from data_pipelines.sources.folder import folder_to_shards
 
         m = folder_to_shards(args.folder, args.out, require_caption=args.require_caption,
-                             maxcount=args.maxcount, maxsize=args.maxsize)
+                             maxcount=args.maxcount, maxsize=args.maxsize, min_shards=args.min_shards)
         print(_summary(args.out, m))
         return 0
 
@@ -153,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         if bool(args.vae) == bool(args.pretrained):
             raise ValueError("give exactly one of --vae and --pretrained")
         kw = dict(vae_dir=args.vae, pretrained=args.pretrained, image_size=args.image_size,
-                  batch=args.batch, maxcount=args.maxcount)
+                  batch=args.batch, maxcount=args.maxcount, min_shards=args.min_shards)
         if (Path(args.src) / MANIFEST).exists():
             out = {args.out: latents.precompute(args.src, args.out, **kw)}
         else:
@@ -202,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "index":
-        print(_summary(args.folder, index_shards(args.folder, args.pattern)))
+        print(_summary(args.folder, index_shards(args.folder, args.pattern),
+                       remedy="for such a run write more, smaller shards"))
         return 0
 
     bad = 0

@@ -4,6 +4,7 @@ stops with an error naming them (fail). Nothing crashes without saying where."""
 import itertools
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,8 @@ def test_truncated_tar(tmp_path, caplog, cut):
     with caplog.at_level(logging.WARNING):
         values, stats = first_epoch(stream(urls, "skip", counts=[6, 6]))
     assert sorted(values) == [0, 1, 2, 3, 4, 5, 6, 7, 8] and stats == {"bad_shards": 1}
-    assert "p1-000000.tar" in caplog.text and "unreadable after 3 samples" in caplog.text
-    with pytest.raises(DataError, match=r"p1-000000\.tar.*unreadable after 3 samples"):
+    assert re.search(r"p1-000000\.tar': truncated: .*after 3 sample\(s\)", caplog.text)
+    with pytest.raises(DataError, match=r"p1-000000\.tar': truncated: .*after 3 sample\(s\)"):
         first_epoch(stream(urls, "fail", counts=[6, 6]))
 
 
@@ -183,3 +184,173 @@ def test_a_workloads_own_reads_follow_the_error_policy(tmp_path):
     assert [s["__key__"] for s in iter_samples(urls, "skip")][7] == "s000007"  # raw: nothing decoded
     with pytest.raises(DataError, match="sample 's000007'.*cannot decode"):
         list(iter_samples(urls, "fail", decode=decode_strict))
+
+
+# --- errors that say why ----------------------------------------------------------------
+
+@pytest.fixture
+def shard_server(tmp_path):
+    """A real HTTP server over tmp_path/www: files as they are, 404 for a missing one,
+    /status/N answers N; `hits` counts requests by path."""
+    import functools
+    import http.server
+    import threading
+    from collections import Counter
+
+    root = tmp_path / "www"
+    root.mkdir()
+    hits = Counter()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            hits[self.path] += 1
+            if self.path.startswith("/status/"):
+                self.send_error(int(self.path.split("/")[2]))
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root, hits
+    server.shutdown()
+    server.server_close()
+
+
+def not_a_tar(path):
+    path.write_bytes(b"<html>this is not a tar file</html>" * 40)
+    return str(path)
+
+
+def test_a_source_that_yields_nothing_names_each_shard_and_cause(tmp_path, shard_server, caplog):
+    """Shards that 404 over HTTP and files named .tar that are no tars: the error says
+    which URL failed and why, on one line (launch.train keeps a worker error's last line)."""
+    base, www, _ = shard_server
+    not_a_tar(www / "html.tar")
+    urls = [f"{base}/gone-000000.tar", f"{base}/html.tar", not_a_tar(tmp_path / "local.tar")]
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError) as err:
+        first_epoch(stream(urls, "skip"))
+    message = str(err.value)
+    assert "\n" not in message and "source 'train'" in message
+    assert f"{base}/gone-000000.tar: cannot open: HTTP 404" in message
+    assert f"{base}/html.tar: not a tar archive" in message
+    assert f"{tmp_path}/local.tar: not a tar archive" in message
+    # the skip log named each of them too, with its cause
+    assert f"shard '{base}/gone-000000.tar': cannot open: HTTP 404" in caplog.text
+    assert f"shard '{tmp_path}/local.tar': not a tar archive" in caplog.text
+
+    many = [not_a_tar(tmp_path / f"bad-{i}.tar") for i in range(7)]
+    with pytest.raises(DataError, match=r"bad-\d\.tar: not a tar archive; .*; \+4 more failing shard\(s\)$"):
+        first_epoch(stream(many, "skip"))
+
+
+def test_the_error_from_a_loader_worker_keeps_its_causes_on_the_last_line(tmp_path, shard_server):
+    from data_pipelines.stream import StreamLoader
+
+    base, _, _ = shard_server
+    loader = StreamLoader(stream([f"{base}/gone-000000.tar", not_a_tar(tmp_path / "x.tar")], "skip"),
+                          num_workers=1)
+    with pytest.raises(Exception) as err:
+        next(loader)
+    last = [line for line in str(err.value).splitlines() if line.strip()][-1]  # as launch.train reads it
+    assert f"{base}/gone-000000.tar: cannot open: HTTP 404" in last and "x.tar: not a tar archive" in last
+
+
+@pytest.mark.parametrize("status, words", [(403, "HTTP 403 Forbidden"),
+                                           (500, "HTTP 500 Internal Server Error")])
+def test_http_status_is_named(shard_server, monkeypatch, status, words):
+    """A 500 is retried (a transient failure) before it counts; a 403 is not."""
+    from data_pipelines import stream as stream_module
+    from data_pipelines.stream import iter_raw_samples
+
+    monkeypatch.setattr(stream_module, "HTTP_RETRY_WAITS", (0, 0))
+    base, _, hits = shard_server
+    url = f"{base}/status/{status}"
+    with pytest.raises(DataError, match=re.escape(f"shard '{url}': cannot open: {words}")):
+        list(iter_raw_samples([url]))
+    assert hits[f"/status/{status}"] == (3 if status == 500 else 1)
+
+
+def test_permission_denied_and_missing_file_are_named(tmp_path, monkeypatch):
+    import os
+
+    from data_pipelines import stream as stream_module
+
+    urls = write_numbered_shards(tmp_path, [3, 3, 3])
+    os.chmod(urls[0], 0)
+    if os.geteuid() == 0:  # root reads it anyway: make the OS's answer to anyone else
+        opener = stream_module.open_url
+
+        def denied(url):
+            if url == urls[0]:
+                raise PermissionError(13, "Permission denied", url)
+            return opener(url)
+        monkeypatch.setattr(stream_module, "open_url", denied)
+    Path(urls[1]).unlink()
+    with pytest.raises(DataError) as err:
+        first_epoch(stream(urls[:2], "skip"))
+    assert f"{urls[0]}: cannot open: permission denied" in str(err.value)
+    assert f"{urls[1]}: cannot open: no such file" in str(err.value)
+
+
+def test_a_failing_pipe_command_is_named(tmp_path):
+    from data_pipelines.stream import iter_raw_samples
+
+    url = f"pipe:cat {tmp_path}/absent.tar"
+    with pytest.raises(DataError, match=re.escape(f"shard '{url}': its command exited with status 1")):
+        list(iter_raw_samples([url]))
+
+
+def test_an_eval_split_that_yields_nothing_is_an_error_even_under_skip(tmp_path, shard_server):
+    from data_pipelines.stream import eval_batches
+
+    base, _, _ = shard_server
+    urls = [f"{base}/gone.tar", not_a_tar(tmp_path / "x.tar")]
+    with pytest.raises(DataError, match=r"2 shard\(s\) yield no samples: .*gone\.tar: cannot open: "
+                                        r"HTTP 404.*x\.tar: not a tar archive"):
+        list(eval_batches(ShardList(urls, None), decode=decode_strict, collate=collate_list,
+                          batch_size=2, rank=0, world_size=1, on_error="skip"))
+
+
+def test_a_thousand_bad_shards_do_not_flood_the_log(tmp_path, caplog, monkeypatch):
+    from collections import Counter
+
+    from data_pipelines import stream as stream_module
+    from data_pipelines.stream import ErrorPolicy
+
+    monkeypatch.setattr(stream_module, "_skips_seen", Counter())
+    stats = {}
+    policy = ErrorPolicy("skip", stats)
+    with caplog.at_level(logging.WARNING):
+        for i in range(1000):
+            policy.shard_failed("bad_shards", f"/data/s-{i:06d}.tar", "not a tar archive")
+    lines = caplog.text.splitlines()
+    assert stats == {"bad_shards": 1000} and len(lines) == stream_module.LOG_EACH_SKIP + 2  # + 100th, 1000th
+    assert "s-000000.tar" in lines[0] and "1000th" in lines[-1] and "s-000999.tar" in lines[-1]
+
+
+def test_a_source_where_no_sample_decodes_is_an_error_not_a_hang(tmp_path):
+    """Every shard reads but no sample decodes: under skip the stream must stop, naming
+    the last bad sample, not skip forever."""
+    import threading
+
+    from data_pipelines.shards import write_shards
+
+    write_shards(({"__key__": f"k{i}", "txt": b"no num"} for i in range(6)), tmp_path, maxcount=3)
+    urls = [str(tmp_path / "shard-000000.tar"), str(tmp_path / "shard-000001.tar")]
+    got = []
+
+    def read():
+        try:
+            first_epoch(stream(urls, "skip"))
+        except DataError as exc:
+            got.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    assert not reader.is_alive(), "the stream skipped undecodable samples forever"
+    assert re.search(r"no sample of source 'train' decodes for two epochs in a row; the last: "
+                     r"sample 'k\d' in shard .*missing key 'num'", got[0])

@@ -246,6 +246,65 @@ def test_folder_require_caption_and_bad_files(tmp_path, capsys, caplog):
         folder_to_shards(src, tmp_path / "c")
 
 
+# --- shard counts that fit a cluster -----------------------------------------------------
+
+def write_pictures(folder, n):
+    folder.mkdir(parents=True)
+    images, labels = digit_arrays(n)
+    for i in range(n):
+        (folder / f"{i:04d}.png").write_bytes(png_bytes(images[i]))
+        (folder / f"{i:04d}.txt").write_text(f"a handwritten {labels[i]}")
+
+
+def test_a_small_folder_is_still_cut_into_enough_shards(tmp_path, capsys):
+    """256 images once made one shard (one reader at most) and nothing said so: now at
+    least 16 by default, and a split with fewer than a typical run's readers is named."""
+    write_pictures(tmp_path / "pics", 256)
+    assert make_shards(["from-folder", str(tmp_path / "pics"), "--out", str(tmp_path / "train")]) == 0
+    assert len(read_manifest(tmp_path / "train")["shards"]) == 16
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'train'}: 16 shard(s)" in err[0]
+    assert "2 nodes x 8 GPUs x 4 workers = 64 readers" in err[0] and "--min-shards 64" in err[0]
+
+    assert make_shards(["from-folder", str(tmp_path / "pics"), "--out", str(tmp_path / "big"),
+                        "--min-shards", "64"]) == 0
+    assert [s["samples"] for s in read_manifest(tmp_path / "big")["shards"]] == [4] * 64
+    assert capsys.readouterr().err == ""
+
+
+def test_a_small_dataset_is_still_cut_into_enough_shards(tmp_path, capsys):
+    hf.DatasetDict({"train": digits_dataset(256), "validation": digits_dataset(20, 256)}).save_to_disk(
+        tmp_path / "saved")
+    assert make_shards(["from-datasets", str(tmp_path / "saved"), "--out", str(tmp_path / "train")]) == 0
+    assert [s["samples"] for s in read_manifest(tmp_path / "train")["shards"]] == [16] * 16
+    assert "16 shard(s), fewer than the 2 nodes x 8 GPUs x 4 workers = 64" in capsys.readouterr().err
+    # an eval split is read by sample, whatever its shard count: no warning
+    assert make_shards(["from-datasets", str(tmp_path / "saved"), "--out", str(tmp_path / "v"),
+                        "--split", "validation", "--min-shards", "2"]) == 0
+    assert len(read_manifest(tmp_path / "v")["shards"]) == 2 and capsys.readouterr().err == ""
+
+
+def test_every_shard_writer_takes_min_shards(tmp_path, capsys):
+    """The generated datasets keep their own counts by default (recipes and tests rely on
+    them) and cut finer on request."""
+    import argparse
+
+    from launch.make_shards import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    takes = {name for name, sub in subcommands.choices.items()
+             if any("--min-shards" in a.option_strings for a in sub._actions)}
+    assert takes == {"digits", "from-datasets", "from-folder", "shapes", "detection", "action-streams",
+                     "latents", "mixture2d", "text"}  # all but index and verify, which write no tars
+
+    assert make_shards(["digits", "--out", str(tmp_path / "d")]) == 0
+    assert [len(read_manifest(tmp_path / "d" / s)["shards"]) for s in ("train", "val", "test")] == [8, 2, 2]
+    err = capsys.readouterr().err
+    assert "d/train: 8 shard(s)" in err and "d/val" not in err
+    assert make_shards(["digits", "--out", str(tmp_path / "d20"), "--min-shards", "20"]) == 0
+    assert all(len(read_manifest(tmp_path / "d20" / s)["shards"]) >= 20 for s in ("train", "val", "test"))
+
+
 # --- existing tars (img2dataset output_format=webdataset) -----------------------------
 
 def write_webdataset_layout(root, counts, start=0):
@@ -322,8 +381,10 @@ def test_datasets_shards_train_the_smoke_model(tmp_path, cpu_env):
     splits.save_to_disk(tmp_path / "saved")
     for split, maxcount in (("train", 100), ("validation", 1000), ("test", 1000)):
         out = run_cli("from-datasets", tmp_path / "saved", "--split", split, "--out",
-                      tmp_path / split, "--maxcount", maxcount, env=cpu_env)
+                      tmp_path / split, "--maxcount", maxcount, "--min-shards", 1, env=cpu_env)
         assert out.returncode == 0, out.stderr
+        # only the training split is read shard by shard, so only it can have too few
+        assert ("3 shard(s), fewer than" in out.stderr) == (split == "train")
     assert out.stdout.strip() == f"{tmp_path / 'test'}: 60 samples in 1 shards"
     assert [s["samples"] for s in read_manifest(tmp_path / "train")["shards"]] == [100, 100, 100]
 

@@ -58,3 +58,13 @@ def test_shards_are_reproducible(tmp_path):
     a = write_shards(_samples(12), tmp_path / "a", maxcount=5)
     b = write_shards(_samples(12), tmp_path / "b", maxcount=5)
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_min_shards_is_a_floor_where_there_are_samples():
+    from data_pipelines.shards import samples_per_shard
+
+    for n in (1, 7, 60, 100, 180, 256, 1257, 10_001):
+        for least in (16, 20, 64):
+            assert -(-n // samples_per_shard(n, 8, least)) >= min(n, least)
+        assert samples_per_shard(n, 8) == -(-n // 8)  # the generated datasets' own counts, unchanged
+    assert samples_per_shard(256, 1, 16) == 16 and samples_per_shard(10, 1, 16) == 1

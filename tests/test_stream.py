@@ -287,3 +287,32 @@ def test_fsspec_urls_are_read(shards):
                               batch_size=64, rank=0, world_size=1):
         seen += batch
     assert seen == list(range(sum(COUNTS)))
+
+
+def decode_with_worker(sample):
+    """(value, the worker's pid, whether the worker ignores SIGINT)."""
+    import os
+    import signal
+
+    return int(sample["num"]), os.getpid(), signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_loader_workers_ignore_ctrl_c(shards):
+    """Ctrl-C signals the whole foreground process group: the main process handles it
+    (stop and save); a worker must neither die of it nor print a traceback."""
+    import os
+    import signal
+    import time
+
+    stream = ShardStream(shards, decode=decode_with_worker, collate=collate_list, batch_size=4,
+                         seed=3, shuffle_buffer=16, rank=0, world_size=1, num_workers=2)
+    loader = StreamLoader(stream, num_workers=2, prefetch_factor=1)
+    before = [s for _ in range(4) for s in next(loader)]
+    workers = {pid for _, pid, _ in before}
+    assert len(workers) == 2 and os.getpid() not in workers
+    assert all(ignores for _, _, ignores in before)
+    for pid in workers:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    after = [s for _ in range(20) for s in next(loader)]  # past what was prefetched
+    assert {pid for _, pid, _ in after} == workers

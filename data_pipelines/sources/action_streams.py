@@ -36,7 +36,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from data_pipelines.shards import MANIFEST, write_shards
+from data_pipelines.shards import MANIFEST, samples_per_shard, write_shards
 
 ACTION_CLASSES = 8  # K; class 0 is background
 FEATURE_DIM = 16
@@ -113,7 +113,7 @@ def split_streams(split: str, counts: Optional[dict] = None) -> list[tuple[np.nd
     return [stream(np.random.default_rng([seed, i]), length, protos) for i in range(n_streams)]
 
 
-def build(out_dir: str | Path, *, counts: Optional[dict] = None) -> dict[str, dict]:
+def build(out_dir: str | Path, *, counts: Optional[dict] = None, min_shards: int = 0) -> dict[str, dict]:
     """Write train/val/test shard folders under `out_dir`; returns their manifests.
     `counts` replaces SPLITS (split: (streams, frames per stream, seed)), e.g. for tests."""
     manifests = {}
@@ -127,7 +127,7 @@ def build(out_dir: str | Path, *, counts: Optional[dict] = None) -> dict[str, di
             order = np.random.default_rng([PROTOTYPE_SEED, 7]).permutation(len(samples))
             samples = [samples[i] for i in order]
         manifests[split] = write_shards(iter(samples), Path(out_dir) / split,
-                                        maxcount=-(-len(samples) // SHARDS_PER_SPLIT))
+                                        maxcount=samples_per_shard(len(samples), SHARDS_PER_SPLIT, min_shards))
     return manifests
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.shards import MANIFEST, write_shards
+from data_pipelines.shards import MANIFEST, samples_per_shard, write_shards
 
 THRESHOLD = 8
 SPLITS = {"train": 1257, "val": 180, "test": 360}
@@ -33,12 +33,13 @@ def split_indices() -> dict[str, np.ndarray]:
     return out
 
 
-def build(out_dir: str | Path) -> dict[str, dict]:
-    """Write train/val/test shard folders under `out_dir`; returns their manifests."""
+def build(out_dir: str | Path, *, min_shards: int = 0) -> dict[str, dict]:
+    """Write train/val/test shard folders under `out_dir` (SHARDS of each, or at least
+    `min_shards`); returns their manifests."""
     images, labels = binarized_digits()
     manifests = {}
     for split, idx in split_indices().items():
-        per_shard = -(-len(idx) // SHARDS[split])
+        per_shard = samples_per_shard(len(idx), SHARDS[split], min_shards)
         samples = ({"__key__": f"digit{i:04d}", "png": images[i] * 255, "cls": int(labels[i]),
                     "json": {"index": int(i), "label": int(labels[i]), "threshold": THRESHOLD}}
                    for i in idx)

@@ -20,7 +20,7 @@ from typing import Iterator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data_pipelines.shards import safe_key, write_shards
+from data_pipelines.shards import safe_key, samples_per_shard, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ def _read_sample(key: str, files: dict[str, Path]) -> dict:
 
 def folder_to_shards(root: str | os.PathLike, out_dir: str | os.PathLike, *,
                      require_caption: bool = False, maxcount: int = 10_000,
-                     maxsize: float = 256e6) -> dict:
-    """Write the image/sidecar pairs under `root` as shards; returns the manifest.
+                     maxsize: float = 256e6, min_shards: int = 0) -> dict:
+    """Write the image/sidecar pairs under `root` as shards (at least `min_shards` of
+    them where there are that many images); returns the manifest.
 
     Unpaired files are logged as warnings; with `require_caption` an image without a
     caption is an error instead.
@@ -128,4 +129,5 @@ def folder_to_shards(root: str | os.PathLike, out_dir: str | os.PathLike, *,
         for key, files in tqdm(scan.samples.items(), desc="samples", unit="sample", disable=None):
             yield _read_sample(key, files)
 
+    maxcount = min(maxcount, samples_per_shard(len(scan.samples), 1, min_shards))
     return write_shards(samples(), out_dir, maxcount=maxcount, maxsize=maxsize)

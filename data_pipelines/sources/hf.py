@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data_pipelines.shards import safe_key, write_shards
+from data_pipelines.shards import safe_key, samples_per_shard, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,9 @@ def encode_value(value: Any, field: str) -> bytes:
 
 def dataset_to_shards(ds, out_dir: str | os.PathLike, *, columns: Optional[dict[str, str]] = None,
                       key_column: Optional[str] = None, maxcount: int = 10_000,
-                      maxsize: float = 256e6) -> dict:
-    """Write a `datasets.Dataset` as shards with a manifest; returns the manifest.
+                      maxsize: float = 256e6, min_shards: int = 0) -> dict:
+    """Write a `datasets.Dataset` as shards with a manifest (at least `min_shards` shards
+    where it has that many rows); returns the manifest.
 
     `columns` maps column -> field (see `parse_columns`); None maps every column by its
     type. Keys are `key_column`'s values, else the zero-padded row index. A null value
@@ -188,6 +189,7 @@ def dataset_to_shards(ds, out_dir: str | os.PathLike, *, columns: Optional[dict[
             else:
                 empty_rows.append(key)
 
+    maxcount = min(maxcount, samples_per_shard(len(ds), 1, min_shards))
     manifest = write_shards(samples(), out_dir, maxcount=maxcount, maxsize=maxsize)
     for name, n in nulls.items():
         log.warning("column '%s': %d null value(s); those samples have no '%s' field",

@@ -15,14 +15,14 @@ from typing import Optional
 import torch
 import webdataset as wds
 
-from data_pipelines.shards import write_shards
+from data_pipelines.shards import samples_per_shard, write_shards
 from data_pipelines.stream import resolve_shards
 from data_pipelines.decode import image_tensor
 
 
 @torch.no_grad()
 def precompute(src: str, out_dir: str | Path, *, vae_dir: str, image_size: int, pretrained: str = "",
-               batch: int = 64, maxcount: int = 0,
+               batch: int = 64, maxcount: int = 0, min_shards: int = 0,
                device: Optional[str] = None) -> dict:
     from diffusers import AutoencoderKL
 
@@ -39,6 +39,8 @@ def precompute(src: str, out_dir: str | Path, *, vae_dir: str, image_size: int, 
     shards = resolve_shards(src, key="--in")
     if maxcount <= 0:  # as many shards as the source, so as many ranks x workers can read it
         maxcount = -(-shards.total_samples // len(shards.urls)) if shards.total_samples else 10_000
+    if min_shards and shards.total_samples:
+        maxcount = min(maxcount, samples_per_shard(shards.total_samples, 1, min_shards))
     reader = wds.WebDataset(shards.urls, shardshuffle=False, empty_check=False)
 
     def encoded():

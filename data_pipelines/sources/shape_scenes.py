@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipelines.shards import MANIFEST, write_shards
+from data_pipelines.shards import MANIFEST, samples_per_shard, write_shards
 from data_pipelines.sources.shapes import BACKGROUND, COLORS, SHAPES, paint
 
 SIZE, MAX_OBJECTS, MIN_SIDE, MAX_SIDE = 64, 5, 10, 24
@@ -46,7 +46,7 @@ def scene(rng: random.Random, size: int = SIZE, max_objects: int = MAX_OBJECTS) 
     return img, {"size": size, "objects": objects}
 
 
-def build(out_dir: str | Path, *, counts: Optional[dict] = None) -> dict:
+def build(out_dir: str | Path, *, counts: Optional[dict] = None, min_shards: int = 0) -> dict:
     manifests = {}
     for split, (n, seed) in (counts or SPLITS).items():
         rng = random.Random(f"shape-scenes-{seed}")
@@ -55,7 +55,7 @@ def build(out_dir: str | Path, *, counts: Optional[dict] = None) -> dict:
             for i in range(n):
                 img, record = scene(rng)
                 yield {"__key__": f"{split}{i:06d}", "png": np.asarray(img), "json": record}
-        manifests[split] = write_shards(samples(), Path(out_dir) / split, maxcount=-(-n // 8))
+        manifests[split] = write_shards(samples(), Path(out_dir) / split, maxcount=samples_per_shard(n, 8, min_shards))
     return manifests
 
 

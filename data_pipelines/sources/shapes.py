@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipelines.shards import MANIFEST, write_shards
+from data_pipelines.shards import MANIFEST, samples_per_shard, write_shards
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 200, 30), "purple": (150, 60, 190)}
@@ -77,7 +77,8 @@ def write_palette(path: str | Path) -> Path:
     return Path(path)
 
 
-def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: Optional[dict] = None) -> dict:
+def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: Optional[dict] = None,
+          min_shards: int = 0) -> dict:
     """Write the splits, `palette.json`, `prompts.txt`, then a CLIP BPE tokenizer trained on the train captions
     into `out_dir/tokenizer` (trained once here and shipped with the shards: docs/platform-notes.md)."""
     from data_pipelines.tokenizer import train_clip_bpe
@@ -92,7 +93,7 @@ def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: O
                 if split == "train":
                     captions.append(caption)
                 yield {"__key__": f"{split}{i:06d}", "png": np.asarray(img), "txt": caption, "json": record}
-        manifests[split] = write_shards(samples(), Path(out_dir) / split, maxcount=-(-n // 8))
+        manifests[split] = write_shards(samples(), Path(out_dir) / split, maxcount=samples_per_shard(n, 8, min_shards))
     write_palette(Path(out_dir) / "palette.json")
     (Path(out_dir) / "prompts.txt").write_text("\n".join(prompts(len(COLORS) * len(SHAPES) * len(POSITIONS))) + "\n")
     train_clip_bpe(captions, Path(out_dir) / "tokenizer", vocab_size=256)
