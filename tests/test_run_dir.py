@@ -130,3 +130,13 @@ def test_what_may_change_on_resume(tmp_path, digits_dir, cpu_env):
     record = (run_dir / "config.yaml").read_text()
     assert record.startswith("# launches/2.yaml: the checkpoints from step-16 on")
     assert yaml.safe_load(record)["trainer"]["max_steps"] == 16
+
+
+def test_a_restart_of_the_same_torchrun_launch_takes_over_and_a_new_launch_does_not(tmp_path, monkeypatch):
+    forge_lock(tmp_path, launch="job-7", restart=0)  # rank 0 of the first start, on node-b
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # another launch with that id
+    with pytest.raises(RunDirLocked):
+        RunDirLock.acquire(tmp_path, stale_s=600)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the agent restarted the ranks
+    RunDirLock.acquire(tmp_path, stale_s=600).release()

@@ -9,7 +9,8 @@ is taken over, with a warning, when
 
   - its heartbeat is older than trainer.lock_stale_s (it died on another node, or hung),
   - it ran on this host and its process is gone (SIGKILL, OOM killer, a crashed rank 0), or
-  - it is this same SLURM job (a requeue, or a restart of the job's launcher).
+  - it is this same SLURM job (a requeue), or an earlier start of this torchrun launch (the
+    elastic agent restarted its ranks, rank 0 maybe on another node).
 
 Every launch also writes its resolved config to `run.dir/launches/<n>.yaml`; `config.yaml`
 is the config the latest checkpoint was written with (a fresh run's, until it has one).
@@ -45,6 +46,8 @@ class Holder:
     started: float
     heartbeat: float
     token: str
+    launch: Optional[str] = None  # TORCHELASTIC_RUN_ID, when the launcher names its run
+    restart: int = 0  # TORCHELASTIC_RESTART_COUNT
 
     def describe(self, now: float) -> str:
         job = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
@@ -108,6 +111,8 @@ def stale_reason(holder: Holder, me: Holder, stale_s: float, now: float) -> Opti
         return f"no heartbeat for {now - holder.heartbeat:.0f}s (trainer.lock_stale_s={stale_s:g})"
     if holder.slurm_job and holder.slurm_job == me.slurm_job:
         return f"it is this SLURM job ({me.slurm_job}), requeued or restarted"
+    if holder.launch and holder.launch == me.launch and holder.restart < me.restart:
+        return f"it is start {holder.restart} of this launch ({me.launch}), which its launcher restarted"
     if holder.host == me.host and holder.pid != me.pid and _process_gone(holder.pid):
         return f"its process {holder.pid} on this host is gone"
     return None
@@ -133,8 +138,10 @@ class RunDirLock:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK
         now = time.time()
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
         me = Holder(host=socket.gethostname(), pid=os.getpid(), slurm_job=slurm_job, started=now,
-                    heartbeat=now, token=uuid.uuid4().hex)
+                    heartbeat=now, token=uuid.uuid4().hex, launch=run_id if run_id not in ("", "none") else None,
+                    restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
         tmp = run_dir / f".lock.{me.token}.tmp"
         _write(tmp, me)
         try:
