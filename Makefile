@@ -85,8 +85,10 @@ fault-drills: venv
 
 # a one-machine SLURM cluster on 127.0.0.1 (root; Debian's slurm-wlm and munge) to try
 # slurm/*.sbatch and launch.submit --cpu; then export SLURM_CONF=/tmp/tributary-slurm/slurm.conf
+# a SLURM cluster on this machine, as root: SLURM_NODES=2 gives two nodes with their own addresses
+SLURM_NODES ?= 1
 slurm-up:
-	slurm/loopback.sh
+	slurm/loopback.sh --nodes $(SLURM_NODES)
 
 slurm-down:
 	slurm/loopback.sh stop

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -154,9 +155,15 @@ def _train(cfg, workload) -> int:
             # Rank 0 requeues before anyone leaves: under `srun --kill-on-bad-exit` the first
             # rank to exit gets the others killed.
             if backend.is_main and cfg.trainer.requeue:
-                said = requeue_slurm_job(stopped)
-                if said:
-                    print(said, flush=True)
+                # the requeue makes SLURM SIGTERM this job's processes, rank 0 too: held back
+                # until rank 0 has said what it did (then it acts as before)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+                try:
+                    said = requeue_slurm_job(stopped)
+                    if said:
+                        print(said, flush=True)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             backend.barrier()
     except DataError as exc:
         # from a loader worker the message carries the worker's traceback; its last line

@@ -30,9 +30,9 @@ def slurm_env():
     return env
 
 
-def submit(env, run_dir, digits_dir, launcher, *more, wait):
+def submit(env, run_dir, digits_dir, launcher, *more, wait, nodes=1, procs=2):
     cmd = [sys.executable, "-m", "launch.submit", "--config", str(ROOT / "configs/autoregressive/made.yaml"),
-           "--nodes", "1", "--gpus-per-node", "2", "--cpu", "--launcher", launcher]
+           "--nodes", str(nodes), "--gpus-per-node", str(procs), "--cpu", "--launcher", launcher]
     cmd += ["--wait"] if wait else []
     cmd += smoke_overrides(run_dir, digits_dir, *more)
     return subprocess.Popen(cmd, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
