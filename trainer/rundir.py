@@ -176,6 +176,7 @@ class RunDirLock:
     def _heartbeat(self) -> None:
         every = max(0.5, min(30.0, self.stale_s / 6))
         tmp = self.path.with_name(f".lock.{self.me.token}.beat")
+        failing = False
         while not self._stop.wait(every):
             try:
                 holder = read_holder(self.path)
@@ -187,20 +188,30 @@ class RunDirLock:
                 self.me.heartbeat = time.time()
                 _write(tmp, self.me)
                 os.replace(tmp, self.path)
-            except OSError as exc:  # a storage hiccup: the next beat tries again
-                log.warning("run.dir lock %s: heartbeat failed: %s", self.path, exc)
+            except OSError as exc:  # a storage hiccup (or a full disk): the next beat tries again
+                if not failing:
+                    log.warning("run.dir lock %s: heartbeat failed (%s); retrying every %gs", self.path, exc, every)
+                failing = True
+            else:
+                failing = False
 
     def release(self) -> None:
+        """Never raises: the run's own outcome (and exit code) is what matters on the way out."""
         self._stop.set()
         self._beat.join(timeout=5)
         holder = read_holder(self.path)
-        if holder is not None and holder.token == self.me.token:
+        if holder is None or holder.token != self.me.token:
+            return
+        try:
             self.path.unlink(missing_ok=True)
-            if self.made_dir:
-                try:
-                    self.path.parent.rmdir()  # only if the launch left nothing in it
-                except OSError:
-                    pass
+        except OSError as exc:  # a read-only or full run dir: the next launch finds this process gone
+            log.warning("could not remove %s (%s); the next launch takes it over", self.path, exc.strerror or exc)
+            return
+        if self.made_dir:
+            try:
+                self.path.parent.rmdir()  # only if the launch left nothing in it
+            except OSError:
+                pass
 
 
 def record_launch(run_dir: Path, text: str) -> Path:
