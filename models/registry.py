@@ -1,7 +1,14 @@
-"""Workload registry: `model.name` in a recipe -> (Workload class, its Config dataclass)."""
+"""Workload registry: `model.name` in a recipe -> (Workload class, its Config dataclass).
+
+`model.name` is a registered short name (`made`, `lm`, `sd`, ...) or the import path of a
+workload in the user's own package, `my_pkg.my_module:MyWorkload` (importable from where
+the launch runs: installed, on PYTHONPATH, or in the current directory).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from typing import Any
 
 from models.base import Workload
@@ -34,10 +41,32 @@ def names() -> list[str]:
 
 
 def workload_class(name: str) -> type[Workload]:
+    if ":" in name:
+        return imported_workload(name)
     _load_families()
     if name not in _WORKLOADS:
-        raise ValueError(f"unknown workload '{name}'; known: {', '.join(names())}")
+        raise ValueError(f"unknown workload '{name}'; known: {', '.join(names())}, or an import "
+                         "path of your own, my_pkg.my_module:MyWorkload")
     return _WORKLOADS[name]
+
+
+def imported_workload(path: str) -> type[Workload]:
+    """`module:Class` -> the Workload subclass, checked; a ValueError names what is wrong."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"'{path}': cannot import {module_name} ({exc}); install your package, put its "
+                         "folder on PYTHONPATH, or launch from the folder that holds it") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Workload)):
+        found = "nothing" if cls is None else type(cls).__name__
+        raise ValueError(f"'{path}': {module_name}.{attr} is {found}, not a subclass of models.base.Workload")
+    config = getattr(cls, "Config", None)
+    if not (dataclasses.is_dataclass(config) and "name" in {f.name for f in dataclasses.fields(config)}):
+        raise ValueError(f"'{path}': {attr}.Config must be a dataclass with a `name: str` field "
+                         "(the recipe's model.* keys are checked against it)")
+    return cls
 
 
 def workload_config_class(name: str) -> type:
