@@ -205,3 +205,46 @@ def test_scalars_reach_tensorboard_with_or_without_the_private_writer(tmp_path, 
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(5, 1.5), (10, 0.5)]
     assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([0.01, 0.02])
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path, capsys, monkeypatch):
+    """Off a terminal (a SLURM log, a pipe) no carriage-return redraws: one plain line with
+    the bar's figures every progress_every_s seconds, and one at the last step."""
+    from trainer import metrics
+    from trainer.metrics import MetricsLogger
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    log = MetricsLogger(tmp_path / "made", enabled=True, resume_step=0, total_steps=30, progress_bar=True,
+                        progress_every_s=10, terminal=False)
+    assert log.bar is None
+    for step in range(1, 31):
+        clock[0] += 1.0  # a step a second
+        log.log(step, {"train/loss": 2.0 / step, "train/lr": 0.001}, bar_keys=("train/loss", "train/lr"))
+        log.advance(step)
+    log.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines)
+    assert lines == [f"made: step {s}/30 ({100 * s // 30}%) loss={2.0 / s:.4g} lr=0.001 elapsed 0m{s:02d}s"
+                     + (f" eta 0m{30 - s:02d}s") for s in (10, 20, 30)]
+    on_tty = MetricsLogger(tmp_path / "tty", enabled=True, resume_step=0, total_steps=30, progress_bar=True,
+                           terminal=True)
+    assert on_tty.bar is not None and on_tty.lines_every is None
+    on_tty.close()
+
+
+def test_tiny_sample_images_are_upscaled_for_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trainer.metrics import MetricsLogger, upscaled
+
+    images = torch.rand(4, 1, 8, 8)
+    big = upscaled(images)
+    assert big.shape == (4, 1, 64, 64) and torch.equal(big[:, :, ::8, ::8], images)  # nearest neighbour
+    assert upscaled(torch.rand(2, 3, 128, 96)).shape == (2, 3, 128, 96)
+    log = MetricsLogger(tmp_path, enabled=True, resume_step=0, total_steps=1, progress_bar=False)
+    log.image("samples", images, 1)
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    (event,) = acc.Images("samples")
+    assert (event.width, event.height) == (4 * 65 + 1, 65 + 1)  # a row of four 64x64 tiles, 1 px padding

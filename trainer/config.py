@@ -118,7 +118,10 @@ class TrainerConfig:
     # most this size: model-0000i-of-0000K.safetensors + model.safetensors.index.json
     export_max_shard_size: str = "5GB"
     resume: str = "auto"  # auto | never | PATH to a step-N checkpoint
+    # rank 0's progress: a bar on a terminal; in a pipe or a SLURM log one plain line every
+    # progress_every_s seconds instead (false: neither)
     progress_bar: bool = True
+    progress_every_s: float = 30.0
     dist_timeout_s: int = 600  # a collective waiting this long for a lost rank fails the run
     # the same for a checkpoint's save or load, which waits for the slowest rank's files
     checkpoint_timeout_s: int = 1800
@@ -318,6 +321,7 @@ def validate(cfg: RunConfig) -> None:
     _check(t.stop_check_every >= 0, "trainer.stop_check_every", "must be >= 0 (0 = about once a second)")
     _check(t.end_margin_s >= 0, "trainer.end_margin_s", "must be >= 0")
     _check(t.lock_stale_s > 0, "trainer.lock_stale_s", "must be > 0 seconds")
+    _check(t.progress_every_s > 0, "trainer.progress_every_s", "must be > 0 seconds")
     if t.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (as in `trainer.mixed_precision=no`) as false
         t.mixed_precision = "no"
     _check(t.mixed_precision in PRECISIONS, "trainer.mixed_precision",

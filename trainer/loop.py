@@ -180,7 +180,8 @@ class Trainer:
         self._build()
         state = self.state = self._resume()
         self.log = MetricsLogger(self.run_dir, enabled=b.is_main, resume_step=state.step,
-                                 total_steps=t.max_steps, progress_bar=t.progress_bar)
+                                 total_steps=t.max_steps, progress_bar=t.progress_bar,
+                                 progress_every_s=t.progress_every_s)
         if self.resumed_from is not None:
             how = self.resume_note if self.resume_mode == "elastic" else "exact"
             self.log.text(f"resumed from {self.resumed_from} (step {state.step}, {how})")
