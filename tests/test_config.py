@@ -37,6 +37,7 @@ def test_recipe_loads_with_overrides():
     ("trainer.max_steps", "trainer.max_steps"),            # not key=value
     ("trainer.max_time=-1", "trainer.max_time"),
     ("trainer.lock_stale_s=0", "trainer.lock_stale_s"),
+    ("trainer.progress_every_s=0", "trainer.progress_every_s"),
     ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps"),
     ("trainer.clip_grad_norm=-1", "trainer.clip_grad_norm"),
     ("trainer.log_every=0", "trainer.log_every"),
