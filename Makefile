@@ -1,10 +1,11 @@
 # Tributary: `make train` runs the default job, `make test` the test suite.
-# Both create .venv and install requirements.txt when missing.
+# Both create .venv and install requirements.txt when missing; `make test` adds requirements-test.txt.
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+TEST_STAMP := $(VENV)/.installed-test-$(shell cksum < requirements-test.txt | cut -d' ' -f1)
 
 NPROC  ?= 2
 RUNS   ?= runs/autoregressive
@@ -23,6 +24,13 @@ $(STAMP): requirements.txt
 	# torch==2.13.0 is in the same pip command as everything else (a CPU wheel here)
 	$(PY) -m pip install --quiet -r requirements.txt
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+# what only the tests need; reinstalled when it changes, or after requirements.txt did
+# (the stamp above removes this one too)
+$(TEST_STAMP): requirements-test.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	rm -f $(VENV)/.installed-test-*
 	touch $@
 
 data: venv
@@ -71,14 +79,14 @@ train-oad: data-oad
 	$(PY) -m launch.report --metrics frame_map runs/oadtr/oadtr runs/oadtr/gru
 
 # the suite without the long drills (under 15 minutes on 2 cores); `make drills` runs those
-test: venv
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not drill" --durations=25 tests
 
 # every long drill: the fault drills at full strength (tests/drills/README.md), then the rest
 drills: fault-drills
 	$(PY) -m pytest -q -m drill tests --ignore=tests/drills
 
-fault-drills: venv
+fault-drills: $(TEST_STAMP)
 	rm -f runs/drills/report.jsonl
 	TRIBUTARY_DRILL_TRIALS=10 TRIBUTARY_DRILL_REPORT=runs/drills/report.jsonl $(PY) -m pytest -q tests/drills
 	@cat runs/drills/report.jsonl
