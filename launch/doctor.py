@@ -326,7 +326,6 @@ def check_resume(cfg, path: Path, say: Say) -> None:
 
 def check_lock(cfg, say: Say) -> None:
     """Whether another launch writes run.dir now: a launch would be refused."""
-    import socket
     import time
 
     from trainer.preempt import slurm_job_name
@@ -336,9 +335,7 @@ def check_lock(cfg, say: Say) -> None:
     if holder is None:
         return
     now = time.time()
-    me = Holder(host=socket.gethostname(), pid=os.getpid(), slurm_job=slurm_job_name(), started=now,
-                heartbeat=now, token="")
-    why = stale_reason(holder, me, cfg.trainer.lock_stale_s, now)
+    why = stale_reason(holder, Holder.this_process(slurm_job_name(), now), cfg.trainer.lock_stale_s, now)
     if why is None:
         say("FAIL", "run.dir", f"in use by another launch ({holder.describe(now)}); a launch now is refused")
     else:

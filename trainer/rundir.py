@@ -49,6 +49,13 @@ class Holder:
     launch: Optional[str] = None  # TORCHELASTIC_RUN_ID, when the launcher names its run
     restart: int = 0  # TORCHELASTIC_RESTART_COUNT
 
+    @classmethod
+    def this_process(cls, slurm_job: Optional[str], now: float) -> "Holder":
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        return cls(host=socket.gethostname(), pid=os.getpid(), slurm_job=slurm_job, started=now, heartbeat=now,
+                   token=uuid.uuid4().hex, launch=run_id if run_id not in ("", "none") else None,
+                   restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+
     def describe(self, now: float) -> str:
         job = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
@@ -138,10 +145,7 @@ class RunDirLock:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK
         now = time.time()
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-        me = Holder(host=socket.gethostname(), pid=os.getpid(), slurm_job=slurm_job, started=now,
-                    heartbeat=now, token=uuid.uuid4().hex, launch=run_id if run_id not in ("", "none") else None,
-                    restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+        me = Holder.this_process(slurm_job, now)
         tmp = run_dir / f".lock.{me.token}.tmp"
         _write(tmp, me)
         try:
