@@ -15,7 +15,7 @@ MODELS := factorized fvsbn nade made
 LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
 
-.PHONY: venv data data-lm data-shapes data-detr data-oad train train-sd train-detr train-oad test drills fault-drills \
+.PHONY: venv data data-lm data-shapes data-detr data-oad train train-sd train-detr train-oad test lint drills fault-drills \
         slurm-up slurm-down clean
 
 venv: $(STAMP)
@@ -78,9 +78,14 @@ train-oad: data-oad
 	$(LAUNCH) --config configs/oadtr/gru.yaml
 	$(PY) -m launch.report --metrics frame_map runs/oadtr/oadtr runs/oadtr/gru
 
-# the suite without the long drills (under 15 minutes on 2 cores); `make drills` runs those
-test: $(TEST_STAMP)
+# the linter, then the suite without the long drills (under 15 minutes on 2 cores); `make drills` runs those
+test: lint
 	$(PY) -m pytest -q -m "not drill" --durations=25 tests
+
+# ruff's lint rules and its formatter, as configured in pyproject.toml; `ruff format .` fixes the layout
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # every long drill: the fault drills at full strength (tests/drills/README.md), then the rest
 drills: fault-drills

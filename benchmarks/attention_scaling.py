@@ -44,8 +44,16 @@ def point(kind: str, tokens: int, args) -> dict:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    block = make_block(kind, dim=args.dim, heads=args.heads, causal=True, chunk_size=args.chunk_size,
-                       expansion=args.expansion, qk_dim=args.qk_dim, mlp_ratio=args.mlp_ratio).to(device)
+    block = make_block(
+        kind,
+        dim=args.dim,
+        heads=args.heads,
+        causal=True,
+        chunk_size=args.chunk_size,
+        expansion=args.expansion,
+        qk_dim=args.qk_dim,
+        mlp_ratio=args.mlp_ratio,
+    ).to(device)
     x = torch.randn(1, tokens, args.dim, device=device, requires_grad=True)
 
     def sync():
@@ -70,21 +78,37 @@ def point(kind: str, tokens: int, args) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     flops_tok = 3 * attention_flops_per_token(
-        kind, dim=args.dim, heads=args.heads, tokens=tokens, chunk_size=args.chunk_size,
-        expansion=args.expansion, qk_dim=args.qk_dim, mlp_ratio=args.mlp_ratio, causal=True)
+        kind,
+        dim=args.dim,
+        heads=args.heads,
+        tokens=tokens,
+        chunk_size=args.chunk_size,
+        expansion=args.expansion,
+        qk_dim=args.qk_dim,
+        mlp_ratio=args.mlp_ratio,
+        causal=True,
+    )
     fwd_bwd = statistics.median(times)
-    row = {"attention": kind, "tokens": tokens, "fwd_bwd_s": fwd_bwd, "peak_bytes": int(peak),
-           "times_s": [round(t, 4) for t in times], "flops_per_token": flops_tok,
-           "achieved_flops": flops_tok * tokens / fwd_bwd, "device": str(device),
-           "threads": torch.get_num_threads()}
+    row = {
+        "attention": kind,
+        "tokens": tokens,
+        "fwd_bwd_s": fwd_bwd,
+        "peak_bytes": int(peak),
+        "times_s": [round(t, 4) for t in times],
+        "flops_per_token": flops_tok,
+        "achieved_flops": flops_tok * tokens / fwd_bwd,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
     if args.peak_flops:
         row["mfu"] = row["achieved_flops"] / args.peak_flops
     return row
 
 
 def slope(rows: list[dict], kind: str, lo: int = 2048) -> float | None:
-    pts = [(math.log(r["tokens"]), math.log(r["fwd_bwd_s"])) for r in rows
-           if r["attention"] == kind and r["tokens"] >= lo]
+    pts = [
+        (math.log(r["tokens"]), math.log(r["fwd_bwd_s"])) for r in rows if r["attention"] == kind and r["tokens"] >= lo
+    ]
     if len(pts) < 2:
         return None
     mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
@@ -112,17 +136,29 @@ def main() -> None:
         print(json.dumps(point(args.point[0], int(args.point[1]), args)), flush=True)
         return
 
-    passthrough = [f"--dim={args.dim}", f"--heads={args.heads}", f"--chunk-size={args.chunk_size}",
-                   f"--expansion={args.expansion}", f"--qk-dim={args.qk_dim}",
-                   f"--mlp-ratio={args.mlp_ratio}", f"--reps={args.reps}"]
+    passthrough = [
+        f"--dim={args.dim}",
+        f"--heads={args.heads}",
+        f"--chunk-size={args.chunk_size}",
+        f"--expansion={args.expansion}",
+        f"--qk-dim={args.qk_dim}",
+        f"--mlp-ratio={args.mlp_ratio}",
+        f"--reps={args.reps}",
+    ]
     passthrough += [f"--device={args.device}"] if args.device else []
     passthrough += [f"--peak-flops={args.peak_flops}"] if args.peak_flops else []
     rows = []
     for kind in args.kinds.split(","):
         for tokens in [int(t) for t in args.tokens.split(",") if int(t) <= args.max_tokens]:
             cmd = [sys.executable, "-m", "benchmarks.attention_scaling", "--point", kind, str(tokens), *passthrough]
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                 cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
+            out = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+                cwd=Path(__file__).resolve().parent.parent,
+                env=dict(os.environ),
+            )
             if out.returncode != 0:
                 print(json.dumps({"attention": kind, "tokens": tokens, "error": out.stderr[-2000:]}), flush=True)
                 continue
@@ -130,11 +166,18 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     kinds = args.kinds.split(",")
-    summary = {"rows": [{k: r[k] for k in ("attention", "tokens", "fwd_bwd_s", "peak_bytes",
-                                           "flops_per_token", "achieved_flops") + (("mfu",) if "mfu" in r else ())}
-                        for r in rows],
-               "slope": {k: slope(rows, k) for k in kinds},
-               "width": args.dim}
+    summary = {
+        "rows": [
+            {
+                k: r[k]
+                for k in ("attention", "tokens", "fwd_bwd_s", "peak_bytes", "flops_per_token", "achieved_flops")
+                + (("mfu",) if "mfu" in r else ())
+            }
+            for r in rows
+        ],
+        "slope": {k: slope(rows, k) for k in kinds},
+        "width": args.dim,
+    }
     longest = max((r["tokens"] for r in rows), default=None)
     at = {r["attention"]: r["fwd_bwd_s"] for r in rows if r["tokens"] == longest}
     if "softmax" in at and "flash" in at:

@@ -91,13 +91,17 @@ def old_save(b, model, optimizer, scheduler, path: Path) -> dict:
 
     net = b.unwrap(model)
     if b.checkpoint_layout == "deepspeed":  # ZeRO-3: its partitions, then a 16-bit gather on rank 0
-        b.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False,
-                                 client_state={"universal_checkpoint_info": {}})
+        b.engine.save_checkpoint(
+            str(path), tag="deepspeed", save_latest=False, client_state={"universal_checkpoint_info": {}}
+        )
         weights = b.engine._zero3_consolidated_16bit_state_dict()
         optim = None
     elif b.fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(net, options=full)
@@ -106,12 +110,15 @@ def old_save(b, model, optimizer, scheduler, path: Path) -> dict:
         weights = net.state_dict() if b.is_main else None
         optim = optimizer.state_dict() if b.is_main else None
     if b.is_main:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
-                  str(path / "model.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(path / "model.safetensors")
+        )
         if optim is not None:
             torch.save(optim, path / "optimizer.pt")
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
-        files = {p.relative_to(path).as_posix(): file_digest(p, "sha256") for p in sorted(path.rglob("*")) if p.is_file()}
+        files = {
+            p.relative_to(path).as_posix(): file_digest(p, "sha256") for p in sorted(path.rglob("*")) if p.is_file()
+        }
         (path / "COMPLETE.json").write_text(json.dumps({"step": 1, "world_size": b.world_size, "files": files}))
     del weights, optim
     b.barrier()
@@ -137,26 +144,40 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from launch.recipes import load_recipe
     from models.registry import build_workload
     from trainer.backends import make_backend
     from trainer.checkpoint import Checkpointer, verify
-    from launch.recipes import load_recipe
     from trainer.loop import build_optimizer, lr_factor
 
     dim, depth = SIZES[args.size]
-    strategy = {"fsdp": ["trainer.accelerate.strategy=fsdp"], "ddp": [],
-                "zero3": ["trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=3"]}[args.strategy]
-    cfg = load_recipe(ROOT / "configs/lm/causal_1k.yaml", [
-        f"run.dir={args.dir}", f"model.dim={dim}", f"model.depth={depth}", f"model.heads={dim // 64}",
-        "model.seq_len=64", "data.batch_size=1", "trainer.dist_timeout_s=3600", *strategy])
+    strategy = {
+        "fsdp": ["trainer.accelerate.strategy=fsdp"],
+        "ddp": [],
+        "zero3": ["trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=3"],
+    }[args.strategy]
+    cfg = load_recipe(
+        ROOT / "configs/lm/causal_1k.yaml",
+        [
+            f"run.dir={args.dir}",
+            f"model.dim={dim}",
+            f"model.depth={depth}",
+            f"model.heads={dim // 64}",
+            "model.seq_len=64",
+            "data.batch_size=1",
+            "trainer.dist_timeout_s=3600",
+            *strategy,
+        ],
+    )
     b = make_backend(cfg)
     workload = build_workload(cfg.model)
     torch.manual_seed(0)
     model = workload.build_model()
     params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, warmup=10, total=100, schedule="cosine", min_ratio=0.1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup=10, total=100, schedule="cosine", min_ratio=0.1)
+    )
     model, optimizer = b.prepare(model, optimizer)
     batch = {"tokens": torch.randint(0, 256, (1, 65), device=b.device), "seed": torch.zeros(1, dtype=torch.long)}
     with PeakRSS() as train_peak:
@@ -191,20 +212,26 @@ def worker(args) -> None:
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
         b.barrier()
-        row = {"size": args.size, "params": params, "strategy": args.strategy, "ranks": b.world_size,
-               "path": path, "steady_rss_gb": [round(x / 1e9, 3) for x in gather(steady)],
-               "train_step_peak_rss_gb": [round(x / 1e9, 3) for x in gather(train_peak.peak)]}
+        row = {
+            "size": args.size,
+            "params": params,
+            "strategy": args.strategy,
+            "ranks": b.world_size,
+            "path": path,
+            "steady_rss_gb": [round(x / 1e9, 3) for x in gather(steady)],
+            "train_step_peak_rss_gb": [round(x / 1e9, 3) for x in gather(train_peak.peak)],
+        }
         if path == "old":
             ckpt = root / "step-1"
             if b.is_main:
                 ckpt.mkdir()
             b.barrier()
-            save_s, save_extra, written = timed(lambda: old_save(b, model, optimizer, scheduler, ckpt))
-            verify_s, _, problem = timed(lambda: verify(ckpt) if b.is_main else None)  # rank 0 alone
+            save_s, save_extra, written = timed(lambda ckpt=ckpt: old_save(b, model, optimizer, scheduler, ckpt))
+            verify_s, _, problem = timed(lambda ckpt=ckpt: verify(ckpt) if b.is_main else None)  # rank 0 alone
             if b.checkpoint_layout == "deepspeed":  # loads as the new path does
                 load_s, load_extra = None, 0
             else:
-                load_s, load_extra, _ = timed(lambda: b._load_full_files(ckpt, model, optimizer))
+                load_s, load_extra, _ = timed(lambda ckpt=ckpt: b._load_full_files(ckpt, model, optimizer))
             blocked_s = save_s
         else:
             ck = Checkpointer(root, b, keep_last_k=1, background=path == "async", timeout_s=3600)
@@ -218,8 +245,14 @@ def worker(args) -> None:
                 b.barrier()
                 t0 = time.perf_counter()
                 with PeakRSS() as peak:
-                    ck.save(step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            trainer_state={"step": step}, data_state={"rank": b.rank})
+                    ck.save(
+                        step,
+                        model=model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        trainer_state={"step": step},
+                        data_state={"rank": b.rank},
+                    )
                     blocked_s = time.perf_counter() - t0
                     ck.wait()
                     b.barrier()
@@ -232,10 +265,11 @@ def worker(args) -> None:
                     save_extra = max(save_extra, peak.peak - steady)
                 ckpt = root / f"step-{step}"
                 if step > first:
-                    verify_s, _, problem = timed(lambda: ck.verify_shared(ckpt))
+                    verify_s, _, problem = timed(lambda ck=ck, ckpt=ckpt: ck.verify_shared(ckpt))
                     assert problem is None, problem
-                    load_s, extra, _ = timed(lambda: ck.load(ckpt, model=model, optimizer=optimizer,
-                                                              scheduler=scheduler))
+                    load_s, extra, _ = timed(
+                        lambda ck=ck, ckpt=ckpt: ck.load(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+                    )
                     verifies.append(verify_s)
                     loads.append(load_s)
                     load_extra = max(load_extra, extra)
@@ -243,18 +277,27 @@ def worker(args) -> None:
             written = {}
             for entry in meta["files"].values():
                 written[entry["rank"]] = written.get(entry["rank"], 0) + entry["bytes"]
-            row["repeats"] = {"save_s": [round(x, 3) for x in saves], "blocked_s": [round(x, 3) for x in blocks],
-                              "verify_s": [round(x, 3) for x in verifies], "load_s": [round(x, 3) for x in loads]}
+            row["repeats"] = {
+                "save_s": [round(x, 3) for x in saves],
+                "blocked_s": [round(x, 3) for x in blocks],
+                "verify_s": [round(x, 3) for x in verifies],
+                "load_s": [round(x, 3) for x in loads],
+            }
             save_s, verify_s, load_s = statistics.median(saves), statistics.median(verifies), statistics.median(loads)
             blocked_s = statistics.median(blocks)
         assert problem is None, problem
         blocked = gather(blocked_s)
-        row.update({
-            "save_s": round(save_s, 3), "blocked_s": round(max(blocked), 3),
-            "verify_s": round(verify_s, 3), "load_s": None if load_s is None else round(load_s, 3),
-            "extra_rss_save_gb": [round(x / 1e9, 3) for x in gather(save_extra)],
-            "extra_rss_load_gb": [round(x / 1e9, 3) for x in gather(load_extra)],
-            "bytes_written_gb": [round(written.get(r, 0) / 1e9, 3) for r in range(b.world_size)]})
+        row.update(
+            {
+                "save_s": round(save_s, 3),
+                "blocked_s": round(max(blocked), 3),
+                "verify_s": round(verify_s, 3),
+                "load_s": None if load_s is None else round(load_s, 3),
+                "extra_rss_save_gb": [round(x / 1e9, 3) for x in gather(save_extra)],
+                "extra_rss_load_gb": [round(x / 1e9, 3) for x in gather(load_extra)],
+                "bytes_written_gb": [round(written.get(r, 0) / 1e9, 3) for r in range(b.world_size)],
+            }
+        )
         row["extra_rss_frac_save"] = [round(e / s, 3) for e, s in zip(row["extra_rss_save_gb"], row["steady_rss_gb"])]
         row["extra_rss_frac_load"] = [round(e / s, 3) for e, s in zip(row["extra_rss_load_gb"], row["steady_rss_gb"])]
         rows.append(row)
@@ -268,13 +311,38 @@ def worker(args) -> None:
 
 
 # ---------------------------------------------------------------- the driver
-def launch(size: str, strategy: str, nproc: int, paths: str, folder: Path, threads: int,
-           repeats: int = 3) -> list[dict]:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="",
-               MALLOC_MMAP_THRESHOLD_=str(1 << 20), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "benchmarks.checkpoint_scale", "--worker", "--size", size, "--strategy", strategy,
-           "--paths", paths, "--dir", str(folder), "--repeats", str(repeats)]
+def launch(
+    size: str, strategy: str, nproc: int, paths: str, folder: Path, threads: int, repeats: int = 3
+) -> list[dict]:
+    env = dict(
+        os.environ,
+        ACCELERATE_USE_CPU="1",
+        OMP_NUM_THREADS=str(threads),
+        CUDA_VISIBLE_DEVICES="",
+        MALLOC_MMAP_THRESHOLD_=str(1 << 20),
+        PYTHONUNBUFFERED="1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "benchmarks.checkpoint_scale",
+        "--worker",
+        "--size",
+        size,
+        "--strategy",
+        strategy,
+        "--paths",
+        paths,
+        "--dir",
+        str(folder),
+        "--repeats",
+        str(repeats),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"{size} {strategy} x{nproc}: exit {out.returncode}\n{out.stderr[-4000:]}")
@@ -290,8 +358,11 @@ def hash_rates(mb: int = 512) -> dict:
     out = {}
     import xxhash
 
-    algos = {"sha256": lambda: hashlib.sha256(data).digest(), "xxh3_128": lambda: xxhash.xxh3_128(data).digest(),
-             "xxh64": lambda: xxhash.xxh64(data).digest()}
+    algos = {
+        "sha256": lambda: hashlib.sha256(data).digest(),
+        "xxh3_128": lambda: xxhash.xxh3_128(data).digest(),
+        "xxh64": lambda: xxhash.xxh64(data).digest(),
+    }
     try:
         import google_crc32c
 
@@ -339,8 +410,12 @@ def main() -> None:
     folder = Path(args.dir)
     sizes = args.sizes.split(",")
     largest = sizes[-1]
-    print(json.dumps({"hash_gb_per_s": hash_rates(), "storage": str(folder),
-                      "storage_fsync_write_gb_per_s": disk_rate(folder)}), flush=True)
+    print(
+        json.dumps(
+            {"hash_gb_per_s": hash_rates(), "storage": str(folder), "storage_fsync_write_gb_per_s": disk_rate(folder)}
+        ),
+        flush=True,
+    )
     rows = []
     for size in sizes:
         rows += launch(size, "fsdp", 2, "old,new,async", folder, args.threads)
@@ -359,19 +434,26 @@ def main() -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
     def pick(strategy, ranks, path):
-        return next(r for r in rows if (r["size"], r["strategy"], r["ranks"], r["path"]) == (largest, strategy, ranks, path))
+        return next(
+            r for r in rows if (r["size"], r["strategy"], r["ranks"], r["path"]) == (largest, strategy, ranks, path)
+        )
 
     new2, async2 = pick("fsdp", 2, "new"), pick("fsdp", 2, "async")
-    print(json.dumps({
-        "model": f"{largest} byte-level LM, FSDP2, 2 ranks",
-        "rank0_extra_rss_frac_save": new2["extra_rss_frac_save"][0],
-        "rank0_extra_rss_frac_load": new2["extra_rss_frac_load"][0],
-        "async_blocked_frac": round(async2["blocked_s"] / new2["save_s"], 3),
-        "save_time_2v1": statistics.median(r["save_s"] for r in scaling),
-        "load_time_2v1": statistics.median(r["load_s"] for r in scaling),
-        "verify_time_2v1": statistics.median(r["verify_s"] for r in scaling),
-        "scaling_rounds": scaling,
-        "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "model": f"{largest} byte-level LM, FSDP2, 2 ranks",
+                "rank0_extra_rss_frac_save": new2["extra_rss_frac_save"][0],
+                "rank0_extra_rss_frac_load": new2["extra_rss_frac_load"][0],
+                "async_blocked_frac": round(async2["blocked_s"] / new2["save_s"], 3),
+                "save_time_2v1": statistics.median(r["save_s"] for r in scaling),
+                "load_time_2v1": statistics.median(r["load_s"] for r in scaling),
+                "verify_time_2v1": statistics.median(r["verify_s"] for r in scaling),
+                "scaling_rounds": scaling,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 if not __package__:  # `python benchmarks/this.py`: the repo root on sys.path, as with -m
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,9 +66,17 @@ HTTP_TIMEOUT_S = 10.0
 NEW_CONNECTION_MAX_SAMPLES = 4000  # x2 GETs, each a TCP connection left in TIME_WAIT
 TARGETS = {"http_shard_vs_files": 3.0, "stream_vs_webdataset": 0.9, "shard_vs_train": 5.0}
 
-COLOURS = {"red": (220, 50, 47), "green": (64, 160, 43), "blue": (38, 139, 210),
-           "yellow": (235, 200, 40), "purple": (136, 57, 239), "orange": (254, 100, 11),
-           "white": (245, 245, 245), "black": (20, 20, 20), "grey": (128, 128, 128)}
+COLOURS = {
+    "red": (220, 50, 47),
+    "green": (64, 160, 43),
+    "blue": (38, 139, 210),
+    "yellow": (235, 200, 40),
+    "purple": (136, 57, 239),
+    "orange": (254, 100, 11),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "grey": (128, 128, 128),
+}
 
 
 # ------------------------------------------------------------------ data
@@ -101,14 +109,15 @@ def build_data(root: Path, n: int, samples_per_shard: int) -> dict:
     for s in samples:
         (files / f"{s['__key__']}.png").write_bytes(s["png"])
         (files / f"{s['__key__']}.txt").write_bytes(s["txt"])
-    manifest = write_shards(iter(samples), root / "shards", prefix="shard",
-                            maxcount=samples_per_shard)
-    return {"samples": samples,
-            "keys": [s["__key__"] for s in samples],
-            "mean_png_bytes": statistics.fmean(len(s["png"]) for s in samples),
-            "mean_txt_bytes": statistics.fmean(len(s["txt"]) for s in samples),
-            "shards": len(manifest["shards"]),
-            "shard_bytes": sum(s["bytes"] for s in manifest["shards"])}
+    manifest = write_shards(iter(samples), root / "shards", prefix="shard", maxcount=samples_per_shard)
+    return {
+        "samples": samples,
+        "keys": [s["__key__"] for s in samples],
+        "mean_png_bytes": statistics.fmean(len(s["png"]) for s in samples),
+        "mean_txt_bytes": statistics.fmean(len(s["txt"]) for s in samples),
+        "shards": len(manifest["shards"]),
+        "shard_bytes": sum(s["bytes"] for s in manifest["shards"]),
+    }
 
 
 def decode(sample: dict) -> tuple[torch.Tensor, str]:
@@ -122,8 +131,7 @@ def collate(samples: list) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(images), list(captions)
 
 
-def file_batches(read: Callable[[str], bytes], keys: Iterable[str],
-                 batch_size: int) -> Iterator[tuple]:
+def file_batches(read: Callable[[str], bytes], keys: Iterable[str], batch_size: int) -> Iterator[tuple]:
     batch = []
     for key in keys:
         batch.append(decode({"__key__": key, "png": read(f"{key}.png"), "txt": read(f"{key}.txt")}))
@@ -136,6 +144,7 @@ def read_local(folder: Path) -> Callable[[str], bytes]:
     def read(name: str) -> bytes:
         with open(folder / name, "rb") as f:
             return f.read()
+
     return read
 
 
@@ -213,13 +222,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_serving(proc: subprocess.Popen, port: int, path: str, log: Path,
-                       timeout_s: float = 15.0) -> None:
+def wait_until_serving(proc: subprocess.Popen, port: int, path: str, log: Path, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"web server exited with {proc.returncode}: "
-                               f"{log.read_text(errors='replace')[-2000:] if log.exists() else ''}")
+            raise RuntimeError(
+                f"web server exited with {proc.returncode}: "
+                f"{log.read_text(errors='replace')[-2000:] if log.exists() else ''}"
+            )
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
         try:
             conn.request("GET", path)
@@ -267,8 +277,9 @@ def web_server(root: Path, choice: str, probe: str) -> Iterator[tuple[str, int]]
         name = f"python{sys.version_info.major}.{sys.version_info.minor} http.server (ThreadingHTTPServer, HTTP/1.1)"
         cmd = [sys.executable, "-c", PYTHON_SERVER, str(root), str(port)]
     with open(prefix / "stdout.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     try:
         wait_until_serving(proc, port, probe, log if use_nginx else prefix / "stdout.log")
         yield name, port
@@ -282,8 +293,10 @@ def cpu_seconds() -> tuple[float, float]:
     with open("/proc/stat") as f:
         user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
     machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    ours = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+    ours = sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
     return machine, ours
 
 
@@ -300,14 +313,24 @@ def time_batches(batches: Iterable, n: int, warmup: int = 0) -> float:
 
 
 def shard_stream(shards: ShardList, batch_size: int, num_workers: int) -> ShardStream:
-    return ShardStream(shards, decode=decode, collate=collate, batch_size=batch_size, seed=0,
-                       shuffle_buffer=SHUFFLE_BUFFER, rank=0, world_size=1,
-                       num_workers=num_workers, on_error="fail")
+    return ShardStream(
+        shards,
+        decode=decode,
+        collate=collate,
+        batch_size=batch_size,
+        seed=0,
+        shuffle_buffer=SHUFFLE_BUFFER,
+        rank=0,
+        world_size=1,
+        num_workers=num_workers,
+        on_error="fail",
+    )
 
 
 def time_loader(shards: ShardList, batch_size: int, num_workers: int, n: int) -> float:
-    loader = StreamLoader(shard_stream(shards, batch_size, num_workers),
-                          num_workers=num_workers, prefetch_factor=PREFETCH_FACTOR)
+    loader = StreamLoader(
+        shard_stream(shards, batch_size, num_workers), num_workers=num_workers, prefetch_factor=PREFETCH_FACTOR
+    )
     try:
         # worker start-up (fork, first shard open) is paid once per run: exclude it
         return time_batches(loader, n, warmup=num_workers)
@@ -323,8 +346,7 @@ def time_train_steps(batch_size: int, n: int) -> float:
     model = workload.build_model().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(batch_size, workload.dims, generator=g) > 0.5).float()
-               for _ in range(64)]
+    batches = [(torch.rand(batch_size, workload.dims, generator=g) > 0.5).float() for _ in range(64)]
 
     def step(x: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -340,13 +362,16 @@ def time_train_steps(batch_size: int, n: int) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--server", choices=("auto", "nginx", "python"), default="auto",
-                        help="auto: nginx when installed, else Python's http.server")
+    parser.add_argument(
+        "--server",
+        choices=("auto", "nginx", "python"),
+        default="auto",
+        help="auto: nginx when installed, else Python's http.server",
+    )
     parser.add_argument("--quick", action="store_true", help="3000 samples, 1 repeat")
     args = parser.parse_args(argv)
     if args.quick:
@@ -354,8 +379,9 @@ def main(argv=None) -> dict:
     if args.samples < 4 * args.batch_size:
         parser.error(f"--samples must be at least 4 x batch size ({4 * args.batch_size})")
     if shutil.which("curl") is None:
-        raise SystemExit("webdataset opens http:// shards through `curl`, which is not "
-                         "installed (apt-get install -y curl)")
+        raise SystemExit(
+            "webdataset opens http:// shards through `curl`, which is not installed (apt-get install -y curl)"
+        )
     # curl must not route 127.0.0.1 through a proxy
     os.environ["no_proxy"] = ",".join(filter(None, [os.environ.get("no_proxy"), "127.0.0.1"]))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks run
@@ -381,19 +407,23 @@ def main(argv=None) -> dict:
 
         with web_server(tmp, args.server, "/shards/manifest.json") as (server, port):
             manifest = read_manifest(tmp / "shards")
-            remote = ShardList([f"http://127.0.0.1:{port}/shards/{s['url']}" for s in manifest["shards"]],
-                               [s["samples"] for s in manifest["shards"]])
+            remote = ShardList(
+                [f"http://127.0.0.1:{port}/shards/{s['url']}" for s in manifest["shards"]],
+                [s["samples"] for s in manifest["shards"]],
+            )
             rates: dict[str, list[float]] = {}  # samples/s of each pipeline, one per repeat
             for repeat in range(args.repeats):
                 order = [keys[i] for i in np.random.default_rng(repeat).permutation(len(keys))]
                 run = {}
 
-                def measure(name: str, batches: Iterable, n: int = n_batches) -> None:
+                def measure(name: str, batches: Iterable, n: int = n_batches, run: dict = run) -> None:
                     run[name] = n * args.batch_size / time_batches(batches, n)
 
                 measure("http_stream", shard_stream(remote, args.batch_size, 1))
-                for name, keep_alive, n in (("http_files", True, n_batches),
-                                            ("http_files_new_connection", False, n_fresh)):
+                for name, keep_alive, n in (
+                    ("http_files", True, n_batches),
+                    ("http_files_new_connection", False, n_fresh),
+                ):
                     client = HTTPFileClient(port, "/files", keep_alive=keep_alive)
                     try:
                         measure(name, file_batches(client.read, order, args.batch_size), n)
@@ -402,9 +432,14 @@ def main(argv=None) -> dict:
                     if keep_alive:
                         keep_alive_connections = client.connections
                 measure("local_stream", shard_stream(local, args.batch_size, 1))
-                measure("webdataset", wds.WebDataset(local.urls, shardshuffle=False, empty_check=False)
-                        .repeat().shuffle(SHUFFLE_BUFFER).map(decode)
-                        .batched(args.batch_size, collation_fn=collate))
+                measure(
+                    "webdataset",
+                    wds.WebDataset(local.urls, shardshuffle=False, empty_check=False)
+                    .repeat()
+                    .shuffle(SHUFFLE_BUFFER)
+                    .map(decode)
+                    .batched(args.batch_size, collation_fn=collate),
+                )
                 measure("local_files", file_batches(read_local(tmp / "files"), order, args.batch_size))
                 measure("decode_only", file_batches(in_memory.__getitem__, order, args.batch_size))
                 for k in LOADER_WORKERS:
@@ -412,8 +447,12 @@ def main(argv=None) -> dict:
                 run["train_step"] = timed / time_train_steps(args.batch_size, n_batches)
                 for name, value in run.items():
                     rates.setdefault(name, []).append(value)
-                print(json.dumps({"repeat": repeat, "samples_per_s": {
-                    name: round(value, 1) for name, value in run.items()}}), flush=True)
+                print(
+                    json.dumps(
+                        {"repeat": repeat, "samples_per_s": {name: round(value, 1) for name, value in run.items()}}
+                    ),
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     (machine1, ours1), wall = cpu_seconds(), time.perf_counter() - wall0
@@ -458,8 +497,7 @@ def main(argv=None) -> dict:
         "train_step_samples_per_s": rate["train_step"],
         "train_step_ms": 1000 * args.batch_size / rate["train_step"],
         "shard_vs_train": rate["local_stream"] / rate["train_step"],
-        **{f"loader_{k}_workers_vs_train": rate[f"loader_{k}w"] / rate["train_step"]
-           for k in LOADER_WORKERS},
+        **{f"loader_{k}_workers_vs_train": rate[f"loader_{k}w"] / rate["train_step"] for k in LOADER_WORKERS},
         "targets": TARGETS,
     }
     result["targets_met"] = {k: result[k] >= v for k, v in TARGETS.items()}

@@ -9,8 +9,9 @@ attention kind and sizes changed; softmax and linear models get `depth` blocks, 
 models 2x as many (a GAU replaces attention + MLP; parameter counts are reported so the
 comparison can be judged). The learning rate is constant after warm-up, so runs of any
 length are comparable. The same-steps runs stop at `--steps`; the same-budget runs get
-`trainer.max_time=--budget-s` seconds of training time (eval excluded) and no step cap. Validation bits per byte are the final `val/bits_per_byte` over the whole
-validation split. Earlier lines are per-run JSON; the last line is one JSON object.
+`trainer.max_time=--budget-s` seconds of training time (eval excluded) and no step cap.
+Validation bits per byte are the final `val/bits_per_byte` over the whole validation split.
+Earlier lines are per-run JSON; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -31,17 +32,46 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def train(kind: str, run_dir: Path, args, *extra: str) -> dict:
     depth = args.depth * (2 if kind.startswith("flash") else 1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           "-m", "launch.train", "--config", str(ROOT / "configs/lm/causal_4k.yaml"), f"run.dir={run_dir}",
-           f"model.attention={kind}", f"model.dim={args.dim}", f"model.depth={depth}",
-           f"model.heads={args.heads}", f"model.qk_dim={args.qk_dim}", "model.seq_len=4096",
-           f"data.train.urls={args.data}/train", f"data.val.urls={args.data}/val", "data.test.urls=''",
-           f"data.batch_size={args.batch}", "trainer.log_every=10", "trainer.eval_every=0",
-           "trainer.sample_every=0", "trainer.checkpoint_every=0", "trainer.progress_bar=false",
-           f"optim.warmup_steps={args.warmup}", f"optim.lr={args.lr}", "optim.schedule=constant", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(args.nproc),
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/lm/causal_4k.yaml"),
+        f"run.dir={run_dir}",
+        f"model.attention={kind}",
+        f"model.dim={args.dim}",
+        f"model.depth={depth}",
+        f"model.heads={args.heads}",
+        f"model.qk_dim={args.qk_dim}",
+        "model.seq_len=4096",
+        f"data.train.urls={args.data}/train",
+        f"data.val.urls={args.data}/val",
+        "data.test.urls=''",
+        f"data.batch_size={args.batch}",
+        "trainer.log_every=10",
+        "trainer.eval_every=0",
+        "trainer.sample_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.progress_bar=false",
+        f"optim.warmup_steps={args.warmup}",
+        f"optim.lr={args.lr}",
+        "optim.schedule=constant",
+        *extra,
+    ]
     t0 = time.monotonic()
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(
-        __import__("os").environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(args.threads)))
+    out = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(__import__("os").environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(args.threads)),
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{kind}: exit {out.returncode}\n{out.stderr[-3000:]}")
     final = json.loads((run_dir / "final_metrics.json").read_text())
@@ -51,9 +81,15 @@ def train(kind: str, run_dir: Path, args, *extra: str) -> dict:
 
     specs = model_tensors(read_metadata(run_dir / "checkpoints" / f"step-{final['step']}" / "state"))
     params = sum(m.size.numel() for m in specs.values())
-    return {"attention": kind, "depth": depth, "params": params, "steps": final["step"],
-            "val_bits_per_byte": final["val/bits_per_byte"], "last_train_bits_per_byte": train_losses[-1],
-            "wall_s": round(time.monotonic() - t0, 1)}
+    return {
+        "attention": kind,
+        "depth": depth,
+        "params": params,
+        "steps": final["step"],
+        "val_bits_per_byte": final["val/bits_per_byte"],
+        "last_train_bits_per_byte": train_losses[-1],
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
 
 
 def main() -> None:
@@ -83,8 +119,13 @@ def main() -> None:
             print(json.dumps({"mode": "same_steps", **r}), flush=True)
             result["same_steps"][kind] = r
         for kind in kinds:
-            r = train(kind, Path(tmp) / f"budget-{kind}", args, "trainer.max_steps=1000000",
-                      f"trainer.max_time={args.budget_s}")
+            r = train(
+                kind,
+                Path(tmp) / f"budget-{kind}",
+                args,
+                "trainer.max_steps=1000000",
+                f"trainer.max_time={args.budget_s}",
+            )
             print(json.dumps({"mode": "same_budget", **r}), flush=True)
             result["same_budget"][kind] = r
     for mode in ("same_steps", "same_budget"):

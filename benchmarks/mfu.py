@@ -52,21 +52,46 @@ def run(name: str, scale: float) -> dict:
     recipe, steps, log_every, extra = RECIPES[name]
     steps = max(3 * log_every, int(steps * scale) // log_every * log_every)
     run_dir = Path(tempfile.mkdtemp(prefix=f"tributary-mfu-{name}-"))
-    cmd = [sys.executable, "-m", "launch.train", "--config", recipe, f"run.dir={run_dir}",
-           f"trainer.max_steps={steps}", f"trainer.log_every={log_every}", "trainer.eval_every=0",
-           "trainer.sample_every=0", "trainer.checkpoint_every=0", "trainer.progress_bar=false",
-           f"optim.warmup_steps={min(10, steps - 1)}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config",
+        recipe,
+        f"run.dir={run_dir}",
+        f"trainer.max_steps={steps}",
+        f"trainer.log_every={log_every}",
+        "trainer.eval_every=0",
+        "trainer.sample_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.progress_bar=false",
+        f"optim.warmup_steps={min(10, steps - 1)}",
+        *extra,
+    ]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     try:
         if out.returncode != 0:
             return {"recipe": name, "error": out.stderr.strip().splitlines()[-1][:300]}
-        windows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/samples_per_s" in r][1:]  # the first holds warm-up
+        windows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/samples_per_s" in r][
+            1:
+        ]  # the first holds warm-up
         peak = re.search(r"MFU against (\S+) TFLOP/s per rank \((.*)\)\s*$", out.stdout, re.M)
-        row = {"recipe": name, "config": recipe + (" " + " ".join(extra) if extra else ""), "steps": steps,
-               "peak_tflops": float(peak.group(1)) if peak else None, "peak_from": peak.group(2) if peak else None}
-        for key in ("perf/mfu", "perf/tflops_per_rank", "train/samples_per_s", "perf/tokens_per_s",
-                    "perf/images_per_s", "train/data_wait_frac"):
+        row = {
+            "recipe": name,
+            "config": recipe + (" " + " ".join(extra) if extra else ""),
+            "steps": steps,
+            "peak_tflops": float(peak.group(1)) if peak else None,
+            "peak_from": peak.group(2) if peak else None,
+        }
+        for key in (
+            "perf/mfu",
+            "perf/tflops_per_rank",
+            "train/samples_per_s",
+            "perf/tokens_per_s",
+            "perf/images_per_s",
+            "train/data_wait_frac",
+        ):
             values = [r[key] for r in windows if key in r]
             if values:
                 row[key] = statistics.median(values)

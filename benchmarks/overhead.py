@@ -62,10 +62,19 @@ WARMUP = {"made": 100, "lm": 10}
 def _config(recipe: str, backend: str, run_dir: Path, steps: int, log_every: int = 0):
     from launch.recipes import load_recipe
 
-    cfg = load_recipe(ROOT / RECIPES[recipe], [
-        f"run.dir={run_dir}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
-        "trainer.sample_every=0", "trainer.checkpoint_every=0", f"trainer.backend={backend}",
-        "trainer.deepspeed.zero_stage=2", f"optim.warmup_steps={min(10, steps // 2)}"])
+    cfg = load_recipe(
+        ROOT / RECIPES[recipe],
+        [
+            f"run.dir={run_dir}",
+            f"trainer.max_steps={steps}",
+            "trainer.eval_every=0",
+            "trainer.sample_every=0",
+            "trainer.checkpoint_every=0",
+            f"trainer.backend={backend}",
+            "trainer.deepspeed.zero_stage=2",
+            f"optim.warmup_steps={min(10, steps // 2)}",
+        ],
+    )
     cfg.trainer.log_every = log_every or type(cfg.trainer)().log_every  # default: the trainer's default
     for split in (cfg.data.val, cfg.data.test):  # no eval at the end either
         split.urls = ""
@@ -133,16 +142,24 @@ class BareLoop:
         seed_all(t.seed)
         model = self.workload.build_model().to(self.device)
         optimizer = build_optimizer(model, cfg.optim)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-            lr_factor, warmup=cfg.optim.warmup_steps, total=t.max_steps,
-            schedule=cfg.optim.schedule, min_ratio=cfg.optim.min_lr_ratio))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            functools.partial(
+                lr_factor,
+                warmup=cfg.optim.warmup_steps,
+                total=t.max_steps,
+                schedule=cfg.optim.schedule,
+                min_ratio=cfg.optim.min_lr_ratio,
+            ),
+        )
         if kind == "deepspeed":
             import deepspeed
 
             from trainer.backends.deepspeed import deepspeed_config
 
-            model, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                          config=deepspeed_config(t, cfg.data.batch_size))
+            model, optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=deepspeed_config(t, cfg.data.batch_size)
+            )
         elif world > 1:
             model = torch.nn.parallel.DistributedDataParallel(model)
         self.model, self.optimizer = model, optimizer
@@ -218,7 +235,7 @@ def paired_hook(hook, bare, ours_s: list[float], bare_s: list[float]):
 def windows(durations: list[float], warmup: int, width: int) -> list[float]:
     """Mean step time of consecutive `width`-step windows after `warmup` steps."""
     d = durations[warmup:]
-    return [sum(d[i:i + width]) / width for i in range(0, len(d) - width + 1, width)]
+    return [sum(d[i : i + width]) / width for i in range(0, len(d) - width + 1, width)]
 
 
 def worker(args) -> None:
@@ -240,10 +257,17 @@ def worker(args) -> None:
         ours_w += windows(ours, WARMUP[args.recipe], width)
         bare_w += windows(bare, WARMUP[args.recipe], width)
     if rank == 0:
-        Path(args.out).write_text(json.dumps({
-            "bare_s": statistics.median(bare_w), "ours_s": statistics.median(ours_w),
-            "paired_ratio": statistics.median(o / b for o, b in zip(ours_w, bare_w)),
-            "windows": len(bare_w), "window_steps": width}))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "bare_s": statistics.median(bare_w),
+                    "ours_s": statistics.median(ours_w),
+                    "paired_ratio": statistics.median(o / b for o, b in zip(ours_w, bare_w)),
+                    "windows": len(bare_w),
+                    "window_steps": width,
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -258,11 +282,35 @@ def _has_cuda() -> bool:
 def run_one(recipe: str, backend: str, nproc: int, rounds: int, quick: bool, data: str, log_every: int = 0) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="tributary-overhead-"))
     out = scratch / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "benchmarks.overhead", "--worker", "--recipe", recipe, "--backend", backend,
-           "--rounds", str(rounds), "--data", data, "--log-every", str(log_every), "--scratch", str(scratch), "--out", str(out)] + (["--quick"] if quick else [])
-    env = dict(os.environ, ACCELERATE_USE_CPU=os.environ.get("ACCELERATE_USE_CPU", "0" if _has_cuda() else "1"),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc))))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "benchmarks.overhead",
+        "--worker",
+        "--recipe",
+        recipe,
+        "--backend",
+        backend,
+        "--rounds",
+        str(rounds),
+        "--data",
+        data,
+        "--log-every",
+        str(log_every),
+        "--scratch",
+        str(scratch),
+        "--out",
+        str(out),
+    ] + (["--quick"] if quick else [])
+    env = dict(
+        os.environ,
+        ACCELERATE_USE_CPU=os.environ.get("ACCELERATE_USE_CPU", "0" if _has_cuda() else "1"),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc))),
+    )
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -270,13 +318,20 @@ def run_one(recipe: str, backend: str, nproc: int, rounds: int, quick: bool, dat
         raise SystemExit(f"{recipe}/{backend}/{nproc}: worker failed\n{proc.stderr[-4000:]}")
     res = json.loads(out.read_text())
     shutil.rmtree(scratch, ignore_errors=True)
-    return {"recipe": recipe, "backend": backend, "nprocs": nproc, "data": data,
-            "bare_step_ms": round(res["bare_s"] * 1e3, 3), "ours_step_ms": round(res["ours_s"] * 1e3, 3),
-            "ratio": round(res["ours_s"] / res["bare_s"], 4),
-            "paired_ratio": round(res["paired_ratio"], 4),
-            "overhead_us_per_step": round((res["ours_s"] - res["bare_s"]) * 1e6, 1),
-            "windows": res["windows"], "window_steps": res["window_steps"],
-            "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "recipe": recipe,
+        "backend": backend,
+        "nprocs": nproc,
+        "data": data,
+        "bare_step_ms": round(res["bare_s"] * 1e3, 3),
+        "ours_step_ms": round(res["ours_s"] * 1e3, 3),
+        "ratio": round(res["ours_s"] / res["bare_s"], 4),
+        "paired_ratio": round(res["paired_ratio"], 4),
+        "overhead_us_per_step": round((res["ours_s"] - res["bare_s"]) * 1e6, 1),
+        "windows": res["windows"],
+        "window_steps": res["window_steps"],
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main(argv=None) -> None:
@@ -286,10 +341,15 @@ def main(argv=None) -> None:
     p.add_argument("--backends", default="accelerate,deepspeed")
     p.add_argument("--nprocs", default="1,2")
     p.add_argument("--rounds", type=int, default=0, help="fresh runs per configuration (default 2; quick 1)")
-    p.add_argument("--data", choices=("memory", "stream"), default="memory",
-                   help="batches cycled from memory (default) or the recipe's stream")
-    p.add_argument("--log-every", type=int, default=0,
-                   help="the trainer's log interval (default: TrainerConfig's default, 10)")
+    p.add_argument(
+        "--data",
+        choices=("memory", "stream"),
+        default="memory",
+        help="batches cycled from memory (default) or the recipe's stream",
+    )
+    p.add_argument(
+        "--log-every", type=int, default=0, help="the trainer's log interval (default: TrainerConfig's default, 10)"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)

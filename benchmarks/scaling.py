@@ -54,8 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"made": "configs/autoregressive/made.yaml", "lm": "configs/lm/causal_1k.yaml"}
 # steps (full, quick), log interval and warm-up windows skipped: the MADE step is ~10-25 ms,
 # the LM step ~1-2 s on one core
-PLAN = {"made": {"steps": (600, 200), "log_every": 25, "skip": 4},
-        "lm": {"steps": (36, 12), "log_every": 3, "skip": 2}}
+PLAN = {"made": {"steps": (600, 200), "log_every": 25, "skip": 4}, "lm": {"steps": (36, 12), "log_every": 3, "skip": 2}}
 RUNS = [(1, 1, "sync"), (2, 1, "sync"), (2, 1, "nosync"), (1, 2, "sync")]  # ranks, threads, variant
 
 
@@ -81,12 +80,27 @@ def launch(recipe: str, ranks: int, threads: int, variant: str, steps: int, run_
     from trainer.metrics import read_jsonl
 
     entry = ["benchmarks.scaling", "--nosync-worker"] if variant == "nosync" else ["launch.train"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", *entry, "--config", RECIPES[recipe], f"run.dir={run_dir}",
-           f"trainer.max_steps={steps}", f"optim.warmup_steps={steps // 10}",
-           f"trainer.log_every={PLAN[recipe]['log_every']}", "trainer.eval_every=0",
-           "trainer.sample_every=0", "trainer.checkpoint_every=0", "trainer.progress_bar=false",
-           'data.val.urls=""', 'data.test.urls=""']  # a bare `key=` reads as None and is refused
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        *entry,
+        "--config",
+        RECIPES[recipe],
+        f"run.dir={run_dir}",
+        f"trainer.max_steps={steps}",
+        f"optim.warmup_steps={steps // 10}",
+        f"trainer.log_every={PLAN[recipe]['log_every']}",
+        "trainer.eval_every=0",
+        "trainer.sample_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.progress_bar=false",
+        'data.val.urls=""',
+        'data.test.urls=""',
+    ]  # a bare `key=` reads as None and is refused
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -100,7 +114,7 @@ def measure(recipe: str, ranks: int, threads: int, variant: str, quick: bool) ->
     plan = PLAN[recipe]
     run_dir = Path(tempfile.mkdtemp(prefix=f"scaling-{recipe}-"))
     try:
-        windows = launch(recipe, ranks, threads, variant, plan["steps"][quick], run_dir)[plan["skip"]:]
+        windows = launch(recipe, ranks, threads, variant, plan["steps"][quick], run_dir)[plan["skip"] :]
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -109,9 +123,16 @@ def measure(recipe: str, ranks: int, threads: int, variant: str, quick: bool) ->
 
     sps = median("train/samples_per_s")
     batch = ranks * load_recipe(ROOT / RECIPES[recipe]).data.batch_size
-    row = {"recipe": recipe, "ranks": ranks, "threads_per_rank": threads, "variant": variant,
-           "windows": len(windows), "samples_per_s": float(f"{sps:.4g}"),
-           "step_ms": round(1000 * batch / sps, 2), "data_wait_frac": round(median("train/data_wait_frac"), 3)}
+    row = {
+        "recipe": recipe,
+        "ranks": ranks,
+        "threads_per_rank": threads,
+        "variant": variant,
+        "windows": len(windows),
+        "samples_per_s": float(f"{sps:.4g}"),
+        "step_ms": round(1000 * batch / sps, 2),
+        "data_wait_frac": round(median("train/data_wait_frac"), 3),
+    }
     if recipe == "lm":
         row["tokens_per_s"] = round(median("perf/tokens_per_s"))
     return row
@@ -133,14 +154,24 @@ def main() -> None:
         efficiency = two["samples_per_s"] / (2 * one["samples_per_s"])
         comm = 1 - nosync["step_ms"] / two["step_ms"]
         data = two["data_wait_frac"]
-        print(json.dumps({
-            "recipe": recipe, "efficiency": round(efficiency, 3),
-            "speedup_vs_1rank_2threads": round(two["samples_per_s"] / rows[1, 2, "sync"]["samples_per_s"], 3),
-            "step_ms_2ranks": two["step_ms"],
-            "breakdown_2ranks": {"compute": round(1 - comm - data, 3),
-                                 "allreduce": round(comm, 3), "data_wait": data},
-            "note": "allreduce = 1 - step(nosync)/step(sync): the DDP communication not overlapped with "
-                    "backward (gradient buckets, buffer broadcast, waiting for the slower rank)"}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "recipe": recipe,
+                    "efficiency": round(efficiency, 3),
+                    "speedup_vs_1rank_2threads": round(two["samples_per_s"] / rows[1, 2, "sync"]["samples_per_s"], 3),
+                    "step_ms_2ranks": two["step_ms"],
+                    "breakdown_2ranks": {
+                        "compute": round(1 - comm - data, 3),
+                        "allreduce": round(comm, 3),
+                        "data_wait": data,
+                    },
+                    "note": "allreduce = 1 - step(nosync)/step(sync): the DDP communication not overlapped with "
+                    "backward (gradient buckets, buffer broadcast, waiting for the slower rank)",
+                }
+            ),
+            flush=True,
+        )
         summary[f"{recipe}_efficiency"] = round(efficiency, 3)
     print(json.dumps(summary), flush=True)
 

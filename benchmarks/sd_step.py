@@ -58,8 +58,8 @@ def main(argv=None) -> None:
 
     import webdataset as wds
 
-    from models.registry import build_workload
     from launch.recipes import load_recipe
+    from models.registry import build_workload
     from trainer.loop import build_optimizer
 
     vae_cfg = load_recipe(args.vae_recipe)
@@ -99,10 +99,12 @@ def main(argv=None) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             model.ema_update(100)
+
         return step
 
     out = {
-        "batch_per_rank": batch_size, "threads": args.threads,
+        "batch_per_rank": batch_size,
+        "threads": args.threads,
         "params_unet_M": sum(p.numel() for p in model.unet.parameters()) / 1e6,
         "params_text_encoder_M": sum(p.numel() for p in model.text_encoder.parameters()) / 1e6,
         "params_vae_M": sum(p.numel() for p in model.vae.parameters()) / 1e6,

@@ -69,13 +69,16 @@ def interleaved(variants: dict, baseline: str, warmup: int, reps: int) -> tuple[
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             t = time.perf_counter()
             variants[n]()
             times[n].append(time.perf_counter() - t)
     ms = {n: round(1000 * statistics.median(v), 2) for n, v in times.items()}
-    speedup = {n: round(statistics.median(b / x for b, x in zip(times[baseline], v)), 3)
-               for n, v in times.items() if n != baseline}
+    speedup = {
+        n: round(statistics.median(b / x for b, x in zip(times[baseline], v)), 3)
+        for n, v in times.items()
+        if n != baseline
+    }
     return ms, speedup
 
 
@@ -97,8 +100,7 @@ def make_adamw(model, o, **impl) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             **impl)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **impl)
 
 
 class Bench:
@@ -117,8 +119,8 @@ class Bench:
 
     # ---------------------------------------------------------------- models and batches
     def lm(self, overrides=(), seq_len: int = 0):
-        from models.registry import build_workload
         from launch.recipes import load_recipe
+        from models.registry import build_workload
 
         extra = [f"model.seq_len={seq_len}"] if seq_len else []
         cfg = load_recipe(LM_RECIPE, [*self.lm_overrides, *extra, *overrides])
@@ -138,16 +140,24 @@ class Bench:
                 if size > 64 * 4097:
                     break
             self._text = b"".join(chunks)
-        windows = [list(self._text[i * n:(i + 1) * n]) for i in range(want)]
+        windows = [list(self._text[i * n : (i + 1) * n]) for i in range(want)]
         return {"tokens": torch.tensor(windows)}
 
     def sd(self, overrides=()):
-        from models.registry import build_workload
         from launch.recipes import load_recipe
+        from models.registry import build_workload
 
         vae_dir, tok_dir = self.sd_parts()
-        cfg = load_recipe(SD_RECIPE, [f"model.vae={vae_dir}", f"model.tokenizer={tok_dir}", "model.sample_prompts=",
-                                      "model.color_match_samples=0", *overrides])
+        cfg = load_recipe(
+            SD_RECIPE,
+            [
+                f"model.vae={vae_dir}",
+                f"model.tokenizer={tok_dir}",
+                "model.sample_prompts=",
+                "model.color_match_samples=0",
+                *overrides,
+            ],
+        )
         w = build_workload(cfg.model)
         torch.manual_seed(0)
         return cfg, w, w.build_model().train()
@@ -193,6 +203,7 @@ class Bench:
             opt.step()
             opt.zero_grad(set_to_none=True)
             w.on_step_end(model, 100)
+
         return step
 
     def warm_reps(self, heavy: bool = False) -> tuple[int, int]:
@@ -213,8 +224,10 @@ class Bench:
         _, _, compiled = self.lm()
         compiled.compile()  # what trainer.compile=true does before wrapping
         batch = self.lm_batch(cfg)
-        variants = {"eager": self.train_step(w, eager, make_adamw(eager, cfg.optim), batch),
-                    "compiled": self.train_step(w, compiled, make_adamw(compiled, cfg.optim), batch)}
+        variants = {
+            "eager": self.train_step(w, eager, make_adamw(eager, cfg.optim), batch),
+            "compiled": self.train_step(w, compiled, make_adamw(compiled, cfg.optim), batch),
+        }
         self._compare_compile("lm", self.shape("lm", cfg), variants, warmup, reps)
 
         if self.args.quick:  # a cold UNet compile takes minutes on 2 cores
@@ -223,8 +236,10 @@ class Bench:
         _, _, compiled = self.sd()
         compiled.unet.compile()
         batch = self.sd_batch(cfg, w)
-        variants = {"eager": self.train_step(w, eager, make_adamw(eager, cfg.optim), batch),
-                    "compiled": self.train_step(w, compiled, make_adamw(compiled, cfg.optim), batch)}
+        variants = {
+            "eager": self.train_step(w, eager, make_adamw(eager, cfg.optim), batch),
+            "compiled": self.train_step(w, compiled, make_adamw(compiled, cfg.optim), batch),
+        }
         self._compare_compile("sd_unet", self.shape("sd_unet", cfg), variants, warmup, reps)
 
     def _compare_compile(self, model: str, shape: str, variants: dict, warmup: int, reps: int):
@@ -237,9 +252,17 @@ class Bench:
                 times.append(round(time.perf_counter() - t, 2))
             first[name] = times
         ms, speedup = interleaved(variants, "eager", max(0, warmup - 2), reps)
-        self.emit({"feature": "compile", "model": model, "shape": shape, "step_ms": ms, "speedup": speedup,
-                   "first_two_steps_s": first,
-                   "compile_s": round(first["compiled"][0] - ms["eager"] / 1000, 1)})
+        self.emit(
+            {
+                "feature": "compile",
+                "model": model,
+                "shape": shape,
+                "step_ms": ms,
+                "speedup": speedup,
+                "first_two_steps_s": first,
+                "compile_s": round(first["compiled"][0] - ms["eager"] / 1000, 1),
+            }
+        )
 
     def adamw(self):
         warmup, reps = self.warm_reps()
@@ -249,34 +272,54 @@ class Bench:
             batch = self.lm_batch(cfg) if name == "lm" else self.sd_batch(cfg, w)
             opts = {n: make_adamw(model, cfg.optim, **impl) for n, impl in impls.items()}
             w.training_loss(model, batch).backward()  # fixed gradients for the step-alone timing
-            step_ms, step_speedup = interleaved({n: o.step for n, o in opts.items()}, "for_loop",
-                                                warmup + 1, 3 * reps)
+            step_ms, step_speedup = interleaved({n: o.step for n, o in opts.items()}, "for_loop", warmup + 1, 3 * reps)
             for o in opts.values():
                 o.zero_grad(set_to_none=True)
             steps = {n: self.train_step(w, model, o, batch) for n, o in opts.items()}
             whole_ms, whole_speedup = interleaved(steps, "for_loop", warmup, reps)
             trained = [p for p in model.parameters() if p.requires_grad]
-            self.emit({"feature": "adamw", "model": name, "shape": self.shape(name, cfg),
-                       "trained_params": sum(p.numel() for p in trained), "trained_tensors": len(trained),
-                       "optimizer_step_ms": step_ms, "optimizer_speedup": step_speedup,
-                       "train_step_ms": whole_ms, "train_step_speedup": whole_speedup})
+            self.emit(
+                {
+                    "feature": "adamw",
+                    "model": name,
+                    "shape": self.shape(name, cfg),
+                    "trained_params": sum(p.numel() for p in trained),
+                    "trained_tensors": len(trained),
+                    "optimizer_step_ms": step_ms,
+                    "optimizer_speedup": step_speedup,
+                    "train_step_ms": whole_ms,
+                    "train_step_speedup": whole_speedup,
+                }
+            )
 
     def channels_last(self):
         warmup, reps = self.warm_reps()
         cfg, w, plain = self.sd()
         _, _, nhwc = self.sd(["model.channels_last=true"])
         batch = self.sd_batch(cfg, w)
-        ms, speedup = interleaved({"contiguous": self.train_step(w, plain, make_adamw(plain, cfg.optim), batch),
-                                   "channels_last": self.train_step(w, nhwc, make_adamw(nhwc, cfg.optim), batch)},
-                                  "contiguous", warmup, 2 * reps)
-        self.emit({"feature": "channels_last", "model": "sd_unet",
-                   "shape": self.shape("sd_unet", cfg),
-                   "step_ms": ms, "speedup": speedup})
+        ms, speedup = interleaved(
+            {
+                "contiguous": self.train_step(w, plain, make_adamw(plain, cfg.optim), batch),
+                "channels_last": self.train_step(w, nhwc, make_adamw(nhwc, cfg.optim), batch),
+            },
+            "contiguous",
+            warmup,
+            2 * reps,
+        )
+        self.emit(
+            {
+                "feature": "channels_last",
+                "model": "sd_unet",
+                "shape": self.shape("sd_unet", cfg),
+                "step_ms": ms,
+                "speedup": speedup,
+            }
+        )
 
     def sdpa(self):
         from models.lm.layers import SDPA_BACKENDS
 
-        for seq_len in ((256, 1024) if self.args.quick else (1024, 4096)):
+        for seq_len in (256, 1024) if self.args.quick else (1024, 4096):
             warmup, reps = self.warm_reps(heavy=seq_len > 1024)
             variants, runnable, shape = {}, {}, ""
             for name in SDPA_BACKENDS:
@@ -288,6 +331,7 @@ class Bench:
                 def fwd_bwd(w=w, model=model, batch=batch):
                     w.training_loss(model, batch).backward()
                     model.zero_grad(set_to_none=True)
+
                 try:
                     fwd_bwd()
                     variants[name] = fwd_bwd
@@ -295,13 +339,23 @@ class Bench:
                 except RuntimeError as exc:
                     runnable[name] = str(exc).split(";")[0]
             ms, speedup = interleaved(variants, "math", warmup, reps)
-            self.emit({"feature": "sdpa_backend", "model": "lm", "shape": shape, "fwd_bwd_ms": ms,
-                       "speedup": speedup, "runs_here": runnable})
+            self.emit(
+                {
+                    "feature": "sdpa_backend",
+                    "model": "lm",
+                    "shape": shape,
+                    "fwd_bwd_ms": ms,
+                    "speedup": speedup,
+                    "runs_here": runnable,
+                }
+            )
 
     def checkpointing(self):
         warmup, reps = self.warm_reps()
-        for model_name, build, key in (("lm", self.lm, "model.activation_checkpointing"),
-                                       ("sd_unet", self.sd, "model.gradient_checkpointing")):
+        for model_name, build, key in (
+            ("lm", self.lm, "model.activation_checkpointing"),
+            ("sd_unet", self.sd, "model.gradient_checkpointing"),
+        ):
             variants, peak, shape = {}, {}, ""
             for name, on in (("off", "false"), ("on", "true")):
                 cfg, w, model = build([f"{key}={on}"])
@@ -312,9 +366,18 @@ class Bench:
                 variants[name] = step
                 shape = self.shape(model_name, cfg)
             ms, speedup = interleaved(variants, "off", warmup, reps)
-            self.emit({"feature": "checkpointing", "model": model_name, "key": key, "shape": shape,
-                       "step_ms": ms, "speedup": speedup, "peak_step_MiB": peak,
-                       "memory_ratio": round(peak["on"] / peak["off"], 3)})
+            self.emit(
+                {
+                    "feature": "checkpointing",
+                    "model": model_name,
+                    "key": key,
+                    "shape": shape,
+                    "step_ms": ms,
+                    "speedup": speedup,
+                    "peak_step_MiB": peak,
+                    "memory_ratio": round(peak["on"] / peak["off"], 3),
+                }
+            )
 
     # ---------------------------------------------------------------- summary
     def summary(self, wall: float) -> dict:
@@ -337,8 +400,13 @@ class Bench:
             elif f == "checkpointing":
                 out[f"checkpointing_{m}_speedup"] = r["speedup"]["on"]
                 out[f"checkpointing_{m}_memory_ratio"] = r["memory_ratio"]
-        return {"summary": out, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "quick": self.args.quick, "wall_s": round(wall, 1)}
+        return {
+            "summary": out,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "quick": self.args.quick,
+            "wall_s": round(wall, 1),
+        }
 
 
 def main(argv=None) -> None:

@@ -39,8 +39,8 @@ def worker(rank: int, world: int, port: int, iters: int, hidden: int, out) -> No
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from models.registry import build_workload
     from launch.recipes import load_recipe
+    from models.registry import build_workload
     from trainer.preempt import StopAgreement
 
     every_step = StopAgreement(check_every=1)
@@ -80,14 +80,20 @@ def worker(rank: int, world: int, port: int, iters: int, hidden: int, out) -> No
     auto.close()
     if rank == 0:
         votes.sort()
-        out.put({"ranks": world, "hidden": hidden,
-                 "vote_median_us": round(statistics.median(votes) * 1e6, 1),
-                 "vote_p99_us": round(votes[int(0.99 * len(votes))] * 1e6, 1),
-                 "step_ms_without_votes": round(min(plain) * 1e3, 3),
-                 "step_ms_with_auto_votes": round(min(voted) * 1e3, 3),
-                 "auto_overhead_ratio": round(min(voted) / min(plain), 4),
-                 "auto_votes_held": auto.votes, "auto_steps": 3 * n,
-                 "every_step_vote_share_of_step": round(statistics.median(votes) / min(plain), 4)})
+        out.put(
+            {
+                "ranks": world,
+                "hidden": hidden,
+                "vote_median_us": round(statistics.median(votes) * 1e6, 1),
+                "vote_p99_us": round(votes[int(0.99 * len(votes))] * 1e6, 1),
+                "step_ms_without_votes": round(min(plain) * 1e3, 3),
+                "step_ms_with_auto_votes": round(min(voted) * 1e3, 3),
+                "auto_overhead_ratio": round(min(voted) / min(plain), 4),
+                "auto_votes_held": auto.votes,
+                "auto_steps": 3 * n,
+                "every_step_vote_share_of_step": round(statistics.median(votes) / min(plain), 4),
+            }
+        )
     dist.destroy_process_group()
 
 
@@ -101,8 +107,9 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    mp.start_processes(worker, args=(a.ranks, free_port(), a.iters, a.hidden, out), nprocs=a.ranks,
-                       start_method="spawn")
+    mp.start_processes(
+        worker, args=(a.ranks, free_port(), a.iters, a.hidden, out), nprocs=a.ranks, start_method="spawn"
+    )
     print(json.dumps(out.get()))
 
 

@@ -49,14 +49,28 @@ def main(argv=None) -> dict:
     n_batches = args.samples // args.batch_size
 
     def ours():
-        return iter(ShardStream(shards, decode=workload.decode, collate=workload.collate,
-                                batch_size=args.batch_size, seed=0, shuffle_buffer=256, rank=0,
-                                world_size=1, num_workers=1))
+        return iter(
+            ShardStream(
+                shards,
+                decode=workload.decode,
+                collate=workload.collate,
+                batch_size=args.batch_size,
+                seed=0,
+                shuffle_buffer=256,
+                rank=0,
+                world_size=1,
+                num_workers=1,
+            )
+        )
 
     def plain():
-        return iter(wds.WebDataset(shards.urls, shardshuffle=False, empty_check=False)
-                    .repeat().shuffle(256).map(workload.decode)
-                    .batched(args.batch_size, collation_fn=workload.collate))
+        return iter(
+            wds.WebDataset(shards.urls, shardshuffle=False, empty_check=False)
+            .repeat()
+            .shuffle(256)
+            .map(workload.decode)
+            .batched(args.batch_size, collation_fn=workload.collate)
+        )
 
     times = {"ours": [], "webdataset": []}
     for _ in range(args.repeats):

@@ -143,16 +143,19 @@ class Ledger:
         return sum(self.size[k] for k, c in self.owner.items() if c == category)
 
     def resident(self, category: str | None = None) -> int:
-        return sum(resident_bytes(k, self.size[k]) for k, c in self.owner.items()
-                   if category is None or c == category)
+        return sum(resident_bytes(k, self.size[k]) for k, c in self.owner.items() if category is None or c == category)
 
     def total(self) -> int:
         return sum(self.size.values())
 
     def summary(self) -> dict:
         cats = sorted(set(self.owner.values()))
-        return {"bytes": {c: self.bytes(c) for c in cats}, "resident_bytes": {c: self.resident(c) for c in cats},
-                "total_bytes": self.total(), "total_resident_bytes": self.resident()}
+        return {
+            "bytes": {c: self.bytes(c) for c in cats},
+            "resident_bytes": {c: self.resident(c) for c in cats},
+            "total_bytes": self.total(),
+            "total_resident_bytes": self.resident(),
+        }
 
 
 def flat_tensors(obj, depth: int = 0):
@@ -205,9 +208,9 @@ def census(roots: dict, max_depth: int = 5) -> dict:
             for i, v in enumerate(list(obj)):
                 queue.append((f"{path}[{i}]", v, depth + 1))
         elif isinstance(obj, nn.Module):
-            for n, p in obj.named_parameters(recurse=True):
+            for p in obj.parameters(recurse=True):
                 queue.append((f"{path}.param", p, depth + 1))
-            for n, b in obj.named_buffers(recurse=True):
+            for b in obj.buffers(recurse=True):
                 queue.append((f"{path}.buffer", b, depth + 1))
         elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("deepspeed", "torch"):
             for k, v in list(vars(obj).items()):
@@ -249,7 +252,7 @@ def worker(config: str, args) -> None:
     phases["model_built"] = rss()
     sampler.set("wrap")
 
-    bucket_tensors: dict[int, "torch.Tensor"] = {}
+    bucket_tensors: dict[int, torch.Tensor] = {}
     if config == "ddp":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -274,8 +277,7 @@ def worker(config: str, args) -> None:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                      config=ds_config)
+        engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     phases["wrapped"] = rss()
     module = engine.module
     inner_opt = optimizer if zero_opt is None else zero_opt.optimizer
@@ -318,8 +320,9 @@ def worker(config: str, args) -> None:
             led.add("grad", flat_tensors(zero_opt.averaged_gradients))
             led.add("grad", flat_tensors(getattr(zero_opt, "grads_in_partition", None)))
             led.add("grad", flat_tensors(getattr(zero_opt, "all_grad_tensors", {})))
-            masters = (zero_opt.fp32_partitioned_groups_flat if config == "zero3"
-                       else zero_opt.single_partition_of_fp32_groups)
+            masters = (
+                zero_opt.fp32_partitioned_groups_flat if config == "zero3" else zero_opt.single_partition_of_fp32_groups
+            )
             led.add("grad", [m.grad for m in masters if m.grad is not None])
         led.add("optim", [t for st in inner_opt.state.values() for t in st.values()])
         if zero_opt is not None:
@@ -370,7 +373,10 @@ def worker(config: str, args) -> None:
 
     ab, st = after_backward.summary(), after_step.summary()
     result = {
-        "config": config, "rank": rank, "world_size": world, "num_params": num_params,
+        "config": config,
+        "rank": rank,
+        "world_size": world,
+        "num_params": num_params,
         "param_bytes": after_step.bytes("param"),
         "master_bytes": after_step.bytes("master"),
         "grad_bytes": after_backward.bytes("grad"),
@@ -439,23 +445,49 @@ def heavy_others(own_pids: set[int], threshold: float = 20.0) -> list[str]:
 def expected(config: str, num_params: int) -> dict:
     p = 4 * num_params  # fp32
     stage = STAGES.get(config, 0)
-    return {"param_bytes": p // WORLD if stage >= 3 else p,
-            "grad_bytes": p // WORLD if stage >= 2 else p,
-            "optim_bytes": 2 * p // WORLD if stage >= 1 else 2 * p}
+    return {
+        "param_bytes": p // WORLD if stage >= 3 else p,
+        "grad_bytes": p // WORLD if stage >= 2 else p,
+        "optim_bytes": 2 * p // WORLD if stage >= 1 else 2 * p,
+    }
 
 
 def run_config(config: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"zero_memory_{config}_") as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(WORLD), "-m", "benchmarks.zero_memory", "--worker", config,
-               "--out", tmp, "--layers", str(args.layers), "--width", str(args.width),
-               "--batch", str(args.batch), "--steps", str(args.steps)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(WORLD),
+            "-m",
+            "benchmarks.zero_memory",
+            "--worker",
+            config,
+            "--out",
+            tmp,
+            "--layers",
+            str(args.layers),
+            "--width",
+            str(args.width),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         log = Path(tmp) / "log.txt"
         t0 = time.monotonic()
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=Path(__file__).resolve().parent.parent)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
             try:
                 rc = proc.wait(timeout=args.timeout)
             except subprocess.TimeoutExpired:
@@ -489,8 +521,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per 2-process job")
     ap.add_argument("--retries", type=int, default=2, help="reruns of a job timed under load")
-    ap.add_argument("--wait-idle", type=float, default=180.0,
-                    help="seconds to wait for other heavy processes to end before each job")
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=180.0,
+        help="seconds to wait for other heavy processes to end before each job",
+    )
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args)
@@ -507,17 +543,42 @@ def main() -> None:
             res["attempts"] = attempt + 1
             if res["other_processes_cpu_frac"] <= BUSY_OTHER_FRAC:
                 break
-            print(json.dumps({"config": config, "rerun": "timed under load",
-                              "other_processes_cpu_frac": res["other_processes_cpu_frac"],
-                              "busy_processes_before": busy_before}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "config": config,
+                        "rerun": "timed under load",
+                        "other_processes_cpu_frac": res["other_processes_cpu_frac"],
+                        "busy_processes_before": busy_before,
+                    }
+                ),
+                flush=True,
+            )
         res["timed_under_load"] = res["other_processes_cpu_frac"] > BUSY_OTHER_FRAC
         print(json.dumps(res), flush=True)
-        summary[config] = {k: res[k] for k in (
-            "param_bytes", "grad_bytes", "optim_bytes", "peak_rss_bytes", "step_s", "master_bytes",
-            "comm_buffer_bytes", "comm_buffer_resident_bytes", "tensor_bytes_after_backward",
-            "tensor_resident_bytes_after_backward", "tensor_bytes_after_step",
-            "rss_delta_bytes", "baseline_rss_bytes", "rank1_peak_rss_bytes", "num_params",
-            "other_processes_cpu_frac", "timed_under_load", "expected")}
+        summary[config] = {
+            k: res[k]
+            for k in (
+                "param_bytes",
+                "grad_bytes",
+                "optim_bytes",
+                "peak_rss_bytes",
+                "step_s",
+                "master_bytes",
+                "comm_buffer_bytes",
+                "comm_buffer_resident_bytes",
+                "tensor_bytes_after_backward",
+                "tensor_resident_bytes_after_backward",
+                "tensor_bytes_after_step",
+                "rss_delta_bytes",
+                "baseline_rss_bytes",
+                "rank1_peak_rss_bytes",
+                "num_params",
+                "other_processes_cpu_frac",
+                "timed_under_load",
+                "expected",
+            )
+        }
     print(json.dumps(summary), flush=True)
 
 

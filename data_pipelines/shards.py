@@ -12,8 +12,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import webdataset as wds
 from tqdm.auto import tqdm
@@ -57,9 +57,11 @@ def few_shards_warning(folder: str | os.PathLike, num_shards: int, split: str = 
     if (split or Path(folder).name).lower() in EVAL_SPLITS or num_shards >= TYPICAL_READERS:
         return None
     nodes, gpus, workers = TYPICAL_RUN
-    return (f"warning: {folder}: {num_shards} shard(s), fewer than the {nodes} nodes x {gpus} GPUs x "
-            f"{workers} workers = {TYPICAL_READERS} readers of a typical run; at most {num_shards} "
-            f"readers (ranks x data.num_workers) can share this split")
+    return (
+        f"warning: {folder}: {num_shards} shard(s), fewer than the {nodes} nodes x {gpus} GPUs x "
+        f"{workers} workers = {TYPICAL_READERS} readers of a typical run; at most {num_shards} "
+        f"readers (ranks x data.num_workers) can share this split"
+    )
 
 
 def write_shards(
@@ -106,12 +108,14 @@ def write_shards(
         if count == 0:  # ShardWriter opens its first shard eagerly
             os.remove(fname)
             continue
-        shards.append({
-            "url": os.path.basename(fname),
-            "samples": count,
-            "bytes": os.path.getsize(fname),
-            "sha256": sha256_file(fname),
-        })
+        shards.append(
+            {
+                "url": os.path.basename(fname),
+                "samples": count,
+                "bytes": os.path.getsize(fname),
+                "sha256": sha256_file(fname),
+            }
+        )
     return _write_manifest(out, shards)
 
 
@@ -154,12 +158,14 @@ def count_samples(path: str | os.PathLike) -> tuple[int, int, str]:
             members = tar_file_expander([{"url": str(path), "stream": reader}], eof_value=None)
             for sample in group_by_keys(members):
                 if sample["__key__"] in keys:
-                    raise ValueError(f"key '{sample['__key__']}' appears twice, apart: webdataset "
-                                     "would read it as two samples")
+                    raise ValueError(
+                        f"key '{sample['__key__']}' appears twice, apart: webdataset would read it as two samples"
+                    )
                 keys.add(sample["__key__"])
         except Exception as exc:
-            raise ValueError(f"{path}: cannot read as a WebDataset tar ({type(exc).__name__}: "
-                             f"{exc.args[0] if exc.args else exc})") from exc
+            raise ValueError(
+                f"{path}: cannot read as a WebDataset tar ({type(exc).__name__}: {exc.args[0] if exc.args else exc})"
+            ) from exc
         digest = reader.finish()
     return len(keys), reader.bytes, digest
 
@@ -180,8 +186,7 @@ def index_shards(folder: str | os.PathLike, pattern: str = "*.tar") -> dict:
         if samples == 0:
             log.warning("%s: no samples; left out of the manifest", path)
             continue
-        shards.append({"url": path.relative_to(folder).as_posix(), "samples": samples,
-                       "bytes": size, "sha256": digest})
+        shards.append({"url": path.relative_to(folder).as_posix(), "samples": samples, "bytes": size, "sha256": digest})
     if not shards:
         raise ValueError(f"{folder}: none of the {len(paths)} tar(s) holds a sample")
     return _write_manifest(folder, shards)

@@ -40,9 +40,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import braceexpand
@@ -68,10 +69,10 @@ class DataError(RuntimeError):
 @dataclass
 class ShardList:
     urls: list[str]
-    samples_per_shard: Optional[list[int]]  # from the manifest, when there is one
+    samples_per_shard: list[int] | None  # from the manifest, when there is one
 
     @property
-    def total_samples(self) -> Optional[int]:
+    def total_samples(self) -> int | None:
         return sum(self.samples_per_shard) if self.samples_per_shard is not None else None
 
 
@@ -100,8 +101,10 @@ def resolve_shards(spec: str, manifest: str = "", *, key: str = "data.urls") -> 
     if _is_local(spec) and Path(spec).is_dir():
         mpath = Path(manifest) if manifest else Path(spec) / MANIFEST
         if not mpath.exists():
-            raise DataError(f"{key}: folder '{spec}' has no {MANIFEST}; give a brace list of "
-                            "shards instead, or write the folder with launch.make_shards")
+            raise DataError(
+                f"{key}: folder '{spec}' has no {MANIFEST}; give a brace list of "
+                "shards instead, or write the folder with launch.make_shards"
+            )
         m = read_manifest(mpath)
         if not m["shards"]:
             raise DataError(f"{key}: manifest {mpath} lists no shards")
@@ -110,11 +113,12 @@ def resolve_shards(spec: str, manifest: str = "", *, key: str = "data.urls") -> 
             # `pipe:` commands and remote URLs come from the recipe alone.
             name = str(s["url"])
             if ":" in name or Path(name).is_absolute() or ".." in Path(name).parts:
-                raise DataError(f"{key}: manifest {mpath} names shard '{name}', which is not a "
-                                "file inside its folder; refusing it (pipe: and remote URLs "
-                                "belong in the recipe's urls)")
-        return ShardList([str(Path(spec) / s["url"]) for s in m["shards"]],
-                         [s["samples"] for s in m["shards"]])
+                raise DataError(
+                    f"{key}: manifest {mpath} names shard '{name}', which is not a "
+                    "file inside its folder; refusing it (pipe: and remote URLs "
+                    "belong in the recipe's urls)"
+                )
+        return ShardList([str(Path(spec) / s["url"]) for s in m["shards"]], [s["samples"] for s in m["shards"]])
 
     urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part) if u]
     if not urls:
@@ -140,9 +144,11 @@ def check_readers(num_shards: int, world_size: int, num_workers: int, *, key: st
     """Every (rank, worker) reader needs a shard of its own in every epoch."""
     readers = world_size * max(1, num_workers)
     if num_shards < readers:
-        raise DataError(f"{key}: {num_shards} shard(s) cannot feed {world_size} rank(s) x "
-                        f"{max(1, num_workers)} worker(s) = {readers} readers; write more, "
-                        "smaller shards or lower data.num_workers")
+        raise DataError(
+            f"{key}: {num_shards} shard(s) cannot feed {world_size} rank(s) x "
+            f"{max(1, num_workers)} worker(s) = {readers} readers; write more, "
+            "smaller shards or lower data.num_workers"
+        )
 
 
 # ------------------------------------------------------------------ reading tars
@@ -159,8 +165,13 @@ def _log_skip(kind: str, message: str) -> None:
     if n <= LOG_EACH_SKIP:
         log.warning("skipped (%s): %s", kind, message)
     elif re.fullmatch(r"10*", str(n)):
-        log.warning("skipped (%s), the %dth in this process (only the first %d and each "
-                    "power of ten are logged): %s", kind, n, LOG_EACH_SKIP, message)
+        log.warning(
+            "skipped (%s), the %dth in this process (only the first %d and each power of ten are logged): %s",
+            kind,
+            n,
+            LOG_EACH_SKIP,
+            message,
+        )
 
 
 class ErrorPolicy:
@@ -279,7 +290,7 @@ def read_failure(exc: Exception, n: int) -> str:
     return f"unreadable after {n} sample(s) ({type(exc).__name__}: {text})"
 
 
-def pipe_failure(stream) -> Optional[str]:
+def pipe_failure(stream) -> str | None:
     """The exit status of a `pipe:` URL's command, when it failed: the real cause behind
     the empty or cut stream that tarfile saw."""
     proc = getattr(stream, "proc", None)  # webdataset's Pipe
@@ -295,7 +306,7 @@ def pipe_failure(stream) -> Optional[str]:
     return f"its command exited with status {status}"
 
 
-def shard_samples(url: str, on_error: ErrorPolicy, expected: Optional[int] = None) -> Iterator[dict]:
+def shard_samples(url: str, on_error: ErrorPolicy, expected: int | None = None) -> Iterator[dict]:
     """Raw samples (bytes per extension, plus __key__/__url__) of one shard, in order.
 
     Python's tarfile ends a stream cut at a member boundary without complaint; with the
@@ -334,11 +345,14 @@ def decode_or_explain(decode: Callable[[dict], Any], sample: dict) -> Any:
     try:
         return decode(sample)
     except KeyError as exc:
-        raise DataError(f"sample '{sample.get('__key__')}' in shard '{sample.get('__url__')}': "
-                        f"missing key {exc}") from exc
+        raise DataError(
+            f"sample '{sample.get('__key__')}' in shard '{sample.get('__url__')}': missing key {exc}"
+        ) from exc
     except Exception as exc:
-        raise DataError(f"sample '{sample.get('__key__')}' in shard '{sample.get('__url__')}': "
-                        f"cannot decode ({type(exc).__name__}: {exc})") from exc
+        raise DataError(
+            f"sample '{sample.get('__key__')}' in shard '{sample.get('__url__')}': "
+            f"cannot decode ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def iter_raw_samples(urls: list[str], on_error: str = "fail") -> Iterator[dict]:
@@ -354,7 +368,7 @@ def iter_raw_samples(urls: list[str], on_error: str = "fail") -> Iterator[dict]:
         raise DataError(f"{len(urls)} shard(s) yield no samples: {policy.why_nothing()}")
 
 
-def iter_samples(urls: list[str], on_error: str = "fail", decode: Optional[Callable[[dict], Any]] = None) -> Iterator[Any]:
+def iter_samples(urls: list[str], on_error: str = "fail", decode: Callable[[dict], Any] | None = None) -> Iterator[Any]:
     """The samples of `urls` in order, raw or through `decode`; under on_error=skip a sample
     that does not decode is left out (and logged), as in eval_batches."""
     policy = ErrorPolicy(on_error, {})
@@ -369,8 +383,9 @@ def iter_samples(urls: list[str], on_error: str = "fail", decode: Optional[Calla
 
 
 # ------------------------------------------------------------------ one reader
-def plan_epoch(num_shards: int, epoch: int, seed: int, rank: int, world: int, role: int,
-               workers: int, resampled: bool) -> list[int]:
+def plan_epoch(
+    num_shards: int, epoch: int, seed: int, rank: int, world: int, role: int, workers: int, resampled: bool
+) -> list[int]:
     if resampled:  # shards drawn with replacement; every reader gets an equal share
         n = max(1, num_shards // (world * workers))
         rng = np.random.default_rng([seed, epoch, rank * workers + role, 1])
@@ -386,9 +401,20 @@ def fresh_reader_state(next_epoch: int = 0) -> dict:
 class SourceReader:
     """One reader of one source: its queue of shard segments and its shuffle buffer."""
 
-    def __init__(self, source: Source, state: Optional[dict], *, seed: int, rank: int,
-                 world: int, role: int, workers: int, buffer_size: int, on_error: str,
-                 resampled: bool):
+    def __init__(
+        self,
+        source: Source,
+        state: dict | None,
+        *,
+        seed: int,
+        rank: int,
+        world: int,
+        role: int,
+        workers: int,
+        buffer_size: int,
+        on_error: str,
+        resampled: bool,
+    ):
         self.source, self.seed = source, seed
         self.rank, self.world, self.role, self.workers = rank, world, role, workers
         self.buffer_size, self.resampled = buffer_size, resampled
@@ -401,13 +427,16 @@ class SourceReader:
         if state["rng"] is not None:
             self.rng.bit_generator.state = state["rng"]
         self.buffer: list[tuple[list[int], dict]] = self._refetch(state["buffer"])
-        self._open: Optional[Iterator] = None  # samples of queue[0] from its start
+        self._open: Iterator | None = None  # samples of queue[0] from its start
 
     def state_dict(self) -> dict:
-        return {"queue": [[e, sh, st, list(p) if p is not None else None] for e, sh, st, p in self.queue],
-                "buffer": [name for name, _ in self.buffer],
-                "next_epoch": self.next_epoch, "rng": self.rng.bit_generator.state,
-                "stats": dict(self.stats)}
+        return {
+            "queue": [[e, sh, st, list(p) if p is not None else None] for e, sh, st, p in self.queue],
+            "buffer": [name for name, _ in self.buffer],
+            "next_epoch": self.next_epoch,
+            "rng": self.rng.bit_generator.state,
+            "stats": dict(self.stats),
+        }
 
     def _segment(self, item: list) -> Iterator[tuple[int, dict]]:
         """(offset, sample) of one queue item: from `start`, or only the `picks`."""
@@ -436,8 +465,9 @@ class SourceReader:
 
     def _plan_next_epoch(self) -> None:
         e = self.next_epoch
-        shards = plan_epoch(len(self.source.shards.urls), e, self.seed, self.rank, self.world,
-                            self.role, self.workers, self.resampled)
+        shards = plan_epoch(
+            len(self.source.shards.urls), e, self.seed, self.rank, self.world, self.role, self.workers, self.resampled
+        )
         self.queue = [[e, s, 0, None] for s in shards]
         self.rng = np.random.default_rng([self.seed, e, self.rank * self.workers + self.role])
         self.next_epoch = e + 1
@@ -483,9 +513,11 @@ class SourceReader:
                 empty_plans += 1
                 if empty_plans > 2:
                     # one line: launch.train keeps a worker error's last line
-                    raise DataError(f"rank {self.rank} worker {self.role}: no readable samples in "
-                                    f"source '{self.source.name}' for two epochs in a row: "
-                                    f"{self.policy.why_nothing()}")
+                    raise DataError(
+                        f"rank {self.rank} worker {self.role}: no readable samples in "
+                        f"source '{self.source.name}' for two epochs in a row: "
+                        f"{self.policy.why_nothing()}"
+                    )
                 self._plan_next_epoch()
 
 
@@ -497,21 +529,34 @@ class StreamBatch:
     data: Any
     role: int
     state: dict
-    keys: Optional[list] = None
+    keys: list | None = None
 
 
 class ShardStream(IterableDataset):
     """Endless batches for one rank; see the module docstring for the order."""
 
-    def __init__(self, shards: ShardList | list[Source], *, decode: Callable[[dict], Any],
-                 collate: Callable[[list], Any], batch_size: int, seed: int,
-                 shuffle_buffer: int, rank: int, world_size: int, num_workers: int,
-                 on_error: str = "skip", resampled: bool = False, with_keys: bool = False,
-                 key: str = "data.train.urls"):
+    def __init__(
+        self,
+        shards: ShardList | list[Source],
+        *,
+        decode: Callable[[dict], Any],
+        collate: Callable[[list], Any],
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        on_error: str = "skip",
+        resampled: bool = False,
+        with_keys: bool = False,
+        key: str = "data.train.urls",
+    ):
         self.sources = [Source(shards)] if isinstance(shards, ShardList) else list(shards)
         for src in self.sources:  # a mixture's sources are named by their config key
-            check_readers(len(src.shards.urls), world_size, num_workers,
-                          key=src.name if src.name.startswith("data.") else key)
+            check_readers(
+                len(src.shards.urls), world_size, num_workers, key=src.name if src.name.startswith("data.") else key
+            )
         total = sum(s.weight for s in self.sources)
         self.weights = np.array([s.weight / total for s in self.sources])
         self.decode, self.collate = decode, collate
@@ -519,7 +564,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.on_error, self.resampled, self.with_keys = on_error, resampled, with_keys
         ErrorPolicy(on_error, {})  # validates the policy name
-        self.reader_states: dict[int, Optional[dict]] = {}  # by role; set on resume
+        self.reader_states: dict[int, dict | None] = {}  # by role; set on resume
         self.start_batch = 0  # batches consumed under this layout; rotates the round-robin
 
     @property
@@ -527,23 +572,42 @@ class ShardStream(IterableDataset):
         return self.sources[0].shards
 
     def reader_shards(self, epoch: int, role: int, source: int = 0) -> list[int]:
-        return plan_epoch(len(self.sources[source].shards.urls), epoch, self.seed + 7919 * source, self.rank,
-                          self.world_size, role, self.num_workers, self.resampled)
+        return plan_epoch(
+            len(self.sources[source].shards.urls),
+            epoch,
+            self.seed + 7919 * source,
+            self.rank,
+            self.world_size,
+            role,
+            self.num_workers,
+            self.resampled,
+        )
 
-    def _readers(self, role: int, state: Optional[dict]) -> tuple[list[SourceReader], np.random.Generator]:
+    def _readers(self, role: int, state: dict | None) -> tuple[list[SourceReader], np.random.Generator]:
         state = state or {"sources": [None] * len(self.sources), "mix_rng": None}
-        readers = [SourceReader(src, s, seed=self.seed + 7919 * i, rank=self.rank,
-                                world=self.world_size, role=role, workers=self.num_workers,
-                                buffer_size=self.shuffle_buffer, on_error=self.on_error,
-                                resampled=self.resampled)
-                   for i, (src, s) in enumerate(zip(self.sources, state["sources"]))]
+        readers = [
+            SourceReader(
+                src,
+                s,
+                seed=self.seed + 7919 * i,
+                rank=self.rank,
+                world=self.world_size,
+                role=role,
+                workers=self.num_workers,
+                buffer_size=self.shuffle_buffer,
+                on_error=self.on_error,
+                resampled=self.resampled,
+            )
+            for i, (src, s) in enumerate(zip(self.sources, state["sources"]))
+        ]
         mix = np.random.default_rng([self.seed, self.rank * self.num_workers + role, 2])
         if state["mix_rng"] is not None:
             mix.bit_generator.state = state["mix_rng"]
         return readers, mix
 
-    def role_samples(self, role: int, state: Optional[dict] = None
-                     ) -> tuple[Iterator[tuple[Any, list]], Callable[[], dict]]:
+    def role_samples(
+        self, role: int, state: dict | None = None
+    ) -> tuple[Iterator[tuple[Any, list]], Callable[[], dict]]:
         """(decoded sample, name) of one reader, endless; and a function giving its state."""
         readers, mix = self._readers(role, state)
         policy = ErrorPolicy(self.on_error, readers[0].stats)
@@ -558,9 +622,11 @@ class ShardStream(IterableDataset):
                 except DataError as exc:
                     policy("missing_key" if "missing key" in str(exc) else "bad_samples", str(exc))
                     if name[0] - failing_since.setdefault(i, name[0]) >= 2:
-                        raise DataError(f"rank {self.rank} worker {role}: no sample of source "
-                                        f"'{readers[i].source.name}' decodes for two epochs in "
-                                        f"a row; the last: {exc}") from None
+                        raise DataError(
+                            f"rank {self.rank} worker {role}: no sample of source "
+                            f"'{readers[i].source.name}' decodes for two epochs in "
+                            f"a row; the last: {exc}"
+                        ) from None
                     continue
                 failing_since.pop(i, None)
                 yield sample, [i, *name, raw.get("__key__")]
@@ -584,14 +650,14 @@ class ShardStream(IterableDataset):
             batch.append(sample)
             names.append(name)
             if len(batch) == self.batch_size:
-                yield StreamBatch(self.collate(batch), role, snapshot(),
-                                  names if self.with_keys else None)
+                yield StreamBatch(self.collate(batch), role, snapshot(), names if self.with_keys else None)
                 batch, names = [], []
 
 
 # ------------------------------------------------------------------ elastic resume
-def _pool_remaining(states: list[Optional[dict]], layout: dict, num_shards: int, seed: int,
-                    resampled: bool) -> tuple[list[list], int]:
+def _pool_remaining(
+    states: list[dict | None], layout: dict, num_shards: int, seed: int, resampled: bool
+) -> tuple[list[list], int]:
     """What old readers of one source had left of the epochs in flight: (items, next epoch)."""
     world, workers = layout["world_size"], layout["num_workers"]
     states = [s or fresh_reader_state() for s in states]
@@ -605,14 +671,16 @@ def _pool_remaining(states: list[Optional[dict]], layout: dict, num_shards: int,
         items += [list(item) for item in s["queue"]]
         rank, role = divmod(g, workers)
         for e in range(s["next_epoch"], top + 1):
-            items += [[e, shard, 0, None]
-                      for shard in plan_epoch(num_shards, e, seed, rank, world, role, workers, False)]
+            items += [
+                [e, shard, 0, None] for shard in plan_epoch(num_shards, e, seed, rank, world, role, workers, False)
+            ]
     items += [[e, shard, 0, sorted(offs)] for (e, shard), offs in sorted(picks.items())]
     return items, top + 1
 
 
-def _deal(items: list[list], n_readers: int, sizes: Optional[list[int]]) -> list[list[list]]:
+def _deal(items: list[list], n_readers: int, sizes: list[int] | None) -> list[list[list]]:
     """Deal work items to readers, largest first, each to the least loaded reader."""
+
     def size(item):
         if item[3] is not None:
             return len(item[3])
@@ -639,8 +707,9 @@ def elastic_reader_states(stream: ShardStream, old_rank_states: list[dict]) -> d
     for i, src in enumerate(stream.sources):
         old = [rs["readers"].get(str(w)) for rs in old_rank_states for w in range(old_workers)]
         old = [o["sources"][i] if o else None for o in old]
-        items, next_epoch = _pool_remaining(old, old_layout, len(src.shards.urls),
-                                            stream.seed + 7919 * i, stream.resampled)
+        items, next_epoch = _pool_remaining(
+            old, old_layout, len(src.shards.urls), stream.seed + 7919 * i, stream.resampled
+        )
         per_source.append(_deal(items, n_new, src.shards.samples_per_shard))
         next_epochs.append(next_epoch)
     states = {}
@@ -671,14 +740,13 @@ class StreamLoader:
     audits use it to count deliveries).
     """
 
-    def __init__(self, stream: ShardStream, *, num_workers: int, prefetch_factor: int = 4,
-                 ledger: Optional[Path] = None):
+    def __init__(self, stream: ShardStream, *, num_workers: int, prefetch_factor: int = 4, ledger: Path | None = None):
         self.stream, self.num_workers, self.prefetch_factor = stream, num_workers, prefetch_factor
-        self.batches = 0        # consumed under the current layout (drives the round-robin)
+        self.batches = 0  # consumed under the current layout (drives the round-robin)
         self.total_batches = 0  # consumed since the run began (never reset)
-        self.samples_seen = 0   # over all ranks
+        self.samples_seen = 0  # over all ranks
         self.base_stats: dict[str, int] = {}
-        self.states: dict[int, Optional[dict]] = {w: None for w in range(stream.num_workers)}
+        self.states: dict[int, dict | None] = {w: None for w in range(stream.num_workers)}
         self.ledger = ledger
         self._it = None
 
@@ -691,13 +759,18 @@ class StreamLoader:
             self.stream.reader_states = dict(self.states)
             kwargs = {}
             if self.num_workers > 0:
-                kwargs = dict(prefetch_factor=self.prefetch_factor, persistent_workers=True,
-                              worker_init_fn=ignore_sigint)
-            loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                # own generator: building the loader must not draw from
-                                # the global RNG, or a resumed run's RNG would drift
-                                generator=torch.Generator().manual_seed(self.stream.seed),
-                                **kwargs)
+                kwargs = dict(
+                    prefetch_factor=self.prefetch_factor, persistent_workers=True, worker_init_fn=ignore_sigint
+                )
+            loader = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                # own generator: building the loader must not draw from
+                # the global RNG, or a resumed run's RNG would drift
+                generator=torch.Generator().manual_seed(self.stream.seed),
+                **kwargs,
+            )
             self._it = iter(loader)
         got: StreamBatch = next(self._it)
         self.states[got.role] = got.state
@@ -710,7 +783,7 @@ class StreamLoader:
         return got.data
 
     @property
-    def epoch(self) -> Optional[float]:
+    def epoch(self) -> float | None:
         totals = [s.shards.total_samples for s in self.stream.sources]
         return self.samples_seen / sum(totals) if all(totals) else None
 
@@ -725,16 +798,26 @@ class StreamLoader:
 
     def layout(self) -> dict:
         s = self.stream
-        return {"world_size": s.world_size, "num_workers": s.num_workers, "seed": s.seed,
-                "batch_size": s.batch_size, "shuffle_buffer": s.shuffle_buffer,
-                "resampled": s.resampled,
-                "num_shards": [len(src.shards.urls) for src in s.sources]}
+        return {
+            "world_size": s.world_size,
+            "num_workers": s.num_workers,
+            "seed": s.seed,
+            "batch_size": s.batch_size,
+            "shuffle_buffer": s.shuffle_buffer,
+            "resampled": s.resampled,
+            "num_shards": [len(src.shards.urls) for src in s.sources],
+        }
 
     def state_dict(self) -> dict:
-        return {**self.layout(), "rank": self.stream.rank, "batches": self.batches,
-                "total_batches": self.total_batches, "samples_seen": self.samples_seen,
-                "base_stats": self.base_stats,
-                "readers": {str(w): st for w, st in self.states.items()}}
+        return {
+            **self.layout(),
+            "rank": self.stream.rank,
+            "batches": self.batches,
+            "total_batches": self.total_batches,
+            "samples_seen": self.samples_seen,
+            "base_stats": self.base_stats,
+            "readers": {str(w): st for w, st in self.states.items()},
+        }
 
     def load_state_dict(self, rank_states: list[dict]) -> str:
         """Resume from the states every old rank saved; returns 'exact' or 'elastic'."""
@@ -744,9 +827,11 @@ class StreamLoader:
         now = self.layout()
         for k in ("seed", "num_shards", "resampled"):
             if old[k] != now[k]:
-                raise DataError(f"rank {self.stream.rank}: the checkpoint's data position was made "
-                                f"with {k}={old[k]}, this run has {now[k]}; resume needs the same "
-                                "shards and data seed")
+                raise DataError(
+                    f"rank {self.stream.rank}: the checkpoint's data position was made "
+                    f"with {k}={old[k]}, this run has {now[k]}; resume needs the same "
+                    "shards and data seed"
+                )
         self.total_batches = old["total_batches"]
         self.samples_seen = old["samples_seen"]
         if all(old[k] == now[k] for k in now):
@@ -787,9 +872,16 @@ def truncate_ledgers(folder: Path, total_batches: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def eval_batches(shards: ShardList, *, decode: Callable[[dict], Any],
-                 collate: Callable[[list], Any], batch_size: int, rank: int,
-                 world_size: int, on_error: str = "fail") -> Iterator[Any]:
+def eval_batches(
+    shards: ShardList,
+    *,
+    decode: Callable[[dict], Any],
+    collate: Callable[[list], Any],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    on_error: str = "fail",
+) -> Iterator[Any]:
     """One ordered pass over an eval split; sample i goes to rank i % world_size.
 
     Splitting by sample (not shard) lets a small eval set of one shard serve any world

@@ -8,8 +8,8 @@ the shards are made, and shipped beside them; a run only loads it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -21,8 +21,9 @@ def train_clip_bpe(captions: Iterable[str], out_dir: str | Path, *, vocab_size: 
     tok = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
-                                  end_of_word_suffix="</w>", show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS, EOS], end_of_word_suffix="</w>", show_progress=False
+    )
     tok.train_from_iterator(captions, trainer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,17 @@ COMMANDS = {
     "report": ("launch.report", "print the final metrics of finished runs side by side"),
 }
 
+# the subcommand being run, so its --help and usage errors name `tributary X`, not `python -m`
+_running: str | None = None
+
+
+def program(module: str) -> str:
+    """The name a module's argparse shows: `tributary X` under this command, else `python -m module`."""
+    if _running is not None and COMMANDS[_running][0] == module:
+        return f"tributary {_running}"
+    return f"python -m {module}"
+
+
 SEVERAL_PROCESSES = """\
 `tributary train` is one process. For several, a launcher starts the module itself, with the
 same arguments after `-m launch.train`:
@@ -29,11 +40,14 @@ same arguments after `-m launch.train`:
 def usage() -> str:
     width = max(map(len, COMMANDS))
     module_width = max(len(module) for module, _ in COMMANDS.values())
-    rows = "\n".join(f"  {name:<{width}}  {module:<{module_width}}  {about}"
-                     for name, (module, about) in COMMANDS.items())
-    return (f"usage: tributary COMMAND [ARGS...]\n\n"
-            f"commands (each the same as `python -m MODULE`):\n{rows}\n\n"
-            f"`tributary COMMAND --help` lists a command's own arguments.\n\n{SEVERAL_PROCESSES}")
+    rows = "\n".join(
+        f"  {name:<{width}}  {module:<{module_width}}  {about}" for name, (module, about) in COMMANDS.items()
+    )
+    return (
+        f"usage: tributary COMMAND [ARGS...]\n\n"
+        f"commands (each the same as `python -m MODULE`):\n{rows}\n\n"
+        f"`tributary COMMAND --help` lists a command's own arguments.\n\n{SEVERAL_PROCESSES}"
+    )
 
 
 def main(argv=None) -> int:
@@ -43,11 +57,18 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"tributary: unknown command {name!r}; choose from {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        print(f"tributary: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[name][0]).main(rest)
+    global _running
+    _running = name
+    try:
+        return importlib.import_module(COMMANDS[name][0]).main(rest)
+    finally:
+        _running = None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m launch.cli`: run the importable module's main, whose _running the commands read
+    from launch.cli import main as cli_main
+
+    sys.exit(cli_main())

@@ -17,14 +17,17 @@ Exit codes: 0 no FAIL (warnings allowed); 1 some check failed; 2 usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 from data_pipelines.stream import DataError, _is_local, check_readers, resolve_shards
+from launch.cli import program
 from launch.recipes import load_recipe
 from trainer.config import ConfigError, resolve_global_batch, training_splits
 
@@ -56,8 +59,9 @@ class Part(NamedTuple):
 OURS = "ours"
 
 
-def memory_per_rank(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool = False,
-                    zero=None) -> list[Part]:
+def memory_per_rank(
+    trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool = False, zero=None
+) -> list[Part]:
     """What one rank holds from step to step, part by part: weights, grads, AdamW state,
     DeepSpeed's fp32 master partition, and the reduction buffers that stay allocated (DDP's
     buckets, ZeRO-3's reduce bucket). Activations and buffers that live only inside backward
@@ -78,10 +82,18 @@ def memory_per_rank(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu
     return deepspeed_memory(trainer_cfg, size, nodes, per_node, cpu_ranks, zero)
 
 
+def import_deepspeed() -> None:
+    """Import DeepSpeed with its log on stderr. Its logger writes to the stdout of the moment it
+    is made (on import, with a line about which accelerator it guessed), and the report is stdout."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
+
+
 def deepspeed_memory(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool, zero) -> list[Part]:
     """The DeepSpeed engine's parts. Ours first, as the engine allocates them
     (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py); where DeepSpeed's own estimator covers
     a 16-bit layout, its number replaces the parts it counts."""
+    import_deepspeed()
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     ds, world = trainer_cfg.deepspeed, nodes * per_node
@@ -96,7 +108,9 @@ def deepspeed_memory(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cp
     accumulating = stage == 1 and trainer_cfg.grad_accum_steps > 1
     parts = [Part("host" if ds.offload_params else "device", "weights", w * T / weight_share, OURS)]
     if P > T:
-        parts.append(Part("host" if ds.offload_params else "device", "frozen weights", w * (P - T) / weight_share, OURS))
+        parts.append(
+            Part("host" if ds.offload_params else "device", "frozen weights", w * (P - T) / weight_share, OURS)
+        )
     if w == 2 or stage >= 1:  # DeepSpeed clones the fp32 master even from fp32 weights
         parts.append(Part(opt_at, "fp32 master", 4 * T / opt_share, OURS))
     whole = stage == 0 or accumulating  # grads at full size on every rank
@@ -131,8 +145,15 @@ def deepspeed_memory(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cp
 
         estimate = stage3.estimate_zero3_model_states_mem_needs
         # zero_init=False: the trainer builds the whole model on every rank, then partitions it
-        _, gpu, _ = estimate(T, size.largest_layer, per_node, nodes, cpu_offload=ds.offload_optimizer,
-                             cpu_offload_params=ds.offload_params, zero_init=False)
+        _, gpu, _ = estimate(
+            T,
+            size.largest_layer,
+            per_node,
+            nodes,
+            cpu_offload=ds.offload_optimizer,
+            cpu_offload_params=ds.offload_params,
+            zero_init=False,
+        )
     else:
         from deepspeed.runtime.zero import stage_1_and_2
 
@@ -159,11 +180,15 @@ def count_params(model_cfg) -> ModelSize:
 def model_size(model) -> ModelSize:
     params = list(model.parameters())  # each shared parameter once
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return ModelSize(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
-                     largest, tuple(p.numel() for p in params))
+    return ModelSize(
+        sum(p.numel() for p in params),
+        sum(p.numel() for p in params if p.requires_grad),
+        largest,
+        tuple(p.numel() for p in params),
+    )
 
 
-def check_batch(cfg, world: int, say: Say) -> Optional[int]:
+def check_batch(cfg, world: int, say: Say) -> int | None:
     """The global batch at `world` ranks, and the launcher / DeepSpeed settings that must agree."""
     from trainer.backends import check_launch_env
 
@@ -175,27 +200,37 @@ def check_batch(cfg, world: int, say: Say) -> Optional[int]:
         if t.backend == "deepspeed" and t.deepspeed.config_file:
             # deepspeed_config checks train_batch_size only inside a process group (it asks
             # torch.distributed for the world); here the world is the planned one
+            import_deepspeed()
             from trainer.backends.deepspeed import deepspeed_config
 
             theirs = deepspeed_config(t, d.batch_size).get("train_batch_size", glob)
             if theirs != glob:
-                raise ConfigError(f"config key 'trainer.deepspeed.config_file': {t.deepspeed.config_file} "
-                                  f"sets train_batch_size={theirs}, but data.batch_size={d.batch_size} x "
-                                  f"trainer.grad_accum_steps={t.grad_accum_steps} x {world} rank(s) = {glob}; "
-                                  f"set it in one place")
+                raise ConfigError(
+                    f"config key 'trainer.deepspeed.config_file': {t.deepspeed.config_file} "
+                    f"sets train_batch_size={theirs}, but data.batch_size={d.batch_size} x "
+                    f"trainer.grad_accum_steps={t.grad_accum_steps} x {world} rank(s) = {glob}; "
+                    f"set it in one place"
+                )
     except ConfigError as exc:
         say("FAIL", "batch", str(exc))
         return None
     except ValueError as exc:  # json.JSONDecodeError
-        say("FAIL", "batch", f"config key 'trainer.deepspeed.config_file': {t.deepspeed.config_file} "
-            f"is not valid JSON ({exc})")
+        say(
+            "FAIL",
+            "batch",
+            f"config key 'trainer.deepspeed.config_file': {t.deepspeed.config_file} is not valid JSON ({exc})",
+        )
         return None
-    say("ok", "batch", f"global batch {glob} = data.batch_size {d.batch_size} x "
-        f"trainer.grad_accum_steps {t.grad_accum_steps} x {world} rank(s)")
+    say(
+        "ok",
+        "batch",
+        f"global batch {glob} = data.batch_size {d.batch_size} x "
+        f"trainer.grad_accum_steps {t.grad_accum_steps} x {world} rank(s)",
+    )
     return glob
 
 
-def check_shards(cfg, world: int, global_batch: Optional[int], say: Say) -> None:
+def check_shards(cfg, world: int, global_batch: int | None, say: Say) -> None:
     d = cfg.data
     training = training_splits(d)
     train_keys = {key for key, _ in training}
@@ -221,8 +256,12 @@ def check_shards(cfg, world: int, global_batch: Optional[int], say: Say) -> None
             except OSError as exc:
                 unreadable.append(f"'{url}' ({exc.strerror or exc})")
         if unreadable:
-            say("FAIL", "data", f"{key}: {len(unreadable)} shard(s) unreadable: {', '.join(unreadable[:3])}"
-                + (" ..." if len(unreadable) > 3 else ""))
+            say(
+                "FAIL",
+                "data",
+                f"{key}: {len(unreadable)} shard(s) unreadable: {', '.join(unreadable[:3])}"
+                + (" ..." if len(unreadable) > 3 else ""),
+            )
             continue
         n = shards.total_samples
         text = f"{key}: {len(shards.urls)} shard(s), {n if n is not None else 'unknown (no manifest)'} samples"
@@ -230,12 +269,18 @@ def check_shards(cfg, world: int, global_batch: Optional[int], say: Say) -> None
             text += f", {world * max(1, d.num_workers)} reader(s)"
             if n and global_batch:
                 steps = n / (global_batch * split.weight / total_weight)
-                text += (f"; one epoch ~ {steps:,.0f} step(s) at global batch {global_batch} "
-                         f"(trainer.max_steps={cfg.trainer.max_steps} ~ {cfg.trainer.max_steps / steps:,.1f} epochs)")
+                text += (
+                    f"; one epoch ~ {steps:,.0f} step(s) at global batch {global_batch} "
+                    f"(trainer.max_steps={cfg.trainer.max_steps} ~ {cfg.trainer.max_steps / steps:,.1f} epochs)"
+                )
         say("ok", "data", text)
         if len(local) < len(shards.urls):
-            say("warn", "data", f"{key}: {len(shards.urls) - len(local)} remote shard(s) "
-                f"(http, s3, pipe:, ...) not checked: the doctor fetches nothing")
+            say(
+                "warn",
+                "data",
+                f"{key}: {len(shards.urls) - len(local)} remote shard(s) "
+                f"(http, s3, pipe:, ...) not checked: the doctor fetches nothing",
+            )
 
 
 def checkpoint_bytes(trainer_cfg, params: int, trainable: int, world: int) -> float:
@@ -249,7 +294,7 @@ def checkpoint_bytes(trainer_cfg, params: int, trainable: int, world: int) -> fl
     return size + OVERHEAD + PER_RANK * world
 
 
-def check_run_dir(cfg, size: Optional[ModelSize], world: int, say: Say) -> None:
+def check_run_dir(cfg, size: ModelSize | None, world: int, say: Say) -> None:
     from trainer.checkpoint import complete_checkpoints, latest
 
     run_dir, t = Path(cfg.run.dir), cfg.trainer
@@ -266,8 +311,11 @@ def check_run_dir(cfg, size: Optional[ModelSize], world: int, say: Say) -> None:
     except OSError as exc:
         say("FAIL", "run.dir", f"config key 'run.dir': cannot write in '{there}' ({exc.strerror or exc})")
         return
-    say("ok", "run.dir", f"'{run_dir}' is writable" if there == run_dir else
-        f"'{run_dir}' will be made in '{there}', which is writable")
+    say(
+        "ok",
+        "run.dir",
+        f"'{run_dir}' is writable" if there == run_dir else f"'{run_dir}' will be made in '{there}', which is writable",
+    )
 
     root = run_dir / "checkpoints"
     existing = complete_checkpoints(root)
@@ -287,15 +335,22 @@ def check_run_dir(cfg, size: Optional[ModelSize], world: int, say: Say) -> None:
         per_ckpt = checkpoint_bytes(t, size.total, size.trainable, world)
     check_lock(cfg, say)
     if existing and t.resume == "never":
-        say("warn", "resume", f"trainer.resume=never, but '{root}' holds checkpoints up to "
-            f"'{existing[-1].name}': pruning keeps the highest steps, and a later auto resume picks them")
+        say(
+            "warn",
+            "resume",
+            f"trainer.resume=never, but '{root}' holds checkpoints up to "
+            f"'{existing[-1].name}': pruning keeps the highest steps, and a later auto resume picks them",
+        )
     # one more than keep_last_k is on disk while the oldest waits to be pruned
     count = max(1, t.keep_last_k + 1 - len(existing))
     best = 4 * size.total if size and cfg.data.val.urls and not (run_dir / "best").exists() else 0
     need, free = count * per_ckpt + best, shutil.disk_usage(there).free
-    text = (f"{count} new checkpoint(s) of ~{_size(per_ckpt)} (trainer.keep_last_k={t.keep_last_k}, +1 "
-            f"until the oldest is pruned)" + (f" + best export {_size(best)}" if best else "") +
-            f" = {_size(need)}; {_size(free)} free under '{there}'")
+    text = (
+        f"{count} new checkpoint(s) of ~{_size(per_ckpt)} (trainer.keep_last_k={t.keep_last_k}, +1 "
+        f"until the oldest is pruned)"
+        + (f" + best export {_size(best)}" if best else "")
+        + f" = {_size(need)}; {_size(free)} free under '{there}'"
+    )
     say("ok" if need <= free else "FAIL", "disk", text if need <= free else f"run.dir: not enough room: {text}")
 
 
@@ -314,14 +369,18 @@ def check_resume(cfg, path: Path, say: Say) -> None:
     except Exception:  # noqa: BLE001 - the model check above reports a model that does not build
         return
     try:
-        changes = check_resume_model(path, {n: list(v.shape) for n, v in model.state_dict().items()},
-                                     yaml.safe_load(to_yaml(cfg))["model"])
+        changes = check_resume_model(
+            path, {n: list(v.shape) for n, v in model.state_dict().items()}, yaml.safe_load(to_yaml(cfg))["model"]
+        )
     except IncompatibleCheckpointError as exc:
         say("FAIL", "resume", str(exc))
         return
     if changes:
-        say("warn", "resume", "model.* differs from the checkpoint's, every tensor's shape the same: "
-            + "; ".join(changes))
+        say(
+            "warn",
+            "resume",
+            "model.* differs from the checkpoint's, every tensor's shape the same: " + "; ".join(changes),
+        )
 
 
 def check_lock(cfg, say: Say) -> None:
@@ -342,11 +401,13 @@ def check_lock(cfg, say: Say) -> None:
         say("warn", "run.dir", f"'{LOCK}' of an earlier launch ({holder.describe(now)}) is taken over at start: {why}")
 
 
-def check_memory(cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool,
-                 gpu_mem_gb: Optional[float], say: Say) -> None:
+def check_memory(
+    cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool, gpu_mem_gb: float | None, say: Say
+) -> None:
     t, world = cfg.trainer, nodes * per_node
     zero = None
     if t.backend == "deepspeed":
+        import_deepspeed()
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
         from trainer.backends.deepspeed import deepspeed_config
@@ -354,18 +415,27 @@ def check_memory(cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: boo
         try:  # the engine's bucket sizes and thresholds, a config_file's included
             zero = DeepSpeedZeroConfig(**deepspeed_config(t, cfg.data.batch_size)["zero_optimization"])
         except ConfigError:
-            say("warn", "memory", "not estimated: trainer.deepspeed.config_file does not load (the batch line says why)")
+            say(
+                "warn", "memory", "not estimated: trainer.deepspeed.config_file does not load (the batch line says why)"
+            )
             return
         except ValueError as exc:  # pydantic's ValidationError: the engine would refuse it at start
-            say("FAIL", "memory", f"config key 'trainer.deepspeed.config_file': {t.deepspeed.config_file}: DeepSpeed "
-                f"refuses its zero_optimization: {' '.join(str(exc).splitlines()[1:3])}")
+            say(
+                "FAIL",
+                "memory",
+                f"config key 'trainer.deepspeed.config_file': {t.deepspeed.config_file}: DeepSpeed "
+                f"refuses its zero_optimization: {' '.join(str(exc).splitlines()[1:3])}",
+            )
             return
     parts = memory_per_rank(t, size, nodes, per_node, cpu_ranks, zero)
     device, host = (sum(p.bytes for p in parts if p.place == place) for place in ("device", "host"))
     ds = t.deepspeed
     offloaded = [name for name, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params)) if on]
-    what = (f"accelerate {t.accelerate.strategy}" if t.backend == "accelerate" else
-            f"deepspeed zero-{ds.zero_stage}" + (f" ({' and '.join(offloaded)} offloaded)" if offloaded else ""))
+    what = (
+        f"accelerate {t.accelerate.strategy}"
+        if t.backend == "accelerate"
+        else f"deepspeed zero-{ds.zero_stage}" + (f" ({' and '.join(offloaded)} offloaded)" if offloaded else "")
+    )
     if t.backend == "deepspeed" and t.mixed_precision != "no":
         what += f", {t.mixed_precision}"
     frozen = f" ({size.total - size.trainable:,} frozen)" if size.trainable < size.total else ""
@@ -377,9 +447,12 @@ def check_memory(cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: boo
                 by.setdefault(p.by, []).append(f"{p.what} {_size(p.bytes)}")
         return "; ".join(f"by {name}: {', '.join(items)}" for name, items in by.items())
 
-    text = (f"{size.total:,} params{frozen}, {what} on {world} rank(s): ~{_size(device)} per rank on its "
-            f"device [{listing('device')}]" + (f" + {_size(host)} in host memory [{listing('host')}]" if host else "")
-            + " (activations not included)")
+    text = (
+        f"{size.total:,} params{frozen}, {what} on {world} rank(s): ~{_size(device)} per rank on its "
+        f"device [{listing('device')}]"
+        + (f" + {_size(host)} in host memory [{listing('host')}]" if host else "")
+        + " (activations not included)"
+    )
     if gpu_mem_gb and device > 0.8 * gpu_mem_gb * 1e9:
         say("warn", "memory", f"{text}: over 80% of --gpu-mem-gb {gpu_mem_gb:g}")
     else:
@@ -387,8 +460,9 @@ def check_memory(cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: boo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.doctor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=program("launch.doctor"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/autoregressive/made.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, as for launch.train")
     parser.add_argument("--nodes", type=int, default=1, help="nodes of the planned job (default 1)")

@@ -19,8 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import latest, verify
+from launch.cli import program
 from launch.recipes import load_recipe
+from trainer.checkpoint import latest, verify
 from trainer.export import check_shapes, export_checkpoint, parse_size
 
 
@@ -32,8 +33,9 @@ def source(run_dir: Path, which: str | None, step: int | None) -> Path:
     if which == "best":
         src = run_dir / "best"
         if not (src / "meta.json").exists():
-            raise FileNotFoundError(f"{src}: no best export (the run had no validation split?); "
-                                    "use --which latest or --step N")
+            raise FileNotFoundError(
+                f"{src}: no best export (the run had no validation split?); use --which latest or --step N"
+            )
         return src
     if which == "latest":
         src = latest(run_dir / "checkpoints")
@@ -46,8 +48,14 @@ def source(run_dir: Path, which: str | None, step: int | None) -> Path:
     return Path(which)
 
 
-def export(run_dir: Path, which: str | None = None, out: Path | None = None, *, step: int | None = None,
-           max_shard_size: str = "5GB") -> tuple[Path, list[Path], str]:
+def export(
+    run_dir: Path,
+    which: str | None = None,
+    out: Path | None = None,
+    *,
+    step: int | None = None,
+    max_shard_size: str = "5GB",
+) -> tuple[Path, list[Path], str]:
     """(output folder, files written, what the shapes were checked against)."""
     import torch
 
@@ -73,8 +81,9 @@ def export(run_dir: Path, which: str | None = None, out: Path | None = None, *, 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=program("launch.export"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--which", help="best, latest, or a step-N folder (default: best if the run has one)")
     parser.add_argument("--step", type=int, help="checkpoints/step-N of the run")
@@ -84,8 +93,7 @@ def main(argv=None) -> int:
     if args.step is not None and args.which is not None:
         parser.error("give --step or --which, not both")
     try:
-        out, files, how = export(args.run_dir, args.which, args.out, step=args.step,
-                                 max_shard_size=args.max_shard_size)
+        out, files, how = export(args.run_dir, args.which, args.out, step=args.step, max_shard_size=args.max_shard_size)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@
     python -m launch.make_shards from-folder /data/pictures --out /data/shards/train
     python -m launch.make_shards index /data/img2dataset_out
     python -m launch.make_shards text stdlib --seq-len 4096 --out data/lm/stdlib-4k
-    python -m launch.make_shards text /data/enwik8 --seq-len 4096 --val-fraction 0.05 --test-fraction 0.05 --out /data/shards/enwik8-4k
+    python -m launch.make_shards text /data/enwik8 --seq-len 4096 --val-fraction 0.05 --test-fraction 0.05 \\
+        --out /data/shards/enwik8-4k
     python -m launch.make_shards shapes --out data/shapes --size 32
     python -m launch.make_shards mixture2d --out data/mixture2d
     python -m launch.make_shards detection --out data/shapes-det
@@ -24,11 +25,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-
 from pathlib import Path
 
 from data_pipelines.shards import MANIFEST, TYPICAL_READERS, few_shards_warning, index_shards, verify_shards
 from data_pipelines.sources import digits
+from launch.cli import program
 
 MIN_SHARDS = 16  # for users' data: enough for 2 ranks x 8 workers, or 16 single-worker ranks
 
@@ -41,13 +42,21 @@ def _add_shard_size(p: argparse.ArgumentParser) -> None:
 
 
 def _add_min_shards(p: argparse.ArgumentParser, default: int, own: str = "") -> None:
-    p.add_argument("--min-shards", type=int, default=default,
-                   help=f"shards per split at least, where there are that many samples (default: "
-                        f"{own or default}); a training split needs one per rank x loader worker")
+    p.add_argument(
+        "--min-shards",
+        type=int,
+        default=default,
+        help=f"shards per split at least, where there are that many samples (default: "
+        f"{own or default}); a training split needs one per rank x loader worker",
+    )
 
 
-def _summary(folder, manifest: dict, split: str = "",
-             remedy: str = f"for such a run write it with --min-shards {TYPICAL_READERS}") -> str:
+def _summary(
+    folder,
+    manifest: dict,
+    split: str = "",
+    remedy: str = f"for such a run write it with --min-shards {TYPICAL_READERS}",
+) -> str:
     """The summary line (stdout), and a warning (stderr) for a split too small to share."""
     warning = few_shards_warning(folder, len(manifest["shards"]), split)
     if warning:
@@ -56,8 +65,9 @@ def _summary(folder, manifest: dict, split: str = "",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch.make_shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=program("launch.make_shards"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("digits", help="binarized 8x8 digits (scikit-learn's copy)")
     p.add_argument("--out", default="data/digits")
@@ -67,15 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("from-datasets", help="a Hugging Face dataset (save_to_disk folder or hub name)")
     p.add_argument("source", help="folder written by save_to_disk, a local data folder, or a hub name")
     p.add_argument("--split", help="split of a DatasetDict or hub dataset (default: train)")
-    p.add_argument("--columns", help="COLUMN:EXT,... (ext: png jpg webp txt json npy cls); "
-                                     "default: every column, by feature type")
+    p.add_argument(
+        "--columns", help="COLUMN:EXT,... (ext: png jpg webp txt json npy cls); default: every column, by feature type"
+    )
     p.add_argument("--key-column", help="column whose values become sample keys (default: row index)")
     _add_shard_size(p)
 
     p = sub.add_parser("from-folder", help="images with .txt/.json sidecars of the same name")
     p.add_argument("folder")
-    p.add_argument("--require-caption", action="store_true",
-                   help="an image without a .txt caption is an error (default: a warning)")
+    p.add_argument(
+        "--require-caption",
+        action="store_true",
+        help="an image without a .txt caption is an error (default: a warning)",
+    )
     _add_shard_size(p)
 
     p = sub.add_parser("shapes", help="captioned coloured shapes (text-to-image, detection)")
@@ -111,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
     p = sub.add_parser("text", help="byte windows of text for language models (stdlib, folder, file, datasets column)")
-    p.add_argument("source", help="'stdlib' (the Python standard library, no download), a folder of "
-                                  "text files, one file (e.g. enwik8), or a datasets folder with --column")
+    p.add_argument(
+        "source",
+        help="'stdlib' (the Python standard library, no download), a folder of "
+        "text files, one file (e.g. enwik8), or a datasets folder with --column",
+    )
     p.add_argument("--seq-len", type=int, required=True, help="bytes a model sees; samples hold seq_len + 1")
     p.add_argument("--out", required=True, help="folder to write train/, val/, test/ into")
     p.add_argument("--val-fraction", type=float, default=0.02)
@@ -162,16 +179,29 @@ def run(args: argparse.Namespace) -> int:
 
         ds = hf.load_source(args.source, args.split)
         columns = hf.parse_columns(args.columns) if args.columns else None
-        m = hf.dataset_to_shards(ds, args.out, columns=columns, key_column=args.key_column,
-                                 maxcount=args.maxcount, maxsize=args.maxsize, min_shards=args.min_shards)
+        m = hf.dataset_to_shards(
+            ds,
+            args.out,
+            columns=columns,
+            key_column=args.key_column,
+            maxcount=args.maxcount,
+            maxsize=args.maxsize,
+            min_shards=args.min_shards,
+        )
         print(_summary(args.out, m, split=args.split or "train"))
         return 0
 
     if args.command == "from-folder":
         from data_pipelines.sources.folder import folder_to_shards
 
-        m = folder_to_shards(args.folder, args.out, require_caption=args.require_caption,
-                             maxcount=args.maxcount, maxsize=args.maxsize, min_shards=args.min_shards)
+        m = folder_to_shards(
+            args.folder,
+            args.out,
+            require_caption=args.require_caption,
+            maxcount=args.maxcount,
+            maxsize=args.maxsize,
+            min_shards=args.min_shards,
+        )
         print(_summary(args.out, m))
         return 0
 
@@ -180,8 +210,14 @@ def run(args: argparse.Namespace) -> int:
 
         if bool(args.vae) == bool(args.pretrained):
             raise ValueError("give exactly one of --vae and --pretrained")
-        kw = dict(vae_dir=args.vae, pretrained=args.pretrained, image_size=args.image_size,
-                  batch=args.batch, maxcount=args.maxcount, min_shards=args.min_shards)
+        kw = dict(
+            vae_dir=args.vae,
+            pretrained=args.pretrained,
+            image_size=args.image_size,
+            batch=args.batch,
+            maxcount=args.maxcount,
+            min_shards=args.min_shards,
+        )
         if (Path(args.src) / MANIFEST).exists():
             out = {args.out: latents.precompute(args.src, args.out, **kw)}
         else:
@@ -221,17 +257,28 @@ def run(args: argparse.Namespace) -> int:
         if (out / "train" / MANIFEST).exists() and not args.force:
             print(f"{args.out}: already built (use --force to rebuild)")
             return 0
-        built = text.build(args.source, out, seq_len=args.seq_len, val_fraction=args.val_fraction,
-                           test_fraction=args.test_fraction, pattern=args.pattern, column=args.column,
-                           split=args.split, min_shards=args.min_shards)
+        built = text.build(
+            args.source,
+            out,
+            seq_len=args.seq_len,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            pattern=args.pattern,
+            column=args.column,
+            split=args.split,
+            min_shards=args.min_shards,
+        )
         for split, m in built.items():
             tail = f", {m['dropped_tail_bytes']} tail bytes dropped" if m["dropped_tail_bytes"] else ""
             print(_summary(out / split, m) + f" of {args.seq_len + 1} bytes{tail}")
         return 0
 
     if args.command == "index":
-        print(_summary(args.folder, index_shards(args.folder, args.pattern),
-                       remedy="for such a run write more, smaller shards"))
+        print(
+            _summary(
+                args.folder, index_shards(args.folder, args.pattern), remedy="for such a run write more, smaller shards"
+            )
+        )
         return 0
 
     bad = 0

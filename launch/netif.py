@@ -21,8 +21,9 @@ SIOCGIFADDR = 0x8915
 
 def _is_loopback(host: str) -> bool:
     try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback
-                   for info in socket.getaddrinfo(host, None, socket.AF_INET))
+        return all(
+            ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None, socket.AF_INET)
+        )
     except (socket.gaierror, ValueError):
         return False
 

@@ -1,7 +1,7 @@
 """Print the final metrics of finished runs side by side.
 
-    python -m launch.report runs/autoregressive/made runs/autoregressive/nade ...
-    python -m launch.report --metrics frame_map,test/accuracy runs/oadtr/oadtr runs/oadtr/gru
+python -m launch.report runs/autoregressive/made runs/autoregressive/nade ...
+python -m launch.report --metrics frame_map,test/accuracy runs/oadtr/oadtr runs/oadtr/gru
 """
 
 from __future__ import annotations
@@ -11,13 +11,17 @@ import json
 import sys
 from pathlib import Path
 
+from launch.cli import program
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=program("launch.report"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
-    parser.add_argument("--metrics", help="comma-separated final_metrics.json keys to show "
-                                          "(default: test NLL and bits/dim, best step)")
+    parser.add_argument(
+        "--metrics", help="comma-separated final_metrics.json keys to show (default: test NLL and bits/dim, best step)"
+    )
     args = parser.parse_args(argv)
     finals = {}
     for run in args.runs:
@@ -33,8 +37,10 @@ def main(argv=None) -> int:
             cells = "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), (int, float)) else f"{'-':>16}" for k in keys)
             print(f"{run.name:<16}{cells}{m['step']:>8}")
     else:
-        rows = [(run.name, m.get("test/nll"), m.get("test/bits_per_dim"), m.get("best_step"), m["step"])
-                for run, m in finals.items()]
+        rows = [
+            (run.name, m.get("test/nll"), m.get("test/bits_per_dim"), m.get("best_step"), m["step"])
+            for run, m in finals.items()
+        ]
         print(f"\n{'model':<12}{'test NLL (nats)':>16}{'bits/dim':>10}{'best step':>11}{'steps':>7}")
         for name, nll, bpd, best, steps in sorted(rows, key=lambda r: -(r[1] or 0)):
             print(f"{name:<12}{nll:>16.3f}{bpd:>10.4f}{best if best is not None else '-':>11}{steps:>7}")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from data_pipelines.stream import DataError, check_readers, resolve_shards
+from launch.cli import program
 from launch.recipes import load_recipe
 from trainer.config import ConfigError
 
@@ -40,8 +41,13 @@ def sbatch_header(a, name: str, log_dir: Path) -> list[str]:
     for flag in ("partition", "account", "time", "qos", "constraint"):
         if getattr(a, flag):
             lines.append(f"--{flag}={getattr(a, flag)}")
-    lines += ["--requeue", "--open-mode=append", f"--signal=B:USR1@{a.grace}",
-              f"--output={log_dir}/%x-%j.out", f"--chdir={ROOT}"]
+    lines += [
+        "--requeue",
+        "--open-mode=append",
+        f"--signal=B:USR1@{a.grace}",
+        f"--output={log_dir}/%x-%j.out",
+        f"--chdir={ROOT}",
+    ]
     lines += a.sbatch_arg
     return [f"#SBATCH {line}" for line in lines]
 
@@ -52,14 +58,17 @@ def render(a, recipe: str, overrides: list[str], run_dir: Path, name: str) -> st
     log_dir = run_dir / "slurm"
     lines = template.splitlines(keepends=True)
     last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
-    about = lines[1:lines.index("#\n")]  # the template's first paragraph: what it does
-    header = (lines[0] + f"# Rendered by `python -m launch.submit` from slurm/{a.launcher}.sbatch "
-              f"on {time.strftime('%Y-%m-%d %H:%M')}.\n" + "".join(about)
-              + "\n".join(sbatch_header(a, name, log_dir)) + "\n")
-    body = "".join(lines[last + 1:])
-    settings = [f"export PYTHON={shlex.quote(a.python)}",
-                f"export PROCS_PER_NODE={a.gpus_per_node}",
-                f"LOG_DIR={shlex.quote(str(log_dir))}"]
+    about = lines[1 : lines.index("#\n")]  # the template's first paragraph: what it does
+    header = (
+        lines[0] + f"# Rendered by `python -m launch.submit` from slurm/{a.launcher}.sbatch "
+        f"on {time.strftime('%Y-%m-%d %H:%M')}.\n" + "".join(about) + "\n".join(sbatch_header(a, name, log_dir)) + "\n"
+    )
+    body = "".join(lines[last + 1 :])
+    settings = [
+        f"export PYTHON={shlex.quote(a.python)}",
+        f"export PROCS_PER_NODE={a.gpus_per_node}",
+        f"LOG_DIR={shlex.quote(str(log_dir))}",
+    ]
     if a.launcher == "torchrun":
         settings.append(f"MAX_RESTARTS={a.max_restarts}")
     if a.cpu:
@@ -72,30 +81,44 @@ def render(a, recipe: str, overrides: list[str], run_dir: Path, name: str) -> st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=program("launch.submit"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="YAML recipe")
     p.add_argument("overrides", nargs="*", help="dotted overrides: run.dir=/shared/runs/x ...")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True, help="ranks per node (one per GPU)")
-    p.add_argument("--launcher", choices=sorted(TEMPLATES), default=None,
-                   help="default: deepspeed for trainer.backend=deepspeed, else torchrun")
+    p.add_argument(
+        "--launcher",
+        choices=sorted(TEMPLATES),
+        default=None,
+        help="default: deepspeed for trainer.backend=deepspeed, else torchrun",
+    )
     for flag in ("--partition", "--account", "--qos", "--constraint"):
         p.add_argument(flag, help=f"#SBATCH {flag}")
     p.add_argument("--time", help="the job's time limit, e.g. 2-00:00:00; the run requeues itself past it")
-    p.add_argument("--grace", type=int, default=300,
-                   help="seconds before the time limit that SIGUSR1 arrives (save + requeue)")
+    p.add_argument(
+        "--grace", type=int, default=300, help="seconds before the time limit that SIGUSR1 arrives (save + requeue)"
+    )
     p.add_argument("--cpus-per-task", type=int, default=0)
-    p.add_argument("--max-restarts", type=int, default=0,
-                   help="torchrun only: restart all ranks this often after a rank dies")
-    p.add_argument("--cpu", action="store_true",
-                   help="ranks on CPUs with gloo (debugging a cluster setup without GPUs)")
+    p.add_argument(
+        "--max-restarts", type=int, default=0, help="torchrun only: restart all ranks this often after a rank dies"
+    )
+    p.add_argument(
+        "--cpu", action="store_true", help="ranks on CPUs with gloo (debugging a cluster setup without GPUs)"
+    )
     p.add_argument("--python", default=sys.executable, help="interpreter on the nodes (default: this one)")
-    p.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",
-                   help="extra #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)")
+    p.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
-    p.add_argument("--wait", action="store_true",
-                   help="return when the job ends (through requeues), with its exit code")
+    p.add_argument(
+        "--wait", action="store_true", help="return when the job ends (through requeues), with its exit code"
+    )
     a = p.parse_args(argv)
     if a.nodes < 1 or a.gpus_per_node < 1:
         p.error("--nodes and --gpus-per-node must be >= 1")
@@ -120,8 +143,11 @@ def main(argv=None) -> int:
         print(f"error: --max-restarts is a torchrun setting; --launcher is {a.launcher}", file=sys.stderr)
         return 2
     if a.launcher == "accelerate" and cfg.trainer.backend == "deepspeed":
-        print("error: --launcher accelerate with trainer.backend=deepspeed: use --launcher "
-              "deepspeed or torchrun (the trainer builds the DeepSpeed engine itself)", file=sys.stderr)
+        print(
+            "error: --launcher accelerate with trainer.backend=deepspeed: use --launcher "
+            "deepspeed or torchrun (the trainer builds the DeepSpeed engine itself)",
+            file=sys.stderr,
+        )
         return 2
 
     run_dir = Path(cfg.run.dir).resolve()
@@ -141,20 +167,27 @@ def main(argv=None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     path.write_text(script)
-    proc = subprocess.Popen([sbatch, "--parsable"] + (["--wait"] if a.wait else []) + [str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sbatch, "--parsable"] + (["--wait"] if a.wait else []) + [str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = proc.stdout.readline()  # the job id, printed at once even with --wait
     if not first.strip():
         err = proc.communicate()[1]
         print(f"error: sbatch refused {path}: {err.strip()}", file=sys.stderr)
         return 2
     job = first.strip().split(";")[0]
-    print(f"submitted job {job}: {a.nodes} node(s) x {a.gpus_per_node} rank(s), {a.launcher}\n"
-          f"  script       {path}\n"
-          f"  batch log    {log_dir}/{name}-{job}.out\n"
-          f"  node logs    {log_dir}/{name}-{job}-node<N>.out\n"
-          f"  tensorboard  tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1\n"
-          f"  follow       squeue -j {job}; tail -f {log_dir}/{name}-{job}.out", flush=True)
+    print(
+        f"submitted job {job}: {a.nodes} node(s) x {a.gpus_per_node} rank(s), {a.launcher}\n"
+        f"  script       {path}\n"
+        f"  batch log    {log_dir}/{name}-{job}.out\n"
+        f"  node logs    {log_dir}/{name}-{job}-node<N>.out\n"
+        f"  tensorboard  tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1\n"
+        f"  follow       squeue -j {job}; tail -f {log_dir}/{name}-{job}.out",
+        flush=True,
+    )
     if not a.wait:
         proc.wait()
         return 0

@@ -7,10 +7,11 @@ and checked, and the shards counted against ranks x workers, before any process 
 starts, so a bad recipe fails in seconds with the key it is about.
 
 Exit codes: 0 finished; 2 bad config or data layout, a resume from a checkpoint of another
-model, or a run.dir another live launch writes (run.dir/lock.json names it); 3 bad data met while training; 4 another rank died or stopped answering
-(trainer.dist_timeout_s); 5 a checkpoint or log could not be written (full disk, read-only run
-dir; the previous checkpoint is intact); 6 a NaN/Inf loss under trainer.nonfinite=halt (nothing after the last good checkpoint is saved);
-75 stopped early by SIGUSR1, SIGTERM, Ctrl-C (SIGINT) or the job's time limit, with a complete
+model, or a run.dir another live launch writes (run.dir/lock.json names it); 3 bad data met
+while training; 4 another rank died or stopped answering (trainer.dist_timeout_s); 5 a
+checkpoint or log could not be written (full disk, read-only run dir; the previous checkpoint
+is intact); 6 a NaN/Inf loss under trainer.nonfinite=halt (nothing after the last good
+checkpoint is saved); 75 stopped early by SIGUSR1, SIGTERM, Ctrl-C (SIGINT) or the job's time limit, with a complete
 checkpoint (under SLURM a SIGUSR1 or time-limit stop also requeues the job); 130 a second Ctrl-C,
 or one before training began or after it ended: out at once, nothing more saved.
 """
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from data_pipelines.stream import DataError, check_readers, resolve_shards
+from launch.cli import program
 from launch.recipes import load_recipe
 from trainer.config import ConfigError, resolve_global_batch, training_splits
 from trainer.preempt import EXIT_INTERRUPTED, EXIT_STOPPED, requeue_slurm_job, slurm_job_name
@@ -40,9 +42,17 @@ def lost_peer(exc: BaseException) -> bool:
     import torch.distributed as dist
 
     text = str(exc)
-    return isinstance(exc, dist.DistError) or any(s in text for s in (
-        "third_party/gloo", "Connection reset by peer", "Connection closed by peer",
-        "Timed out waiting", "NCCL communicator was aborted", "Watchdog caught collective"))
+    return isinstance(exc, dist.DistError) or any(
+        s in text
+        for s in (
+            "third_party/gloo",
+            "Connection reset by peer",
+            "Connection closed by peer",
+            "Timed out waiting",
+            "NCCL communicator was aborted",
+            "Watchdog caught collective",
+        )
+    )
 
 
 def preflight(cfg) -> None:
@@ -68,14 +78,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C while no stop agreement listens (setup, the final report): nothing to save
         # that is not saved; the last complete checkpoint, if any, is where a rerun resumes
-        print("interrupted (SIGINT) outside the training steps; the last complete checkpoint "
-              "is kept", file=sys.stderr, flush=True)
+        print(
+            "interrupted (SIGINT) outside the training steps; the last complete checkpoint is kept",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INTERRUPTED
 
 
 def _main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=program("launch.train"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/autoregressive/made.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides: trainer.max_steps=100 ...")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -90,8 +104,11 @@ def _main(argv=None) -> int:
         workload = build_workload(cfg.model)  # a model.* value it refuses, before any process group
         # one launch per run dir: rank 0 holds it, before any process group (when rank 0 is
         # refused and exits, the launcher stops the other ranks)
-        lock = RunDirLock.acquire(Path(cfg.run.dir), cfg.trainer.lock_stale_s, slurm_job=slurm_job_name()) \
-            if os.environ.get("RANK", "0") == "0" else None
+        lock = (
+            RunDirLock.acquire(Path(cfg.run.dir), cfg.trainer.lock_stale_s, slurm_job=slurm_job_name())
+            if os.environ.get("RANK", "0") == "0"
+            else None
+        )
     except RunDirLocked as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -105,8 +122,11 @@ def _main(argv=None) -> int:
         print(f"error: {exc}" if rank == "0" else f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:  # the run dir's lock cannot be written (read-only, full)
-        print(f"error: cannot take the run dir's lock in {exc.filename or 'run.dir'}: {exc.strerror or exc}",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: cannot take the run dir's lock in {exc.filename or 'run.dir'}: {exc.strerror or exc}",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_CHECKPOINT
 
     try:
@@ -117,25 +137,30 @@ def _main(argv=None) -> int:
 
 
 def _train(cfg, workload) -> int:
+    from launch.netif import choose_socket_ifname
     from trainer.backends import make_backend
     from trainer.checkpoint import CheckpointError, IncompatibleCheckpointError, newest_complete
     from trainer.guard import NonFiniteError
     from trainer.loop import Trainer
 
-    from launch.netif import choose_socket_ifname
-
     ifname = choose_socket_ifname()  # before any process group: see launch/netif.py
     if ifname and os.environ.get("RANK", "0") == "0":
-        print(f"collectives over {ifname} (the host name resolves to loopback; "
-              f"set GLOO_SOCKET_IFNAME to choose)", flush=True)
+        print(
+            f"collectives over {ifname} (the host name resolves to loopback; set GLOO_SOCKET_IFNAME to choose)",
+            flush=True,
+        )
     backend = make_backend(cfg)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if backend.world_size != launched:
         # e.g. `accelerate launch` with a GPU YAML on a CPU machine without
         # ACCELERATE_USE_CPU=1: each process would train alone and race on one run dir
-        print(f"error: the launcher started {launched} processes (WORLD_SIZE) but the "
-              f"{backend.name} backend formed a group of {backend.world_size}; on a machine "
-              f"without GPUs set ACCELERATE_USE_CPU=1 for accelerate launch", file=sys.stderr, flush=True)
+        print(
+            f"error: the launcher started {launched} processes (WORLD_SIZE) but the "
+            f"{backend.name} backend formed a group of {backend.world_size}; on a machine "
+            f"without GPUs set ACCELERATE_USE_CPU=1 for accelerate launch",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     if backend.is_main:
         print(f"backend: {backend.name} on {backend.world_size} rank(s), {backend.device.type}", flush=True)
@@ -179,9 +204,12 @@ def _train(cfg, workload) -> int:
         return fail(EXIT_CHECKPOINT, str(exc), agreed=True)
     except OSError as exc:  # e.g. a full disk or a read-only run dir while logging
         kept = newest_complete(Path(cfg.run.dir) / "checkpoints")
-        return fail(EXIT_CHECKPOINT, f"cannot write {exc.filename or cfg.run.dir} (run.dir={cfg.run.dir}): "
-                    f"{exc.strerror or exc}. Last complete checkpoint: {kept or 'none'}; make room "
-                    "and rerun the job to resume from it")
+        return fail(
+            EXIT_CHECKPOINT,
+            f"cannot write {exc.filename or cfg.run.dir} (run.dir={cfg.run.dir}): "
+            f"{exc.strerror or exc}. Last complete checkpoint: {kept or 'none'}; make room "
+            "and rerun the job to resume from it",
+        )
     except RuntimeError as exc:
         # gloo: a dead peer resets its sockets at once; a hung one times out. NCCL: the
         # watchdog aborts after the same timeout. Either way this rank cannot go on alone.
@@ -191,10 +219,13 @@ def _train(cfg, workload) -> int:
         step = getattr(getattr(trainer, "state", None), "step", "?")
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         kept = newest_complete(Path(cfg.run.dir) / "checkpoints")
-        return fail(EXIT_LOST_RANK, f"lost contact with another rank after step {step} (it died, hung "
-                    f"or lost its network; trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}): "
-                    f"{first[:300]}. Last complete checkpoint: {kept or 'none'}; rerun the job to "
-                    "resume from it")
+        return fail(
+            EXIT_LOST_RANK,
+            f"lost contact with another rank after step {step} (it died, hung "
+            f"or lost its network; trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}): "
+            f"{first[:300]}. Last complete checkpoint: {kept or 'none'}; rerun the job to "
+            "resume from it",
+        )
     finally:
         if not lost:
             backend.end()

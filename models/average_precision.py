@@ -57,8 +57,9 @@ def score_histograms(scores: torch.Tensor, correct: torch.Tensor, bins: int = 10
     """(2, bins) counts of true and false positives by score bin; scores in [0, 1]."""
     b = (scores.double().clamp(0, 1) * bins).long().clamp(max=bins - 1)
     correct = correct.bool()
-    return torch.stack([torch.bincount(b[correct], minlength=bins),
-                        torch.bincount(b[~correct], minlength=bins)]).double()
+    return torch.stack(
+        [torch.bincount(b[correct], minlength=bins), torch.bincount(b[~correct], minlength=bins)]
+    ).double()
 
 
 def average_precision_from_histograms(hist: torch.Tensor, n_positive: float) -> float:

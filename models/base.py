@@ -7,8 +7,9 @@ workload touches `models/` and `configs/` only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ class Workload:
         here, so that it knows no dataset of its own; one that needs a split checks for it here."""
         self.splits = splits
 
-    def first_split(self, *names: str) -> Optional[str]:
+    def first_split(self, *names: str) -> str | None:
         """The first of `names` the run has (e.g. "test", "val": the held-out split), or None."""
         return next((s for s in names if s in self.splits), None)
 
@@ -85,11 +86,11 @@ class Workload:
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor | None:
         """n samples as images in [0, 1], shape (n, C, H, W), or None."""
         return None
 
-    def sample_captions(self, n: int) -> Optional[list[str]]:
+    def sample_captions(self, n: int) -> list[str] | None:
         """What `sample_images(n)` was asked for (its prompts, in grid order), logged beside it."""
         return None
 
@@ -107,6 +108,6 @@ class Workload:
     export = None
 
     @torch.no_grad()
-    def sample_text(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[list[str]]:
+    def sample_text(self, model: nn.Module, n: int, generator: torch.Generator) -> list[str] | None:
         """Up to n generated texts, or None."""
         return None

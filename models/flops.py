@@ -24,6 +24,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch.utils.flop_counter import FlopCounterMode
 
+
 def train_flops_per_sample(workload, batch: Any, batch_size: int) -> float:
     """Model FLOPs of one training step per sample (see the module doc); raises if the
     workload's loss cannot run on the meta device (e.g. it needs values on the host)."""

@@ -22,6 +22,7 @@ def register(name: str):
             raise ValueError(f"workload '{name}' registered twice")
         _WORKLOADS[name] = cls
         return cls
+
     return wrap
 
 
@@ -45,8 +46,10 @@ def workload_class(name: str) -> type[Workload]:
         return imported_workload(name)
     _load_families()
     if name not in _WORKLOADS:
-        raise ValueError(f"unknown workload '{name}'; known: {', '.join(names())}, or an import "
-                         "path of your own, my_pkg.my_module:MyWorkload")
+        raise ValueError(
+            f"unknown workload '{name}'; known: {', '.join(names())}, or an import "
+            "path of your own, my_pkg.my_module:MyWorkload"
+        )
     return _WORKLOADS[name]
 
 
@@ -56,16 +59,20 @@ def imported_workload(path: str) -> type[Workload]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"'{path}': cannot import {module_name} ({exc}); install your package, put its "
-                         "folder on PYTHONPATH, or launch from the folder that holds it") from None
+        raise ValueError(
+            f"'{path}': cannot import {module_name} ({exc}); install your package, put its "
+            "folder on PYTHONPATH, or launch from the folder that holds it"
+        ) from None
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Workload)):
         found = "nothing" if cls is None else type(cls).__name__
         raise ValueError(f"'{path}': {module_name}.{attr} is {found}, not a subclass of models.base.Workload")
     config = getattr(cls, "Config", None)
     if not (dataclasses.is_dataclass(config) and "name" in {f.name for f in dataclasses.fields(config)}):
-        raise ValueError(f"'{path}': {attr}.Config must be a dataclass with a `name: str` field "
-                         "(the recipe's model.* keys are checked against it)")
+        raise ValueError(
+            f"'{path}': {attr}.Config must be a dataclass with a `name: str` field "
+            "(the recipe's model.* keys are checked against it)"
+        )
     return cls
 
 

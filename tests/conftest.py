@@ -46,8 +46,7 @@ def collate_list(samples: list) -> list:
 def cpu_env():
     """Environment for subprocess runs: CPU ranks, no stray GPU, quiet."""
     env = dict(os.environ)
-    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               CUDA_VISIBLE_DEVICES="")
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     return env
 
 
@@ -80,8 +79,11 @@ def kill_past_checkpoint(cmd, env, run_dir: Path, checkpoint: int, past: int, ti
 
     def past_checkpoint():
         m = run_dir / "metrics.jsonl"
-        return (run_dir / f"checkpoints/step-{checkpoint}/COMPLETE.json").exists() and m.exists() and \
-            any(r.get("step", 0) >= past for r in read_jsonl(m)[-3:])
+        return (
+            (run_dir / f"checkpoints/step-{checkpoint}/COMPLETE.json").exists()
+            and m.exists()
+            and any(r.get("step", 0) >= past for r in read_jsonl(m)[-3:])
+        )
 
     reached = wait_for(past_checkpoint, proc, timeout=timeout)
     kill_tree(proc.pid)

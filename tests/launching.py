@@ -21,25 +21,64 @@ STEPS = 200
 
 def smoke_overrides(run_dir, digits_dir, *more) -> list[str]:
     """The default smoke recipe, small: every step logged, a checkpoint every 40 steps."""
-    return [f"run.dir={run_dir}", f"data.train.urls={digits_dir}/train",
-            f"data.val.urls={digits_dir}/val", f"data.test.urls={digits_dir}/test",
-            "model.hidden=[64]", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
-            "trainer.checkpoint_every=40", "trainer.eval_every=0", "trainer.progress_bar=false",
-            "optim.warmup_steps=5", "data.shuffle_buffer=64", *more]
+    return [
+        f"run.dir={run_dir}",
+        f"data.train.urls={digits_dir}/train",
+        f"data.val.urls={digits_dir}/val",
+        f"data.test.urls={digits_dir}/test",
+        "model.hidden=[64]",
+        f"trainer.max_steps={STEPS}",
+        "trainer.log_every=1",
+        "trainer.checkpoint_every=40",
+        "trainer.eval_every=0",
+        "trainer.progress_bar=false",
+        "optim.warmup_steps=5",
+        "data.shuffle_buffer=64",
+        *more,
+    ]
 
 
 def accelerate_cmd(nodes=1, procs=2, machine_rank=0, head="127.0.0.1", port=0) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", str(nodes),
-            "--num_processes", str(nodes * procs), "--machine_rank", str(machine_rank),
-            "--main_process_ip", head, "--main_process_port", str(port),
-            "--rdzv_backend", "static", "--same_network", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "-m", "launch.train", "--config", RECIPE]
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_machines",
+        str(nodes),
+        "--num_processes",
+        str(nodes * procs),
+        "--machine_rank",
+        str(machine_rank),
+        "--main_process_ip",
+        head,
+        "--main_process_port",
+        str(port),
+        "--rdzv_backend",
+        "static",
+        "--same_network",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "launch.train",
+        "--config",
+        RECIPE,
+    ]
 
 
-def torchrun_cmd(nodes=1, procs=2, endpoint="127.0.0.1:0", max_restarts=0, is_host=None,
-                 local_addr=None) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
-           "--nproc_per_node", str(procs), "--max_restarts", str(max_restarts)]
+def torchrun_cmd(nodes=1, procs=2, endpoint="127.0.0.1:0", max_restarts=0, is_host=None, local_addr=None) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(nodes),
+        "--nproc_per_node",
+        str(procs),
+        "--max_restarts",
+        str(max_restarts),
+    ]
     if nodes == 1 and endpoint.endswith(":0"):
         cmd += ["--standalone"]
     else:
@@ -94,8 +133,9 @@ def assert_matches_reference(run_dir, reference) -> None:
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for key in ("train/loss", "train/lr", "train/grad_norm"):
         assert [r[key] for r in got] == [r[key] for r in ref], key
-    assert json.loads((Path(run_dir) / "final_metrics.json").read_text()) == \
-        json.loads((Path(reference) / "final_metrics.json").read_text())
+    assert json.loads((Path(run_dir) / "final_metrics.json").read_text()) == json.loads(
+        (Path(reference) / "final_metrics.json").read_text()
+    )
 
 
 def run_ok(cmd, env, timeout=300, cwd=ROOT) -> str:

@@ -5,9 +5,16 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.lm.layers import (ATTENTION_KINDS, FlashBlock, Rotary, attention_flops_per_token,
-                              linear_attention, make_block, mixed_chunk_attention,
-                              naive_causal_linear_attention)
+from models.lm.layers import (
+    ATTENTION_KINDS,
+    FlashBlock,
+    Rotary,
+    attention_flops_per_token,
+    linear_attention,
+    make_block,
+    mixed_chunk_attention,
+    naive_causal_linear_attention,
+)
 
 DIM, HEADS, QK_DIM, CHUNK = 32, 4, 16, 8
 
@@ -87,7 +94,7 @@ def test_causal_blocks_do_not_see_the_future(kind, t):
     torch.testing.assert_close(y2[:, :t], y[:, :t], rtol=0, atol=1e-12)
     change = (y2 - y).abs().amax(dim=(0, 2))
     # t itself, later positions in its chunk, and those in the next chunk all see the change.
-    assert change[t] > 1e-3 and change[t + 1:16].max() > 1e-6 and change[16:].max() > 1e-6, change
+    assert change[t] > 1e-3 and change[t + 1 : 16].max() > 1e-6 and change[16:].max() > 1e-6, change
 
 
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
@@ -161,8 +168,9 @@ def test_flops_formula_matches_counted_matmuls(kind):
     # The math backend, because the counter does not see inside CPU's fused SDPA kernel.
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         b(torch.randn(1, n, DIM))
-    want = attention_flops_per_token(kind, dim=DIM, heads=HEADS, tokens=n, chunk_size=CHUNK,
-                                     expansion=2, qk_dim=QK_DIM, mlp_ratio=4, causal=False)
+    want = attention_flops_per_token(
+        kind, dim=DIM, heads=HEADS, tokens=n, chunk_size=CHUNK, expansion=2, qk_dim=QK_DIM, mlp_ratio=4, causal=False
+    )
     assert math.isclose(counter.get_total_flops() / n, want, rel_tol=1e-9)
 
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import collate_list, write_numbered_shards
+
 from data_pipelines.stream import DataError, ShardList, ShardStream, resolve_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +25,18 @@ def decode_strict(sample):
 
 
 def stream(urls, policy, counts=None):
-    return ShardStream(ShardList(urls, counts), decode=decode_strict, collate=collate_list,
-                       batch_size=1, seed=0, shuffle_buffer=1, rank=0, world_size=1,
-                       num_workers=1, on_error=policy)
+    return ShardStream(
+        ShardList(urls, counts),
+        decode=decode_strict,
+        collate=collate_list,
+        batch_size=1,
+        seed=0,
+        shuffle_buffer=1,
+        rank=0,
+        world_size=1,
+        num_workers=1,
+        on_error=policy,
+    )
 
 
 def first_epoch(s):
@@ -47,17 +56,19 @@ def shards_with(tmp_path, bad_sample):
     urls = []
     for i, rng in enumerate((range(0, 5), range(5, 10))):
         samples = [{"__key__": f"s{j:06d}", "num": str(j).encode()} for j in rng]
-        samples = [dict(bad_sample, __key__=s["__key__"]) if s["__key__"] == "s000007" else s
-                   for s in samples]
+        samples = [dict(bad_sample, __key__=s["__key__"]) if s["__key__"] == "s000007" else s for s in samples]
         write_shards(samples, tmp_path / f"p{i}", maxcount=5)
         urls.append(str(tmp_path / f"p{i}" / "shard-000000.tar"))
     return urls
 
 
-@pytest.mark.parametrize("bad, kind, words", [
-    ({"num": b"not-a-number"}, "bad_samples", "cannot decode"),
-    ({"txt": b"a caption but no num"}, "missing_key", "missing key 'num'"),
-])
+@pytest.mark.parametrize(
+    "bad, kind, words",
+    [
+        ({"num": b"not-a-number"}, "bad_samples", "cannot decode"),
+        ({"txt": b"a caption but no num"}, "missing_key", "missing key 'num'"),
+    ],
+)
 def test_bad_sample(tmp_path, caplog, bad, kind, words):
     urls = shards_with(tmp_path, bad)
     with caplog.at_level(logging.WARNING):
@@ -69,8 +80,7 @@ def test_bad_sample(tmp_path, caplog, bad, kind, words):
         first_epoch(stream(urls, "fail"))
 
 
-@pytest.mark.parametrize("cut", [3 * 1024 + 700, 3 * 1024 + 100, 3 * 1024],
-                         ids=["in_data", "in_header", "at_boundary"])
+@pytest.mark.parametrize("cut", [3 * 1024 + 700, 3 * 1024 + 100, 3 * 1024], ids=["in_data", "in_header", "at_boundary"])
 def test_truncated_tar(tmp_path, caplog, cut):
     """Cut inside a member's data, inside a header, or exactly between members: the last
     one Python's tarfile takes for a clean end, so the manifest count must catch it."""
@@ -128,22 +138,39 @@ def test_skips_are_counted_in_metrics_and_tensorboard(tmp_path, digits_dir, cpu_
     victim = sorted(train.glob("shard-*.tar"))[3]
     samples = list(iter_raw_samples([str(victim)]))
     samples[5]["png"] = b"garbage, not a png"
-    write_shards(({k: v for k, v in s.items() if k != "__url__"} for s in samples),
-                 tmp_path / "tmp", prefix="x", maxcount=1000)
+    write_shards(
+        ({k: v for k, v in s.items() if k != "__url__"} for s in samples), tmp_path / "tmp", prefix="x", maxcount=1000
+    )
     shutil.copy(tmp_path / "tmp" / "x-000000.tar", victim)
 
-    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/autoregressive/made.yaml"),
-           f"data.train.urls={train}", f"data.val.urls={digits_dir}/val", f"data.test.urls={digits_dir}/test",
-           "model.hidden=[32]", "trainer.progress_bar=false", "optim.warmup_steps=2", "trainer.max_steps=60",
-           "trainer.log_every=20", "trainer.eval_every=0", "trainer.sample_every=0",
-           "trainer.checkpoint_every=0", "data.batch_size=32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/autoregressive/made.yaml"),
+        f"data.train.urls={train}",
+        f"data.val.urls={digits_dir}/val",
+        f"data.test.urls={digits_dir}/test",
+        "model.hidden=[32]",
+        "trainer.progress_bar=false",
+        "optim.warmup_steps=2",
+        "trainer.max_steps=60",
+        "trainer.log_every=20",
+        "trainer.eval_every=0",
+        "trainer.sample_every=0",
+        "trainer.checkpoint_every=0",
+        "data.batch_size=32",
+    ]
     run_dir = tmp_path / "skip"
-    out = subprocess.run(cmd + [f"run.dir={run_dir}"], cwd=ROOT, env=cpu_env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        cmd + [f"run.dir={run_dir}"], cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"'{samples[5]['__key__']}'" in out.stderr and victim.name in out.stderr
-    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "train/loss" in line][-1]
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in line][
+        -1
+    ]
     # 60 x 32 samples = 1.5 epochs: the damaged sample was met once or twice, never silently
     assert last["data/skipped_bad_samples"] in (1, 2)
 
@@ -153,14 +180,21 @@ def test_skips_are_counted_in_metrics_and_tensorboard(tmp_path, digits_dir, cpu_
     acc.Reload()
     assert acc.Scalars("data/skipped_bad_samples")[-1].value == last["data/skipped_bad_samples"]
 
-    out = subprocess.run(cmd + [f"run.dir={tmp_path / 'fail'}", "data.on_error=fail"], cwd=ROOT,
-                         env=cpu_env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        cmd + [f"run.dir={tmp_path / 'fail'}", "data.on_error=fail"],
+        cwd=ROOT,
+        env=cpu_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "error:" in out.stderr and samples[5]["__key__"] in out.stderr and victim.name in out.stderr
 
 
-@pytest.mark.parametrize("name", ["pipe:touch PWNED", "../elsewhere/s-000000.tar", "/etc/s.tar",
-                                  "https://example.com/s.tar"])
+@pytest.mark.parametrize(
+    "name", ["pipe:touch PWNED", "../elsewhere/s-000000.tar", "/etc/s.tar", "https://example.com/s.tar"]
+)
 def test_a_manifest_cannot_name_commands_or_files_outside_its_folder(tmp_path, digits_dir, name):
     """Shard folders are data, maybe someone else's: their manifest.json names files inside
     the folder and nothing else; `pipe:` commands come only from the recipe."""
@@ -187,6 +221,7 @@ def test_a_workloads_own_reads_follow_the_error_policy(tmp_path):
 
 
 # --- errors that say why ----------------------------------------------------------------
+
 
 @pytest.fixture
 def shard_server(tmp_path):
@@ -250,16 +285,14 @@ def test_the_error_from_a_loader_worker_keeps_its_causes_on_the_last_line(tmp_pa
     from data_pipelines.stream import StreamLoader
 
     base, _, _ = shard_server
-    loader = StreamLoader(stream([f"{base}/gone-000000.tar", not_a_tar(tmp_path / "x.tar")], "skip"),
-                          num_workers=1)
+    loader = StreamLoader(stream([f"{base}/gone-000000.tar", not_a_tar(tmp_path / "x.tar")], "skip"), num_workers=1)
     with pytest.raises(Exception) as err:
         next(loader)
     last = [line for line in str(err.value).splitlines() if line.strip()][-1]  # as launch.train reads it
     assert f"{base}/gone-000000.tar: cannot open: HTTP 404" in last and "x.tar: not a tar archive" in last
 
 
-@pytest.mark.parametrize("status, words", [(403, "HTTP 403 Forbidden"),
-                                           (500, "HTTP 500 Internal Server Error")])
+@pytest.mark.parametrize("status, words", [(403, "HTTP 403 Forbidden"), (500, "HTTP 500 Internal Server Error")])
 def test_http_status_is_named(shard_server, monkeypatch, status, words):
     """A 500 is retried (a transient failure) before it counts; a 403 is not."""
     from data_pipelines import stream as stream_module
@@ -287,6 +320,7 @@ def test_permission_denied_and_missing_file_are_named(tmp_path, monkeypatch):
             if url == urls[0]:
                 raise PermissionError(13, "Permission denied", url)
             return opener(url)
+
         monkeypatch.setattr(stream_module, "open_url", denied)
     Path(urls[1]).unlink()
     with pytest.raises(DataError) as err:
@@ -308,10 +342,22 @@ def test_an_eval_split_that_yields_nothing_is_an_error_even_under_skip(tmp_path,
 
     base, _, _ = shard_server
     urls = [f"{base}/gone.tar", not_a_tar(tmp_path / "x.tar")]
-    with pytest.raises(DataError, match=r"2 shard\(s\) yield no samples: .*gone\.tar: cannot open: "
-                                        r"HTTP 404.*x\.tar: not a tar archive"):
-        list(eval_batches(ShardList(urls, None), decode=decode_strict, collate=collate_list,
-                          batch_size=2, rank=0, world_size=1, on_error="skip"))
+    with pytest.raises(
+        DataError,
+        match=r"2 shard\(s\) yield no samples: .*gone\.tar: cannot open: "
+        r"HTTP 404.*x\.tar: not a tar archive",
+    ):
+        list(
+            eval_batches(
+                ShardList(urls, None),
+                decode=decode_strict,
+                collate=collate_list,
+                batch_size=2,
+                rank=0,
+                world_size=1,
+                on_error="skip",
+            )
+        )
 
 
 def test_a_thousand_bad_shards_do_not_flood_the_log(tmp_path, caplog, monkeypatch):
@@ -352,5 +398,8 @@ def test_a_source_where_no_sample_decodes_is_an_error_not_a_hang(tmp_path):
     reader.start()
     reader.join(timeout=20)
     assert not reader.is_alive(), "the stream skipped undecodable samples forever"
-    assert re.search(r"no sample of source 'train' decodes for two epochs in a row; the last: "
-                     r"sample 'k\d' in shard .*missing key 'num'", got[0])
+    assert re.search(
+        r"no sample of source 'train' decodes for two epochs in a row; the last: "
+        r"sample 'k\d' in shard .*missing key 'num'",
+        got[0],
+    )

@@ -46,8 +46,9 @@ def test_benchmark_starts_as_a_script_and_as_a_module(path, form, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(tmp_path), PROBE_PACKAGES=" ".join(sorted(repo_imports(path))))
     how = [str(path.relative_to(ROOT))] if form == "script" else ["-m", f"benchmarks.{path.stem}"]
-    out = subprocess.run([sys.executable, *how, "--help"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, *how, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "usage:" in out.stdout, out.stdout + out.stderr
     assert UNIMPORTABLE not in out.stderr, out.stderr
 
@@ -61,8 +62,9 @@ def test_overhead_reads_the_clock_after_the_device_finishes(device, monkeypatch)
     events = []
     clock = iter(range(100))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(f"sync {device}"))
-    monkeypatch.setattr(overhead, "time", SimpleNamespace(
-        perf_counter=lambda: events.append("clock") or float(next(clock))))
+    monkeypatch.setattr(
+        overhead, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or float(next(clock)))
+    )
     bare = SimpleNamespace(device=device, step=lambda: events.append("bare step"))
     ours_s, bare_s = [], []
     paired = overhead.paired_hook(lambda net, step: events.append("our step"), bare, ours_s, bare_s)

@@ -8,10 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.backends.accelerate import AccelerateBackend
 from data_pipelines.shards import sha256_file
-from trainer.checkpoint import (MARKER, CheckpointError, Checkpointer, IncompatibleCheckpointError,
-                                complete_checkpoints, file_digest, latest, rng_state, share_of, verify)
+from trainer.backends.accelerate import AccelerateBackend
+from trainer.checkpoint import (
+    MARKER,
+    Checkpointer,
+    CheckpointError,
+    IncompatibleCheckpointError,
+    complete_checkpoints,
+    file_digest,
+    latest,
+    rng_state,
+    share_of,
+    verify,
+)
 from trainer.config import TrainerConfig
 
 
@@ -38,8 +48,9 @@ def _train(model, opt, sched, steps):
 
 
 def _save(ck, step, model, opt, sched):
-    return ck.save(step, model=model, optimizer=opt, scheduler=sched,
-                   trainer_state={"step": step}, data_state={"batches": step})
+    return ck.save(
+        step, model=model, optimizer=opt, scheduler=sched, trainer_state={"step": step}, data_state={"batches": step}
+    )
 
 
 def _flip_bit(path, at=-3):
@@ -67,8 +78,15 @@ def test_round_trip_restores_every_listed_piece(tmp_path, backend):
     assert opt2.state_dict()["state"][0]["step"].item() == 3
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect_rng
     meta = json.loads((path / MARKER).read_text())
-    assert {"state/.metadata", "state/__0_0.distcp", "scheduler.pt", "trainer_state.json",
-            "rng-rank0.pt", "data-rank0.json", "extra.pt"} == set(meta["files"])
+    assert {
+        "state/.metadata",
+        "state/__0_0.distcp",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng-rank0.pt",
+        "data-rank0.json",
+        "extra.pt",
+    } == set(meta["files"])
     assert (meta["format"], meta["hash"], meta["layout"], meta["world_size"]) == (2, "xxh3_128", "dcp", 1)
     for name, entry in meta["files"].items():  # who wrote it, how big, its digest
         assert entry["rank"] == 0 and entry["bytes"] == (path / name).stat().st_size
@@ -185,7 +203,9 @@ def test_checkpoints_of_the_earlier_layout_still_load(tmp_path, backend):
     assert ck.resolve("auto") == tmp_path / "step-7"
     model2, opt2, sched2 = _parts(backend)
     assert ck.load(tmp_path / "step-7", model=model2, optimizer=opt2, scheduler=sched2) == (
-        {"step": 7}, [{"batches": 7}])
+        {"step": 7},
+        [{"batches": 7}],
+    )
     assert all(torch.equal(model.state_dict()[k], v) for k, v in model2.state_dict().items())
     assert opt2.state_dict()["state"][0]["step"].item() == 7 and sched2.last_epoch == 7
     _flip_bit(tmp_path / "step-7" / "model.safetensors")  # its sha256 digests are still checked
@@ -230,6 +250,7 @@ def test_verification_is_split_by_bytes_and_reads_each_file_once():
 def _through(module: str, name: str, command: str) -> bytes:
     """A pickle that calls `module`.`name`(command), the name dotted (protocol 4's STACK_GLOBAL
     resolves `filesystem` + `os.system` through the module's own imports)."""
+
     def text(x: str) -> bytes:
         return b"\x8c" + bytes([len(x)]) + x.encode()
 
@@ -242,9 +263,13 @@ def test_a_tampered_dcp_index_is_refused_without_running_it(tmp_path, backend):
     model, opt, sched = _parts(backend)
     path = _save(Checkpointer(tmp_path, backend, keep_last_k=1), 1, model, opt, sched)
     flag = tmp_path / "ran"
-    for payload, named in [(pickle.dumps({"x": _Payload(flag)}), "posix.system"),
-                           (_through("torch.distributed.checkpoint.filesystem", "os.system", f"touch {flag}"),
-                            "torch.distributed.checkpoint.filesystem.os.system")]:
+    for payload, named in [
+        (pickle.dumps({"x": _Payload(flag)}), "posix.system"),
+        (
+            _through("torch.distributed.checkpoint.filesystem", "os.system", f"touch {flag}"),
+            "torch.distributed.checkpoint.filesystem.os.system",
+        ),
+    ]:
         (path / "state/.metadata").write_bytes(payload)
         model2, opt2, sched2 = _parts(backend)
         with pytest.raises(pickle.UnpicklingError, match=f"refusing to load {named}"):
@@ -318,8 +343,12 @@ def test_export_writes_indexed_shards_that_other_readers_load(tmp_path, backend)
     net, opt = backend.prepare(net, opt)
     path = _save(Checkpointer(tmp_path / "ck", backend, keep_last_k=1), 1, net, opt, sched)
     files = export_checkpoint(path, tmp_path / "out", max_shard_size="20KB")  # 16.6 KB a layer
-    assert [f.name for f in files] == ["model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors",
-                                       "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"]
+    assert [f.name for f in files] == [
+        "model-00001-of-00004.safetensors",
+        "model-00002-of-00004.safetensors",
+        "model-00003-of-00004.safetensors",
+        "model-00004-of-00004.safetensors",
+    ]
     assert all(f.stat().st_size < 20_000 for f in files)
     index = json.loads((tmp_path / "out" / INDEX).read_text())
     assert set(index["weight_map"]) == set(net.state_dict())
@@ -374,6 +403,8 @@ def test_failpoint_spec_is_read_and_bad_specs_are_named():
     from trainer.faults import _parse
 
     assert _parse("save.marker@80/0=pause, step.loss@12=nan") == {
-        ("save.marker", 80): (0, "pause"), ("step.loss", 12): (None, "nan")}
+        ("save.marker", 80): (0, "pause"),
+        ("step.loss", 12): (None, "nan"),
+    }
     with pytest.raises(ValueError, match="cannot read 'save.marker80=pause'"):
         _parse("save.marker80=pause")

@@ -9,65 +9,69 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs" / "autoregressive" / "m
 
 
 def test_recipe_loads_with_overrides():
-    cfg = load_recipe(RECIPE, ["run.dir=/tmp/x", "trainer.max_steps=70", "model.hidden=[16,16]",
-                               "trainer.resume=never"])
+    cfg = load_recipe(
+        RECIPE, ["run.dir=/tmp/x", "trainer.max_steps=70", "model.hidden=[16,16]", "trainer.resume=never"]
+    )
     assert cfg.trainer.max_steps == 70
     assert cfg.model.hidden == [16, 16]
     assert cfg.data.train.urls == "data/digits/train"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("trainer.max_stpes=5", "trainer.max_stpes"),        # unknown key
-    ("model.hiden=[3]", "model.hiden"),                    # unknown key in the workload's section
-    ("trainer.max_steps=many", "trainer.max_steps"),       # wrong type
-    ("trainer.max_steps=0", "trainer.max_steps"),          # out of range
-    ("optim.warmup_steps=5000", "optim.warmup_steps"),     # longer than the run
-    ("trainer.mixed_precision=fp8", "trainer.mixed_precision"),
-    ("trainer.checkpoint_every=30", "trainer.checkpoint_every"),  # not a multiple of log_every
-    ("trainer.resume=/no/such/checkpoint", "trainer.resume"),
-    ("model.name=gpt9", "model.name"),                     # unknown workload
-    ("data.train.urls=", "data.train.urls"),              # null: a type error
-    ("data.train.urls=''", "data.train.urls"),            # empty: validate's "no training shards given"
-    ("data.on_error=ignore", "data.on_error"),
-    ("data.mix=[{urls: '/x/{0..3}.tar', weight: 0}]", "data.mix.0.weight"),
-    ("data.mix=[{urls: '/x/{0..3}.tar', wieght: 1}]", "data.mix.0.wieght"),
-    ("data.mix=[{urls: /x/{0..3}.tar}]", "data.mix"),  # unquoted braces: not YAML
-    ("data.mix=5", "data.mix"),                            # not a list
-    ("data.mix=[{weight: 1}]", "data.mix.0.urls"),         # a source without shards
-    ("trainer.max_steps", "trainer.max_steps"),            # not key=value
-    ("trainer.max_time=-1", "trainer.max_time"),
-    ("trainer.lock_stale_s=0", "trainer.lock_stale_s"),
-    ("trainer.progress_every_s=0", "trainer.progress_every_s"),
-    ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps"),
-    ("trainer.clip_grad_norm=-1", "trainer.clip_grad_norm"),
-    ("trainer.log_every=0", "trainer.log_every"),
-    ("trainer.eval_every=-1", "trainer.eval_every"),
-    ("trainer.sample_every=-1", "trainer.sample_every"),
-    ("trainer.checkpoint_every=-25", "trainer.checkpoint_every"),
-    ("trainer.keep_last_k=0", "trainer.keep_last_k"),
-    ("trainer.nonfinite=ignore", "trainer.nonfinite"),
-    ("trainer.nonfinite_max_skips=0", "trainer.nonfinite_max_skips"),
-    ("trainer.dist_timeout_s=0", "trainer.dist_timeout_s"),
-    ("trainer.stop_check_every=-1", "trainer.stop_check_every"),
-    ("trainer.end_margin_s=-1", "trainer.end_margin_s"),
-    ("trainer.peak_tflops=-1", "trainer.peak_tflops"),
-    ("trainer.profile_steps=[5]", "trainer.profile_steps"),
-    ("trainer.profile_steps=[8,5]", "trainer.profile_steps"),
-    ("optim.impl=apex", "optim.impl"),
-    ("optim.lr=0", "optim.lr"),
-    ("optim.lr=-1", "optim.lr"),
-    ("optim.schedule=linear", "optim.schedule"),
-    ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
-    ("optim.beta1=1.5", "optim.beta1"),
-    ("optim.beta2=1.0", "optim.beta2"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("data.global_batch_size=-1", "data.global_batch_size"),
-    ("data.eval_batch_size=0", "data.eval_batch_size"),
-    ("data.num_workers=-1", "data.num_workers"),
-    ("data.shuffle_buffer=0", "data.shuffle_buffer"),
-    ("data.prefetch_factor=0", "data.prefetch_factor"),
-    ("data.train.weight=0", "data.train.weight"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.max_stpes=5", "trainer.max_stpes"),  # unknown key
+        ("model.hiden=[3]", "model.hiden"),  # unknown key in the workload's section
+        ("trainer.max_steps=many", "trainer.max_steps"),  # wrong type
+        ("trainer.max_steps=0", "trainer.max_steps"),  # out of range
+        ("optim.warmup_steps=5000", "optim.warmup_steps"),  # longer than the run
+        ("trainer.mixed_precision=fp8", "trainer.mixed_precision"),
+        ("trainer.checkpoint_every=30", "trainer.checkpoint_every"),  # not a multiple of log_every
+        ("trainer.resume=/no/such/checkpoint", "trainer.resume"),
+        ("model.name=gpt9", "model.name"),  # unknown workload
+        ("data.train.urls=", "data.train.urls"),  # null: a type error
+        ("data.train.urls=''", "data.train.urls"),  # empty: validate's "no training shards given"
+        ("data.on_error=ignore", "data.on_error"),
+        ("data.mix=[{urls: '/x/{0..3}.tar', weight: 0}]", "data.mix.0.weight"),
+        ("data.mix=[{urls: '/x/{0..3}.tar', wieght: 1}]", "data.mix.0.wieght"),
+        ("data.mix=[{urls: /x/{0..3}.tar}]", "data.mix"),  # unquoted braces: not YAML
+        ("data.mix=5", "data.mix"),  # not a list
+        ("data.mix=[{weight: 1}]", "data.mix.0.urls"),  # a source without shards
+        ("trainer.max_steps", "trainer.max_steps"),  # not key=value
+        ("trainer.max_time=-1", "trainer.max_time"),
+        ("trainer.lock_stale_s=0", "trainer.lock_stale_s"),
+        ("trainer.progress_every_s=0", "trainer.progress_every_s"),
+        ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps"),
+        ("trainer.clip_grad_norm=-1", "trainer.clip_grad_norm"),
+        ("trainer.log_every=0", "trainer.log_every"),
+        ("trainer.eval_every=-1", "trainer.eval_every"),
+        ("trainer.sample_every=-1", "trainer.sample_every"),
+        ("trainer.checkpoint_every=-25", "trainer.checkpoint_every"),
+        ("trainer.keep_last_k=0", "trainer.keep_last_k"),
+        ("trainer.nonfinite=ignore", "trainer.nonfinite"),
+        ("trainer.nonfinite_max_skips=0", "trainer.nonfinite_max_skips"),
+        ("trainer.dist_timeout_s=0", "trainer.dist_timeout_s"),
+        ("trainer.stop_check_every=-1", "trainer.stop_check_every"),
+        ("trainer.end_margin_s=-1", "trainer.end_margin_s"),
+        ("trainer.peak_tflops=-1", "trainer.peak_tflops"),
+        ("trainer.profile_steps=[5]", "trainer.profile_steps"),
+        ("trainer.profile_steps=[8,5]", "trainer.profile_steps"),
+        ("optim.impl=apex", "optim.impl"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.schedule=linear", "optim.schedule"),
+        ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
+        ("optim.beta1=1.5", "optim.beta1"),
+        ("optim.beta2=1.0", "optim.beta2"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.global_batch_size=-1", "data.global_batch_size"),
+        ("data.eval_batch_size=0", "data.eval_batch_size"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.shuffle_buffer=0", "data.shuffle_buffer"),
+        ("data.prefetch_factor=0", "data.prefetch_factor"),
+        ("data.train.weight=0", "data.train.weight"),
+    ],
+)
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_recipe(RECIPE, [override])
@@ -96,8 +100,11 @@ def test_global_batch_derives_accumulation():
     resolve_global_batch(cfg, 2)
     assert cfg.trainer.grad_accum_steps == 4
     cfg = load_recipe(RECIPE, ["data.global_batch_size=100"])
-    with pytest.raises(ConfigError, match=r"data\.global_batch_size.*100 is not a multiple of "
-                                          r"data\.batch_size=32 x 2 rank\(s\) = 64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.global_batch_size.*100 is not a multiple of "
+        r"data\.batch_size=32 x 2 rank\(s\) = 64",
+    ):
         resolve_global_batch(cfg, 2)
     cfg = load_recipe(RECIPE, ["data.global_batch_size=256", "trainer.grad_accum_steps=2"])
     with pytest.raises(ConfigError, match=r"trainer\.grad_accum_steps.*needs 4 on 2 rank"):
@@ -130,10 +137,15 @@ def test_an_empty_override_empties_the_split():
         assert load_recipe(RECIPE, [*base, empty]).data.val.urls == ""
 
 
-@pytest.mark.parametrize("old, new", [("model.compile=true", "trainer.compile"),
-                                      ("model.gradient_checkpointing=true", "model.activation_checkpointing"),
-                                      ("trainer.gradient_checkpointing=true", "model.activation_checkpointing"),
-                                      ("trainer.activation_checkpointing=true", "model.activation_checkpointing")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("model.compile=true", "trainer.compile"),
+        ("model.gradient_checkpointing=true", "model.activation_checkpointing"),
+        ("trainer.gradient_checkpointing=true", "model.activation_checkpointing"),
+        ("trainer.activation_checkpointing=true", "model.activation_checkpointing"),
+    ],
+)
 def test_a_second_name_for_a_switch_is_refused_with_the_name(old, new):
     with pytest.raises(ConfigError, match=f"config key '{old.split('=')[0]}' is not a key: it is called '{new}'"):
         load_recipe(RECIPE, [old])
@@ -163,26 +175,46 @@ def test_bad_config_fails_before_any_process_group(tmp_path, cpu_env):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(RECIPE),
-                          f"run.dir={tmp_path/'run'}", "trainer.lr=0.1"],
-                         cwd=root, env=cpu_env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--config",
+            str(RECIPE),
+            f"run.dir={tmp_path / 'run'}",
+            "trainer.lr=0.1",
+        ],
+        cwd=root,
+        env=cpu_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "trainer.lr" in out.stderr
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("recipe, backend, strategy, stage, offload", [
-    ("made_fsdp", "accelerate", "fsdp", 2, False),
-    ("made_zero1", "deepspeed", "ddp", 1, False),
-    ("made_zero2", "deepspeed", "ddp", 2, False),
-    ("made_zero3", "deepspeed", "ddp", 3, False),
-    ("made_zero3_offload", "deepspeed", "ddp", 3, True),
-])
+@pytest.mark.parametrize(
+    "recipe, backend, strategy, stage, offload",
+    [
+        ("made_fsdp", "accelerate", "fsdp", 2, False),
+        ("made_zero1", "deepspeed", "ddp", 1, False),
+        ("made_zero2", "deepspeed", "ddp", 2, False),
+        ("made_zero3", "deepspeed", "ddp", 3, False),
+        ("made_zero3_offload", "deepspeed", "ddp", 3, True),
+    ],
+)
 def test_backend_recipes_build_on_the_base_recipe(recipe, backend, strategy, stage, offload):
     cfg = load_recipe(RECIPE.parent / f"{recipe}.yaml", [])
     t = cfg.trainer
-    assert (t.backend, t.accelerate.strategy, t.deepspeed.zero_stage, t.deepspeed.offload_params) == \
-        (backend, strategy, stage, offload)
+    assert (t.backend, t.accelerate.strategy, t.deepspeed.zero_stage, t.deepspeed.offload_params) == (
+        backend,
+        strategy,
+        stage,
+        offload,
+    )
     assert cfg.run.dir.endswith(recipe) and cfg.model.name == "made" and t.max_steps == 3000
 
 
@@ -196,24 +228,30 @@ def test_base_chain_errors(tmp_path):
         load_recipe(tmp_path / "c.yaml", [])
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ("trainer.deepspeed.zero_stage=4", "trainer.deepspeed.zero_stage"),
-    ("trainer.deepspeed.offload_params=true", "trainer.deepspeed.offload_params"),
-    ("trainer.deepspeed.zero_stage=0 trainer.deepspeed.offload_optimizer=true",
-     "trainer.deepspeed.offload_optimizer"),
-    ("trainer.deepspeed.via=mpi", "trainer.deepspeed.via"),
-    ("trainer.backend=deepspeed trainer.nonfinite=skip", "trainer.nonfinite"),  # the engine steps itself
-    ("trainer.deepspeed.config_file=/no/such/ds.json", "trainer.deepspeed.config_file"),
-    ("trainer.accelerate.strategy=fsdp1", "trainer.accelerate.strategy"),
-    ("trainer.backend=horovod", "trainer.backend"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ("trainer.deepspeed.zero_stage=4", "trainer.deepspeed.zero_stage"),
+        ("trainer.deepspeed.offload_params=true", "trainer.deepspeed.offload_params"),
+        (
+            "trainer.deepspeed.zero_stage=0 trainer.deepspeed.offload_optimizer=true",
+            "trainer.deepspeed.offload_optimizer",
+        ),
+        ("trainer.deepspeed.via=mpi", "trainer.deepspeed.via"),
+        ("trainer.backend=deepspeed trainer.nonfinite=skip", "trainer.nonfinite"),  # the engine steps itself
+        ("trainer.deepspeed.config_file=/no/such/ds.json", "trainer.deepspeed.config_file"),
+        ("trainer.accelerate.strategy=fsdp1", "trainer.accelerate.strategy"),
+        ("trainer.backend=horovod", "trainer.backend"),
+    ],
+)
 def test_backend_config_errors(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_recipe(RECIPE, overrides.split())
 
 
-@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPE.parents[1]).as_posix()
-                                          for p in RECIPE.parents[1].rglob("*.yaml")))
+@pytest.mark.parametrize(
+    "recipe", sorted(p.relative_to(RECIPE.parents[1]).as_posix() for p in RECIPE.parents[1].rglob("*.yaml"))
+)
 def test_every_shipped_recipe_loads(recipe, tmp_path):
     """Every recipe under configs/ names a registered workload and only known keys."""
     cfg = load_recipe(RECIPE.parents[1] / recipe, [f"run.dir={tmp_path}"])
@@ -227,9 +265,14 @@ def test_preflight_counts_every_training_source(digits_dir, monkeypatch):
     from launch.train import preflight
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = load_recipe("configs/autoregressive/made.yaml", [
-        f"data.train.urls={digits_dir}/train", "data.num_workers=2",
-        f"data.mix=[{{urls: {digits_dir}/val, weight: 0.5}}]"])
+    cfg = load_recipe(
+        "configs/autoregressive/made.yaml",
+        [
+            f"data.train.urls={digits_dir}/train",
+            "data.num_workers=2",
+            f"data.mix=[{{urls: {digits_dir}/val, weight: 0.5}}]",
+        ],
+    )
     with pytest.raises(DataError, match=r"data\.mix\.0\.urls: 2 shard\(s\) cannot feed 2 rank\(s\) x 2"):
         preflight(cfg)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, kill_past_checkpoint
+
 from models import average_precision as AP
 from models.detr.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
 from models.detr.matching import IOU_THRESHOLDS, hungarian_match, match_detections, matching_cost
@@ -77,17 +77,22 @@ def test_hungarian_is_optimal_against_brute_force():
 
 def test_hungarian_with_images_without_objects():
     empty, one = torch.zeros(0, dtype=torch.long), T([2])
-    match = hungarian_match(torch.zeros(2, 4, 4), torch.rand(2, 4, 4), [empty, one],
-                            [torch.zeros(0, 4), T([[0.5, 0.5, 0.2, 0.2]])])
+    match = hungarian_match(
+        torch.zeros(2, 4, 4), torch.rand(2, 4, 4), [empty, one], [torch.zeros(0, 4), T([[0.5, 0.5, 0.2, 0.2]])]
+    )
     assert match[0][0].numel() == 0 and match[1][1].tolist() == [0]
 
 
 def test_match_detections_hand_case():
     gt = T([[0.0, 0, 10, 10], [20, 20, 30, 30]])
-    boxes = T([[0.0, 0, 10, 10],     # object 0 exactly
-               [0, 0, 10, 12],       # IoU 0.83 with object 0, which is taken: duplicate
-               [20, 20, 30, 36],     # IoU 100/160 = 0.625 with object 1
-               [20, 20, 30, 30]])    # object 1 exactly, but the wrong class
+    boxes = T(
+        [
+            [0.0, 0, 10, 10],  # object 0 exactly
+            [0, 0, 10, 12],  # IoU 0.83 with object 0, which is taken: duplicate
+            [20, 20, 30, 36],  # IoU 100/160 = 0.625 with object 1
+            [20, 20, 30, 30],
+        ]
+    )  # object 1 exactly, but the wrong class
     correct = match_detections(boxes, T([0.9, 0.8, 0.7, 0.95]), T([0, 0, 0, 1]), gt, T([0, 0]))
     assert correct.shape == (len(IOU_THRESHOLDS), 4)
     assert correct[:, 0].all() and not correct[:, 1].any() and not correct[:, 3].any()
@@ -133,9 +138,13 @@ def _sample(n_objects: int, key="k") -> dict:
     from PIL import Image
 
     from data_pipelines.sources.shapes import BACKGROUND
+
     objects = [{"label": i % 3, "box": [4 + 20 * i, 4, 14 + 20 * i, 20]} for i in range(n_objects)]
-    return {"__key__": key, "png": _png(Image.new("RGB", (64, 64), BACKGROUND)),
-            "json": json.dumps({"size": 64, "objects": objects}).encode()}
+    return {
+        "__key__": key,
+        "png": _png(Image.new("RGB", (64, 64), BACKGROUND)),
+        "json": json.dumps({"size": 64, "objects": objects}).encode(),
+    }
 
 
 def test_decode_and_collate_keep_each_images_objects():
@@ -177,9 +186,9 @@ def test_perfect_predictions_score_map_one_and_the_set_loss_is_small():
             logits, boxes = torch.full((1, 3, 4, 4), -10.0), torch.full((1, 3, 4, 4), 0.5)
             logits[..., 3] = 10
             for i, (lab, box) in enumerate(zip(batch["labels"], batch["boxes"])):
-                logits[0, i, :len(lab), 3] = -10
+                logits[0, i, : len(lab), 3] = -10
                 logits[0, i, torch.arange(len(lab)), lab] = 10
-                boxes[0, i, :len(lab)] = box
+                boxes[0, i, : len(lab)] = box
             return logits, boxes
 
     sums = w.eval_sums(Oracle(), batch)
@@ -190,8 +199,10 @@ def test_perfect_predictions_score_map_one_and_the_set_loss_is_small():
 
 
 # ---------------------------------------------------------------- the box losses' normaliser
-NORM_COUNTS = [([3, 2], [1, 0]),  # objects per image of rank 0 and rank 1, one step a row:
-               ([2, 2], [0, 0])]  # rank 1 has few objects, then none (it still joins the all_reduce)
+NORM_COUNTS = [
+    ([3, 2], [1, 0]),  # objects per image of rank 0 and rank 1, one step a row:
+    ([2, 2], [0, 0]),
+]  # rank 1 has few objects, then none (it still joins the all_reduce)
 NORM_CFG = {"num_queries": 4, "loss_ce": 0.0}  # CE is a per-rank mean in DETR too: not compared
 
 
@@ -208,8 +219,11 @@ class PerImage(torch.nn.Module):
         for i in images[:, 0, 0, 0].long().tolist():
             g = torch.Generator().manual_seed(i)
             logits.append(torch.randn(2, 4, 4, generator=g))
-            boxes.append(torch.cat([torch.rand(2, 4, 2, generator=g) * 0.5 + 0.25,
-                                    torch.rand(2, 4, 2, generator=g) * 0.2 + 0.1], -1))
+            boxes.append(
+                torch.cat(
+                    [torch.rand(2, 4, 2, generator=g) * 0.5 + 0.25, torch.rand(2, 4, 2, generator=g) * 0.2 + 0.1], -1
+                )
+            )
         return torch.stack(logits, 1) * self.scale, torch.stack(boxes, 1)
 
 
@@ -223,7 +237,9 @@ def norm_batch(step: int, rank: int) -> dict:
     for i, n in zip(ids, counts):
         g = torch.Generator().manual_seed(1000 + i)
         labels.append(torch.randint(3, (n,), generator=g))
-        boxes.append(torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.2 + 0.1], 1))
+        boxes.append(
+            torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.2 + 0.1], 1)
+        )
     return {"images": images, "labels": labels, "boxes": boxes}
 
 
@@ -233,8 +249,9 @@ def norm_rank(rank: int, init_file: str, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))  # a rank left out of a collective fails, not hangs
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )  # a rank left out of a collective fails, not hangs
     try:
         w, model, got = DETRWorkload(DETRConfig(**NORM_CFG)), PerImage(), []
         for step in range(len(NORM_COUNTS)):
@@ -257,8 +274,11 @@ def test_box_losses_are_normalised_by_the_mean_object_count_over_ranks(tmp_path)
     for step, counts in enumerate(NORM_COUNTS):
         assert ranks[0][step][0] == ranks[1][step][0] == max(sum(map(sum, counts)) / 2, 1)
         a, b = norm_batch(step, 0), norm_batch(step, 1)
-        together = {"images": torch.cat([a["images"], b["images"]]), "labels": a["labels"] + b["labels"],
-                    "boxes": a["boxes"] + b["boxes"]}
+        together = {
+            "images": torch.cat([a["images"], b["images"]]),
+            "labels": a["labels"] + b["labels"],
+            "boxes": a["boxes"] + b["boxes"],
+        }
         single = w.training_loss(model, together).item()  # one process: all the objects at once
         assert (ranks[0][step][1] + ranks[1][step][1]) / 2 == pytest.approx(single, rel=1e-6)
         own_counts = (w.training_loss(model, a).item() + w.training_loss(model, b).item()) / 2
@@ -271,8 +291,14 @@ def _scene_shards(folder, boxes: list, background, size=32):
     """Shards of plain size x size images, each with one object (label 4) in the given box."""
     from data_pipelines.shards import write_shards
 
-    samples = ({"__key__": f"s{i:03d}", "png": np.full((size, size, 3), background, np.uint8),
-                "json": {"objects": [{"label": 4, "box": box}]}} for i, box in enumerate(boxes))
+    samples = (
+        {
+            "__key__": f"s{i:03d}",
+            "png": np.full((size, size, 3), background, np.uint8),
+            "json": {"objects": [{"label": 4, "box": box}]},
+        }
+        for i, box in enumerate(boxes)
+    )
     write_shards(samples, folder, maxcount=2)
 
 
@@ -290,8 +316,9 @@ def test_sample_grid_draws_on_held_out_images_of_any_size(tmp_path):
     w = DETRWorkload(DETRConfig(image_size=32, num_classes=5, num_queries=3))
 
     def bind(**folders):
-        w.bind_splits({k: functools.partial(iter_samples, resolve_shards(str(tmp_path / v)).urls)
-                       for k, v in folders.items()})
+        w.bind_splits(
+            {k: functools.partial(iter_samples, resolve_shards(str(tmp_path / v)).urls) for k, v in folders.items()}
+        )
 
     class Oracle(torch.nn.Module):
         """Query 0 finds the val image's object (sure of it), the others see nothing."""
@@ -322,16 +349,33 @@ def test_sample_grid_draws_on_held_out_images_of_any_size(tmp_path):
     assert w.sample_images(Oracle(), 1, torch.Generator())[0, :, 20, 20].tolist() == pytest.approx([90 / 255] * 3)
 
     tree = ast.parse((ROOT / "models/detr/workload.py").read_text())
-    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
-        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
     assert not [m for m in modules if m and m.startswith(("data_pipelines.sources", "trainer", "launch"))]
 
 
-SMALL = ["model.backbone_width=8", "model.d_model=32", "model.heads=2", "model.ffn=64", "model.enc_layers=1",
-         "model.dec_layers=2", "model.num_queries=8", "data.batch_size=8", "data.eval_batch_size=20",
-         "data.num_workers=1", "data.shuffle_buffer=50", "trainer.max_steps=12", "trainer.log_every=1",
-         "trainer.eval_every=6", "trainer.checkpoint_every=4", "trainer.sample_every=0", "trainer.num_samples=4",
-         "trainer.progress_bar=false", "optim.warmup_steps=2"]
+SMALL = [
+    "model.backbone_width=8",
+    "model.d_model=32",
+    "model.heads=2",
+    "model.ffn=64",
+    "model.enc_layers=1",
+    "model.dec_layers=2",
+    "model.num_queries=8",
+    "data.batch_size=8",
+    "data.eval_batch_size=20",
+    "data.num_workers=1",
+    "data.shuffle_buffer=50",
+    "trainer.max_steps=12",
+    "trainer.log_every=1",
+    "trainer.eval_every=6",
+    "trainer.checkpoint_every=4",
+    "trainer.sample_every=0",
+    "trainer.num_samples=4",
+    "trainer.progress_bar=false",
+    "optim.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -344,10 +388,23 @@ def scenes_dir(tmp_path_factory):
 
 
 def _torchrun(run_dir, scenes):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "launch.train", "--config", str(ROOT / "configs/detr/shapes.yaml"), f"run.dir={run_dir}",
-            f"data.train.urls={scenes}/train", f"data.val.urls={scenes}/val", f"data.test.urls={scenes}/test",
-            *SMALL]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/detr/shapes.yaml"),
+        f"run.dir={run_dir}",
+        f"data.train.urls={scenes}/train",
+        f"data.val.urls={scenes}/val",
+        f"data.test.urls={scenes}/test",
+        *SMALL,
+    ]
 
 
 def _run(cmd, env, timeout=600):
@@ -359,14 +416,16 @@ def _run(cmd, env, timeout=600):
 def test_two_ranks_killed_and_resumed_match_an_unbroken_run(tmp_path, scenes_dir, cpu_env):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     with open(tmp_path / "unbroken.log", "w") as log:  # the unbroken run goes alongside: CI time
-        unbroken = subprocess.Popen(_torchrun(ref, scenes_dir), cwd=ROOT, env=cpu_env, stdout=log,
-                                    stderr=subprocess.STDOUT)
+        unbroken = subprocess.Popen(
+            _torchrun(ref, scenes_dir), cwd=ROOT, env=cpu_env, stdout=log, stderr=subprocess.STDOUT
+        )
         kill_past_checkpoint(_torchrun(killed, scenes_dir), cpu_env, killed, checkpoint=4, past=6)
         assert "resumed from" in _run(_torchrun(killed, scenes_dir), cpu_env)
         assert unbroken.wait(timeout=300) == 0, (tmp_path / "unbroken.log").read_text()[-3000:]
 
     def series(d):
         return [(r["step"], r["train/loss"]) for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
+
     assert len(series(ref)) == 12 and series(killed) == series(ref)
     final = {d: json.loads((d / "final_metrics.json").read_text()) for d in (ref, killed)}
     assert final[ref] == final[killed]
@@ -380,11 +439,23 @@ def test_default_recipe_reaches_map50(tmp_path, cpu_env):
     """The default recipe on 2 CPU ranks, on the full scenes data (`make data-detr`)."""
     data = ROOT / "data/shapes-det"
     if not (data / "test/manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "launch.make_shards", "detection", "--out", str(data)],
-                       cwd=ROOT, check=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "launch.train", "--config", str(ROOT / "configs/detr/shapes.yaml"), f"run.dir={tmp_path}",
-           "trainer.progress_bar=false"]
+        subprocess.run(
+            [sys.executable, "-m", "launch.make_shards", "detection", "--out", str(data)], cwd=ROOT, check=True
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/detr/shapes.yaml"),
+        f"run.dir={tmp_path}",
+        "trainer.progress_bar=false",
+    ]
     _run(cmd, cpu_env, timeout=1400)  # about 11.5 minutes on 2 cores
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     assert final["map50"] >= 0.5, final
@@ -397,6 +468,7 @@ def test_map_agrees_with_pycocotools():
     from pycocotools.cocoeval import COCOeval
 
     from models.detr.workload import detection_histograms, map_from_histograms
+
     g = torch.Generator().manual_seed(3)
     images, annotations, results = [], [], []
     scores, classes, boxes, gt_labels, gt_boxes = [], [], [], [], []
@@ -413,10 +485,20 @@ def test_map_agrees_with_pycocotools():
         sc = torch.rand(12, generator=g)
         images.append({"id": i, "width": 64, "height": 64})
         for b, k in zip(gt.tolist(), lab.tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": k, "iscrowd": 0,
-                                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": k,
+                    "iscrowd": 0,
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "area": (b[2] - b[0]) * (b[3] - b[1]),
+                }
+            )
         for b, k, s in zip(det.tolist(), cls.tolist(), sc.tolist()):
-            results.append({"image_id": i, "category_id": k, "score": s, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+            results.append(
+                {"image_id": i, "category_id": k, "score": s, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+            )
         scores.append(sc), classes.append(cls), boxes.append(det), gt_labels.append(lab), gt_boxes.append(gt)
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": k} for k in range(3)]}
@@ -425,8 +507,18 @@ def test_map_agrees_with_pycocotools():
     ev.evaluate(), ev.accumulate()
     # precision[T, R, K, area "all", maxDets 100]: COCO's AP per threshold and class
     precision = ev.eval["precision"][:, :, :, 0, 2]
-    hist = [detection_histograms(scores[i:i + 20], classes[i:i + 20], boxes[i:i + 20], gt_labels[i:i + 20],
-                                 gt_boxes[i:i + 20], 3, 1000) for i in (0, 20, 40)]  # three "batches"
+    hist = [
+        detection_histograms(
+            scores[i : i + 20],
+            classes[i : i + 20],
+            boxes[i : i + 20],
+            gt_labels[i : i + 20],
+            gt_boxes[i : i + 20],
+            3,
+            1000,
+        )
+        for i in (0, 20, 40)
+    ]  # three "batches"
     ours = map_from_histograms(sum(h for h, _ in hist), sum(n for _, n in hist))
     assert ours["map50"] == pytest.approx(precision[0].mean(), abs=2e-3)
     assert ours["map75"] == pytest.approx(precision[5].mean(), abs=2e-3)

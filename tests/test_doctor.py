@@ -21,11 +21,18 @@ RECIPES = ROOT / "configs" / "autoregressive"
 @pytest.fixture
 def run(capsys, digits_dir, tmp_path):
     """doctor on a recipe (made.yaml by default) over the test digits shards: (exit code, lines)."""
+
     def run(*args, recipe="made.yaml"):
-        argv = ["--config", str(RECIPES / recipe), f"run.dir={tmp_path / 'run'}",
-                *(f"data.{s}.urls={digits_dir / s}" for s in ("train", "val", "test")), *args]
+        argv = [
+            "--config",
+            str(RECIPES / recipe),
+            f"run.dir={tmp_path / 'run'}",
+            *(f"data.{s}.urls={digits_dir / s}" for s in ("train", "val", "test")),
+            *args,
+        ]
         code = doctor.main(argv)
         return code, capsys.readouterr().out.splitlines()
+
     return run
 
 
@@ -42,12 +49,12 @@ def test_clean_recipe_is_ready(run, digits_dir):
     train = next(line for line in lines if "data.train.urls" in line)
     assert f"{shards} shard(s), {samples} samples" in train
     assert f"one epoch ~ {samples / 128:,.0f} step(s) at global batch 128" in train  # 32 x 4 ranks
-    assert any("global batch 128 = data.batch_size 32 x trainer.grad_accum_steps 1 x 4 rank(s)" in line
-               for line in lines)
+    assert any(
+        "global batch 128 = data.batch_size 32 x trainer.grad_accum_steps 1 x 4 rank(s)" in line for line in lines
+    )
 
 
-@pytest.mark.parametrize("override, key", [("trainer.max_stepz=5", "trainer.max_stepz"),
-                                           ("optim.lr=-1", "optim.lr")])
+@pytest.mark.parametrize("override, key", [("trainer.max_stepz=5", "trainer.max_stepz"), ("optim.lr=-1", "optim.lr")])
 def test_bad_key_is_named_and_stops_the_rest(run, override, key):
     code, lines = run(override)
     assert code == 1
@@ -74,16 +81,18 @@ def test_indivisible_global_batch(run):
 def test_global_batch_sets_accumulation(run):
     code, lines = run("--procs-per-node", "2", "data.global_batch_size=256")
     assert code == 0
-    assert any("global batch 256 = data.batch_size 32 x trainer.grad_accum_steps 4 x 2 rank(s)" in line
-               for line in lines)
+    assert any(
+        "global batch 256 = data.batch_size 32 x trainer.grad_accum_steps 4 x 2 rank(s)" in line for line in lines
+    )
     assert lines[-1].endswith("1 node(s) x 2 process(es) = 2 rank(s)")
 
 
 def test_deepspeed_config_file_batch_disagrees(run, tmp_path):
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"train_batch_size": 64}))
-    code, lines = run("--nodes", "2", "--gpus-per-node", "2", f"trainer.deepspeed.config_file={ds_json}",
-                      recipe="made_zero2.yaml")
+    code, lines = run(
+        "--nodes", "2", "--gpus-per-node", "2", f"trainer.deepspeed.config_file={ds_json}", recipe="made_zero2.yaml"
+    )
     assert code == 1
     (fail,) = failures(lines)
     assert "trainer.deepspeed.config_file" in fail and "train_batch_size=64" in fail and "= 128" in fail
@@ -179,8 +188,10 @@ def fake_checkpoint(step: Path, size: int) -> None:
 
     step.mkdir(parents=True)
     (step / "model.safetensors").write_bytes(b"\0" * size)
-    write_json(step / MARKER, {"step": 7, "world_size": 1,
-                               "files": {"model.safetensors": sha256_file(step / "model.safetensors")}})
+    write_json(
+        step / MARKER,
+        {"step": 7, "world_size": 1, "files": {"model.safetensors": sha256_file(step / "model.safetensors")}},
+    )
 
 
 def test_resume_uses_the_real_checkpoint_size(run, tmp_path):
@@ -201,16 +212,19 @@ def totals(parts):
     return tuple(sum(p.bytes for p in parts if p.place == place) for place in ("device", "host"))
 
 
-@pytest.mark.parametrize("recipe, device, host", [
-    ("made.yaml", 16 * P + 4 * P, 0),          # DDP: everything on every rank, + its gradient buckets
-    ("made_fsdp.yaml", 16 * P / 2, 0),
-    ("made_zero1.yaml", 4 * P + (4 + 4 + 8) * P / 2, 0),  # + fp32 master partition; grads freed after backward
-    ("made_zero2.yaml", 4 * P + (4 + 4 + 8) * P / 2, 0),
-    # + gathered largest layer (weights and grads) and the reduce bucket (5e8 fp32, DeepSpeed's default)
-    ("made_zero3.yaml", (4 + 4 + 4 + 8) * P / 2 + 8 * P // 2 + 4 * 5e8, 0),
-    # zero3_offload.json: reduce_bucket_size 5e7; weights, master, grads and AdamW state on the host
-    ("made_zero3_offload.yaml", 8 * P // 2 + 4 * 5e7, (4 + 4 + 4 + 8) * P / 2),
-])
+@pytest.mark.parametrize(
+    "recipe, device, host",
+    [
+        ("made.yaml", 16 * P + 4 * P, 0),  # DDP: everything on every rank, + its gradient buckets
+        ("made_fsdp.yaml", 16 * P / 2, 0),
+        ("made_zero1.yaml", 4 * P + (4 + 4 + 8) * P / 2, 0),  # + fp32 master partition; grads freed after backward
+        ("made_zero2.yaml", 4 * P + (4 + 4 + 8) * P / 2, 0),
+        # + gathered largest layer (weights and grads) and the reduce bucket (5e8 fp32, DeepSpeed's default)
+        ("made_zero3.yaml", (4 + 4 + 4 + 8) * P / 2 + 8 * P // 2 + 4 * 5e8, 0),
+        # zero3_offload.json: reduce_bucket_size 5e7; weights, master, grads and AdamW state on the host
+        ("made_zero3_offload.yaml", 8 * P // 2 + 4 * 5e7, (4 + 4 + 4 + 8) * P / 2),
+    ],
+)
 def test_memory_per_rank_on_two_ranks(recipe, device, host, monkeypatch):
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -218,8 +232,11 @@ def test_memory_per_rank_on_two_ranks(recipe, device, host, monkeypatch):
 
     monkeypatch.chdir(ROOT)  # the offload recipe names its JSON relative to the repo
     cfg = load_recipe(RECIPES / recipe, ["run.dir=/tmp/unused"])
-    zero = (DeepSpeedZeroConfig(**deepspeed_config(cfg.trainer, 32)["zero_optimization"])
-            if cfg.trainer.backend == "deepspeed" else None)
+    zero = (
+        DeepSpeedZeroConfig(**deepspeed_config(cfg.trainer, 32)["zero_optimization"])
+        if cfg.trainer.backend == "deepspeed"
+        else None
+    )
     parts = doctor.memory_per_rank(cfg.trainer, SIZE, nodes=1, per_node=2, zero=zero)
     assert totals(parts) == pytest.approx((device, host))
     assert {p.by for p in parts} == {"ours"}  # fp32: DeepSpeed's estimators assume 16-bit weights
@@ -237,9 +254,15 @@ def test_sixteen_bit_zero_uses_deepspeeds_estimators():
     cfg = load_recipe(RECIPES / "made_zero3.yaml", ["run.dir=/tmp/unused", "trainer.mixed_precision=bf16"])
     theirs, *ours = doctor.memory_per_rank(cfg.trainer, SIZE, nodes=2, per_node=4)
     assert theirs.by == "DeepSpeed's estimate_zero3_model_states_mem_needs"
-    assert theirs.bytes == stage3.estimate_zero3_model_states_mem_needs(P, P // 2, 4, 2, cpu_offload=False,
-                                                                        cpu_offload_params=False, zero_init=False)[1]
-    assert [(p.what, p.bytes, p.by) for p in ours] == [("reduce bucket", 2 * 5e8, "ours")]  # bf16 bucket, DeepSpeed's size
+    assert (
+        theirs.bytes
+        == stage3.estimate_zero3_model_states_mem_needs(
+            P, P // 2, 4, 2, cpu_offload=False, cpu_offload_params=False, zero_init=False
+        )[1]
+    )
+    assert [(p.what, p.bytes, p.by) for p in ours] == [
+        ("reduce bucket", 2 * 5e8, "ours")
+    ]  # bf16 bucket, DeepSpeed's size
 
 
 def test_zero3_on_cpu_ranks_counts_the_bucket_pages_it_touches_and_small_params_whole():
@@ -269,8 +292,10 @@ def test_memory_line_names_each_estimator(run):
     code, lines = run("--procs-per-node", "2", "trainer.mixed_precision=bf16", recipe="made_zero3.yaml")
     memory = next(line for line in lines if line.split()[1] == "memory")
     assert code == 0 and "deepspeed zero-3, bf16 on 2 rank(s)" in memory
-    assert ("by DeepSpeed's estimate_zero3_model_states_mem_needs: weights, fp32 master, 16-bit grads, fp32 grads, "
-            "AdamW state, gathered largest layer") in memory
+    assert (
+        "by DeepSpeed's estimate_zero3_model_states_mem_needs: weights, fp32 master, 16-bit grads, fp32 grads, "
+        "AdamW state, gathered largest layer"
+    ) in memory
     assert "by ours: whole small params" in memory and "reduce bucket" in memory
     code, lines = run("--procs-per-node", "2")
     memory = next(line for line in lines if line.split()[1] == "memory")
@@ -278,8 +303,11 @@ def test_memory_line_names_each_estimator(run):
 
 
 def test_usage_errors_exit_2(capsys):
-    for argv in (["--config", "x.yaml", "--nodes", "0"], ["--config", "x.yaml", "--gpus-per-node", "0"],
-                 ["--config", "x.yaml", "--gpus-per-node", "2", "--procs-per-node", "2"]):
+    for argv in (
+        ["--config", "x.yaml", "--nodes", "0"],
+        ["--config", "x.yaml", "--gpus-per-node", "0"],
+        ["--config", "x.yaml", "--gpus-per-node", "2", "--procs-per-node", "2"],
+    ):
         with pytest.raises(SystemExit) as exc:
             doctor.main(argv)
         assert exc.value.code == 2
@@ -287,9 +315,21 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_command_line_exit_code(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "launch.doctor", "--config", str(RECIPES / "made.yaml"),
-                          f"run.dir={tmp_path}", "trainer.max_stepz=5"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.doctor",
+            "--config",
+            str(RECIPES / "made.yaml"),
+            f"run.dir={tmp_path}",
+            "trainer.max_stepz=5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert "trainer.max_stepz" in out.stdout and "verdict: 1 problem(s)" in out.stdout
 
@@ -340,9 +380,18 @@ def test_resume_of_another_model_and_a_busy_run_dir_fail(run, tmp_path):
     (fail,) = failures(lines)
     assert fail.startswith("FAIL  resume") and "model.hidden: the checkpoint has [96], this recipe [64]" in fail
 
-    (tmp_path / "run" / "lock.json").write_text(json.dumps(
-        {"host": "node-b", "pid": 1, "slurm_job": "9", "started": time.time(), "heartbeat": time.time(),
-         "token": "t"}))
+    (tmp_path / "run" / "lock.json").write_text(
+        json.dumps(
+            {
+                "host": "node-b",
+                "pid": 1,
+                "slurm_job": "9",
+                "started": time.time(),
+                "heartbeat": time.time(),
+                "token": "t",
+            }
+        )
+    )
     code, lines = run("model.hidden=[96]")
     assert code == 1
     (fail,) = failures(lines)

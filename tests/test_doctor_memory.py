@@ -17,8 +17,10 @@ from trainer.config import DeepSpeedSection, TrainerConfig
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, WIDTH = 12, 512  # 3.2M params: 12 layers keep ZeRO-3's gathered largest layer small, as in a real model
 TOLERANCE = 0.15
-TRAINERS = {"ddp": TrainerConfig(),  # accelerate DDP, as the benchmark's torch DDP with its defaults
-            **{f"zero{s}": TrainerConfig(backend="deepspeed", deepspeed=DeepSpeedSection(zero_stage=s)) for s in (1, 2, 3)}}
+TRAINERS = {
+    "ddp": TrainerConfig(),  # accelerate DDP, as the benchmark's torch DDP with its defaults
+    **{f"zero{s}": TrainerConfig(backend="deepspeed", deepspeed=DeepSpeedSection(zero_stage=s)) for s in (1, 2, 3)},
+}
 # what the old estimate (fp32 weights, grads and AdamW state only) left out
 OMITTED = {"DDP gradient buckets", "fp32 master", "reduce bucket"}
 
@@ -27,9 +29,27 @@ OMITTED = {"DDP gradient buckets", "fp32 master", "reduce bucket"}
 def measured():
     """zero_memory's rank-0 summary per configuration: a subprocess from the repo root, which
     starts one 2-rank torchrun job per configuration (40 s on 2 idle cores, more under load)."""
-    cmd = [sys.executable, "-m", "benchmarks.zero_memory", "--configs", ",".join(TRAINERS),
-           "--layers", str(LAYERS), "--width", str(WIDTH), "--batch", "4", "--steps", "1",
-           "--retries", "0", "--wait-idle", "0", "--timeout", "240"]  # step times are not checked here
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.zero_memory",
+        "--configs",
+        ",".join(TRAINERS),
+        "--layers",
+        str(LAYERS),
+        "--width",
+        str(WIDTH),
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--retries",
+        "0",
+        "--wait-idle",
+        "0",
+        "--timeout",
+        "240",
+    ]  # step times are not checked here
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1000)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -39,8 +59,7 @@ def measured():
 def held(m: dict) -> int:
     """Bytes of weights, fp32 master, grads (at their peak, after backward), AdamW state and
     reduction buffers; buffers by the pages touched (CPU ranks: the doctor counts those)."""
-    return (m["param_bytes"] + m["master_bytes"] + m["grad_bytes"] + m["optim_bytes"]
-            + m["comm_buffer_resident_bytes"])
+    return m["param_bytes"] + m["master_bytes"] + m["grad_bytes"] + m["optim_bytes"] + m["comm_buffer_resident_bytes"]
 
 
 def estimate(config: str) -> list:
@@ -55,7 +74,13 @@ def test_estimate_matches_zero_memory(measured, config):
     ours, theirs = sum(p.bytes for p in parts), held(m)
     assert abs(ours - theirs) <= TOLERANCE * theirs, (
         f"{config}: doctor {ours / 1e6:.2f} MB vs measured {theirs / 1e6:.2f} MB; doctor's parts {parts}; measured "
-        + str({k: m[k] for k in ("param_bytes", "master_bytes", "grad_bytes", "optim_bytes", "comm_buffer_resident_bytes")}))
+        + str(
+            {
+                k: m[k]
+                for k in ("param_bytes", "master_bytes", "grad_bytes", "optim_bytes", "comm_buffer_resident_bytes")
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize("config", list(TRAINERS))

@@ -33,7 +33,7 @@ def imported_modules(source: str, module: str, is_package: bool = False) -> list
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: from the module's own package
                 parts = module.split(".")
-                base = parts[:len(parts) - node.level + is_package]
+                base = parts[: len(parts) - node.level + is_package]
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
@@ -61,21 +61,24 @@ def test_no_module_imports_against_the_arrows():
     assert not found, "imports against launch -> trainer -> (models, data_pipelines):\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize("where, line", [  # the arrows this test was written against
-    ("data_pipelines/sources/latents.py", "from models.sd.data import image_tensor"),
-    ("data_pipelines/sources/shapes.py", "def build():\n    from models.sd import tokenizer"),
-    ("data_pipelines/sources/points.py", "def f():\n    from models.score.workload import mixture2d"),
-    ("models/oadtr/workload.py", "from data_pipelines.sources import action_streams as streams"),
-    ("models/sd/workload.py", "def f():\n    from data_pipelines.sources.shapes import COLORS"),
-    ("models/score/workload.py", "from data_pipelines.sources.digits import binarized_digits"),
-    ("models/detr/workload.py", "from data_pipelines.sources.shape_scenes import scene"),
-    ("trainer/loop.py", "from models.flops import peak_tflops"),
-    ("trainer/config.py", "def f():\n    from models.registry import workload_config_class"),
-    ("models/lm/workload.py", "from trainer import checkpoint"),
-    ("trainer/loop.py", "from launch import train"),
-    ("data_pipelines/stream.py", "from ..trainer import config"),
-    ("models/__init__.py", "from ..launch import train"),
-])
+@pytest.mark.parametrize(
+    "where, line",
+    [  # the arrows this test was written against
+        ("data_pipelines/sources/latents.py", "from models.sd.data import image_tensor"),
+        ("data_pipelines/sources/shapes.py", "def build():\n    from models.sd import tokenizer"),
+        ("data_pipelines/sources/points.py", "def f():\n    from models.score.workload import mixture2d"),
+        ("models/oadtr/workload.py", "from data_pipelines.sources import action_streams as streams"),
+        ("models/sd/workload.py", "def f():\n    from data_pipelines.sources.shapes import COLORS"),
+        ("models/score/workload.py", "from data_pipelines.sources.digits import binarized_digits"),
+        ("models/detr/workload.py", "from data_pipelines.sources.shape_scenes import scene"),
+        ("trainer/loop.py", "from models.flops import peak_tflops"),
+        ("trainer/config.py", "def f():\n    from models.registry import workload_config_class"),
+        ("models/lm/workload.py", "from trainer import checkpoint"),
+        ("trainer/loop.py", "from launch import train"),
+        ("data_pipelines/stream.py", "from ..trainer import config"),
+        ("models/__init__.py", "from ..launch import train"),
+    ],
+)
 def test_each_kind_of_back_arrow_is_found(where, line):
     assert back_arrows(ROOT / where, line), line
 

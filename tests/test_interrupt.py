@@ -11,9 +11,19 @@ import sys
 import time
 
 import psutil
+from launching import (
+    RECIPE,
+    ROOT,
+    STEPS,
+    accelerate_cmd,
+    assert_matches_reference,
+    last_step,
+    run_ok,
+    smoke_overrides,
+    torchrun_cmd,
+    wait_until,
+)
 
-from launching import (RECIPE, ROOT, STEPS, accelerate_cmd, assert_matches_reference, last_step, run_ok,
-                       smoke_overrides, torchrun_cmd, wait_until)
 from trainer.preempt import EXIT_INTERRUPTED, EXIT_STOPPED
 
 # a frame of our own code in a traceback (the launchers print their own on a signal)
@@ -23,8 +33,9 @@ OUR_FRAME = re.compile(r'File ".*/(launch|trainer|data_pipelines|models)/[^"]+\.
 def ctrl_c(cmd, env, run_dir, at_step=25):
     """Start `cmd` in a session of its own, as a shell runs a foreground job, and send SIGINT
     to its process group once `at_step` is logged: (return code, output, the stop line's step)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     wait_until(lambda: last_step(run_dir) >= at_step, 180, f"step {at_step}", proc)
     children = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGINT)
@@ -47,8 +58,7 @@ def check_stopped_run(run_dir, step, out):
     return ckpt
 
 
-def test_ctrl_c_under_accelerate_launch_saves_and_resumes_exactly(tmp_path, digits_dir, cpu_env,
-                                                                  smoke_reference):
+def test_ctrl_c_under_accelerate_launch_saves_and_resumes_exactly(tmp_path, digits_dir, cpu_env, smoke_reference):
     run_dir = tmp_path / "run"
     # data-loader workers too: they share the ranks' sessions and must not print tracebacks
     cmd = accelerate_cmd() + smoke_overrides(run_dir, digits_dir)
@@ -82,8 +92,15 @@ def test_ctrl_c_of_a_single_process_exits_75_and_a_second_exits_at_once(tmp_path
 
     flag = tmp_path / "paused"
     env = dict(cpu_env, TRIBUTARY_FAILPOINTS="save.marker@40=pause", TRIBUTARY_FAILPOINT_FLAG=str(flag))
-    proc = subprocess.Popen(base + overrides, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        base + overrides,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     wait_until(flag.exists, 180, "the step-40 save to pause", proc)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(1)  # the first is noted; the paused save never reaches the stop

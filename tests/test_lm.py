@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import kill_past_checkpoint
+
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +22,9 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
     """~3 MB of standard-library source in one file (the single-file path of the tool)."""
-    files = sorted(p for d in ("asyncio", "email", "json", "logging", "unittest", "xml")
-                   for p in (STDLIB / d).rglob("*.py"))
+    files = sorted(
+        p for d in ("asyncio", "email", "json", "logging", "unittest", "xml") for p in (STDLIB / d).rglob("*.py")
+    )
     out = tmp_path_factory.mktemp("corpus") / "stdlib_sample.txt"
     out.write_bytes(b"\n\n".join(p.read_bytes() for p in files)[:3_000_000])
     return out
@@ -42,6 +43,7 @@ def lm_data(tmp_path_factory, corpus_file):
             text.build(str(corpus_file), out, seq_len=seq_len, val_fraction=0.1, test_fraction=0.1)
             built[seq_len] = out
         return built[seq_len]
+
     return get
 
 
@@ -66,8 +68,7 @@ def test_text_windows_cover_each_split_exactly(tmp_path):
     again = text.build(str(src), tmp_path / "b", seq_len=100, val_fraction=0.2, test_fraction=0.2)
     for split in ("train", "val", "test"):
         assert [s["sha256"] for s in built[split]["shards"]] == [s["sha256"] for s in again[split]["shards"]]
-        names = sorted(f"doc{i:02d}.txt" for i in range(40)
-                       if text.split_of(f"doc{i:02d}.txt", 0.2, 0.2) == split)
+        names = sorted(f"doc{i:02d}.txt" for i in range(40) if text.split_of(f"doc{i:02d}.txt", 0.2, 0.2) == split)
         assert names, split
         stream = b"".join((src / n).read_bytes() + text.SEPARATOR for n in names)
         windows = [w for _, w in read_windows(tmp_path / "a" / split)]
@@ -86,7 +87,7 @@ def test_single_file_split_by_bytes(tmp_path, corpus_file):
     data = corpus_file.read_bytes()
     val = read_windows(tmp_path / "val")
     cut = int(len(data) * 0.90)
-    assert val[0][1] == data[cut:cut + 4097]
+    assert val[0][1] == data[cut : cut + 4097]
     assert built["train"]["samples"] == (int(len(data) * 0.9) - 1) // 4096
 
 
@@ -127,10 +128,22 @@ def test_masked_loss_counts_hidden_bytes_only():
 
 
 def torchrun(run_dir, recipe, data, *overrides, nproc=2):
-    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "launch.train", "--config", str(ROOT / "configs/lm" / recipe), f"run.dir={run_dir}",
-            f"data.train.urls={data}/train", f"data.val.urls={data}/val", f"data.test.urls={data}/test",
-            "trainer.progress_bar=false", *overrides]
+    return [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/lm" / recipe),
+        f"run.dir={run_dir}",
+        f"data.train.urls={data}/train",
+        f"data.val.urls={data}/val",
+        f"data.test.urls={data}/test",
+        "trainer.progress_bar=false",
+        *overrides,
+    ]
 
 
 def run(cmd, env, timeout=600):
@@ -139,18 +152,36 @@ def run(cmd, env, timeout=600):
     return out.stdout
 
 
-SEQ = {"causal_1k.yaml": 1024, "causal_4k.yaml": 4096, "causal_16k.yaml": 16384,
-       "causal_64k.yaml": 65536, "masked_4k.yaml": 4096}
+SEQ = {
+    "causal_1k.yaml": 1024,
+    "causal_4k.yaml": 4096,
+    "causal_16k.yaml": 16384,
+    "causal_64k.yaml": 65536,
+    "masked_4k.yaml": 4096,
+}
 
 
-@pytest.mark.parametrize("recipe", [r if r == "causal_1k.yaml" else
-                                    pytest.param(r, marks=pytest.mark.drill) for r in SEQ])
+@pytest.mark.parametrize(
+    "recipe", [r if r == "causal_1k.yaml" else pytest.param(r, marks=pytest.mark.drill) for r in SEQ]
+)
 def test_recipe_trains_on_two_ranks(tmp_path, lm_data, cpu_env, recipe):
     """Each recipe as shipped (only the step counts shortened): bits per byte logged and
     evaluated, text samples in the TensorBoard event file."""
-    run(torchrun(tmp_path, recipe, lm_data(SEQ[recipe]), "trainer.max_steps=3", "trainer.log_every=1",
-                 "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.sample_every=0",
-                 "model.sample_bytes=24", "optim.warmup_steps=1"), cpu_env)
+    run(
+        torchrun(
+            tmp_path,
+            recipe,
+            lm_data(SEQ[recipe]),
+            "trainer.max_steps=3",
+            "trainer.log_every=1",
+            "trainer.eval_every=0",
+            "trainer.checkpoint_every=0",
+            "trainer.sample_every=0",
+            "model.sample_bytes=24",
+            "optim.warmup_steps=1",
+        ),
+        cpu_env,
+    )
     losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert losses[0] > 1.0 and losses[0] < 12.0  # bits per byte, untrained: about log2(257)
@@ -170,20 +201,35 @@ def test_recipe_trains_on_two_ranks(tmp_path, lm_data, cpu_env, recipe):
         assert body.count("def ") >= 1  # every causal sample starts with the prompt
 
 
-@pytest.mark.parametrize("recipe,overrides", [
-    # (make test's kill-and-resume checks run the smoke recipe: tests/test_preemption.py)
-    pytest.param("causal_1k.yaml", ["model.attention=softmax"], marks=pytest.mark.drill),
-    pytest.param("masked_4k.yaml", ["model.attention=flash"], marks=pytest.mark.drill),
-    pytest.param("causal_4k.yaml", ["model.attention=linear"], marks=pytest.mark.drill),
-    pytest.param("causal_16k.yaml", ["model.activation_checkpointing=true"], marks=pytest.mark.drill),
-])
+@pytest.mark.parametrize(
+    "recipe,overrides",
+    [
+        # (make test's kill-and-resume checks run the smoke recipe: tests/test_preemption.py)
+        pytest.param("causal_1k.yaml", ["model.attention=softmax"], marks=pytest.mark.drill),
+        pytest.param("masked_4k.yaml", ["model.attention=flash"], marks=pytest.mark.drill),
+        pytest.param("causal_4k.yaml", ["model.attention=linear"], marks=pytest.mark.drill),
+        pytest.param("causal_16k.yaml", ["model.activation_checkpointing=true"], marks=pytest.mark.drill),
+    ],
+)
 def test_sigkill_resume_is_exact(tmp_path, lm_data, cpu_env, recipe, overrides):
     """Killed mid-run and restarted: the same per-step losses as an uninterrupted run (the
     masked objective draws its masks from the checkpointed RNG)."""
-    small = ["model.seq_len=256", "model.dim=32", "model.depth=2", "model.heads=2", "model.qk_dim=32",
-             "model.chunk_size=64", "data.batch_size=4", "trainer.log_every=1", "trainer.eval_every=0",
-             "trainer.sample_every=0", "trainer.checkpoint_every=20", "trainer.max_steps=60",
-             "optim.warmup_steps=5", *overrides]
+    small = [
+        "model.seq_len=256",
+        "model.dim=32",
+        "model.depth=2",
+        "model.heads=2",
+        "model.qk_dim=32",
+        "model.chunk_size=64",
+        "data.batch_size=4",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.sample_every=0",
+        "trainer.checkpoint_every=20",
+        "trainer.max_steps=60",
+        "optim.warmup_steps=5",
+        *overrides,
+    ]
     data = lm_data(256)
     run(torchrun(tmp_path / "ref", recipe, data, *small), cpu_env)
     killed = tmp_path / "killed"
@@ -193,6 +239,7 @@ def test_sigkill_resume_is_exact(tmp_path, lm_data, cpu_env, recipe, overrides):
 
     def series(d):
         return [(r["step"], r["train/loss"]) for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
+
     assert series(killed) == series(tmp_path / "ref")
     assert len(series(killed)) == 60
 
@@ -201,12 +248,30 @@ def test_sigkill_resume_is_exact(tmp_path, lm_data, cpu_env, recipe, overrides):
 def test_compile_switch(tmp_path, lm_data, cpu_env):
     """trainer.compile=true trains (inductor on CPU) and exports the plain model's keys."""
     data = lm_data(256)
-    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/lm/causal_1k.yaml"),
-           f"run.dir={tmp_path}", f"data.train.urls={data}/train", f"data.val.urls={data}/val",
-           "data.test.urls=''", "trainer.compile=true", "model.seq_len=256", "model.dim=32", "model.depth=2",
-           "model.heads=2", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=0",
-           "trainer.checkpoint_every=0", "trainer.sample_every=0", "model.sample_bytes=4",
-           "optim.warmup_steps=1", "trainer.progress_bar=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/lm/causal_1k.yaml"),
+        f"run.dir={tmp_path}",
+        f"data.train.urls={data}/train",
+        f"data.val.urls={data}/val",
+        "data.test.urls=''",
+        "trainer.compile=true",
+        "model.seq_len=256",
+        "model.dim=32",
+        "model.depth=2",
+        "model.heads=2",
+        "trainer.max_steps=4",
+        "trainer.log_every=2",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.sample_every=0",
+        "model.sample_bytes=4",
+        "optim.warmup_steps=1",
+        "trainer.progress_bar=false",
+    ]
     run(cmd, cpu_env)
     from safetensors.torch import load_file
 

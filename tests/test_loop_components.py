@@ -21,6 +21,7 @@ from trainer.step import TrainStep
 
 class OneRank:
     """The backend calls the components make, for one process (sums and maxima are the values)."""
+
     device, rank, world_size, is_main = torch.device("cpu"), 0, 1, True
 
     def reduce_sum(self, t):
@@ -50,15 +51,17 @@ def test_schedule_answers_from_the_step_alone():
     assert [n for n in range(1, 26) if s.should_measure_norm(n)] == [10, 20, 25]
     assert not Schedule(max_steps=25, log_every=10, eval_every=5, has_val=False).should_eval(5)
     assert not any(Schedule(max_steps=9, log_every=3).should_save(n) for n in range(1, 10))
-    cfg = SimpleNamespace(max_steps=9, log_every=3, eval_every=0, sample_every=0, checkpoint_every=3,
-                          clip_grad_norm=1.0, nonfinite="halt")
+    cfg = SimpleNamespace(
+        max_steps=9, log_every=3, eval_every=0, sample_every=0, checkpoint_every=3, clip_grad_norm=1.0, nonfinite="halt"
+    )
     assert all(Schedule.of(cfg, has_val=False).should_measure_norm(n) for n in range(1, 10))
 
 
 def test_guard_halts_on_the_first_bad_loss_and_keeps_the_window_otherwise():
     said = []
-    guard = NonFiniteGuard(OneRank(), policy="halt", max_skips=3, kept_checkpoint=lambda: "kept: step-4",
-                           say=said.append)
+    guard = NonFiniteGuard(
+        OneRank(), policy="halt", max_skips=3, kept_checkpoint=lambda: "kept: step-4", say=said.append
+    )
     state = SimpleNamespace(skipped_nonfinite=0)
     for step, loss in ((5, 1.0), (6, 2.0)):
         guard.observe(state, step, torch.tensor(loss), torch.tensor(0.5))
@@ -66,7 +69,9 @@ def test_guard_halts_on_the_first_bad_loss_and_keeps_the_window_otherwise():
     assert guard.window.sums().tolist() == [3.0, 1.0]
     guard.observe(state, 7, torch.tensor(float("nan")), torch.tensor(0.5))
     guard.observe(state, 8, torch.tensor(float("inf")), torch.tensor(0.5))
-    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 7 on rank\(s\) \[0\] \(caught at step 8.*kept: step-4"):
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite loss at step 7 on rank\(s\) \[0\] \(caught at step 8.*kept: step-4"
+    ):
         guard.check(8)
     guard.window.clear()
     guard.observe(state, 9, torch.tensor(1.0), torch.tensor(float("nan")))
@@ -133,13 +138,19 @@ def run_steps(profiler, steps, fail_at=None):
 
 def test_profiler_records_the_asked_steps_after_a_warm_up(tmp_path):
     said = []
-    p = StepProfiler([3, 5], start_step=0, max_steps=10, device=torch.device("cpu"), out_dir=tmp_path,
-                     rank=1, say=said.append)
+    p = StepProfiler(
+        [3, 5], start_step=0, max_steps=10, device=torch.device("cpu"), out_dir=tmp_path, rank=1, say=said.append
+    )
     assert p.warmup and p.action(2).name == "WARMUP" and p.action(1).name == "NONE"
     run_steps(p, range(1, 11))
-    assert profiled_steps(tmp_path / "rank1.steps3-5.pt.trace.json") == ["ProfilerStep#3", "ProfilerStep#4",
-                                                                         "ProfilerStep#5"]
-    assert (tmp_path / "rank1.steps3-5.txt").exists() and said == [f"profile of steps 3-5: {tmp_path}/rank1.steps3-5.pt.trace.json"]
+    assert profiled_steps(tmp_path / "rank1.steps3-5.pt.trace.json") == [
+        "ProfilerStep#3",
+        "ProfilerStep#4",
+        "ProfilerStep#5",
+    ]
+    assert (tmp_path / "rank1.steps3-5.txt").exists() and said == [
+        f"profile of steps 3-5: {tmp_path}/rank1.steps3-5.pt.trace.json"
+    ]
 
 
 def test_profiler_starts_inside_its_range_on_resume_and_is_off_past_it(tmp_path):
@@ -177,9 +188,20 @@ def test_train_step_accumulates_to_the_full_batch_step():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
         meter = ThroughputMeter(SimpleNamespace(), samples_per_step=8, world_size=1, peak=None, count_flops=False)
-        step = TrainStep(backend=OneRank(), workload=Work(), model=model, optimizer=opt, scheduler=sched,
-                         loader=iter(data.chunk(accum)), meter=meter, grad_accum_steps=accum, batch_size=8 // accum,
-                         clip_grad_norm=0.0, skip_nonfinite=False, fp16=False)
+        step = TrainStep(
+            backend=OneRank(),
+            workload=Work(),
+            model=model,
+            optimizer=opt,
+            scheduler=sched,
+            loader=iter(data.chunk(accum)),
+            meter=meter,
+            grad_accum_steps=accum,
+            batch_size=8 // accum,
+            clip_grad_norm=0.0,
+            skip_nonfinite=False,
+            fp16=False,
+        )
         loss, norm = step(1, measure_norm=True)
         return loss, norm, model.weight.detach().clone(), opt.param_groups[0]["lr"]
 
@@ -193,6 +215,7 @@ def test_scalars_reach_tensorboard_with_or_without_the_private_writer(tmp_path, 
     """The one-event fast path uses SummaryWriter._get_file_writer; a torch without it gets
     the public add_scalar, and TensorBoard reads the same values either way."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from trainer.metrics import MetricsLogger
 
     if not private_writer:  # a torch whose SummaryWriter names its file writer otherwise
@@ -215,8 +238,15 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path, cap
 
     clock = [100.0]
     monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
-    log = MetricsLogger(tmp_path / "made", enabled=True, resume_step=0, total_steps=30, progress_bar=True,
-                        progress_every_s=10, terminal=False)
+    log = MetricsLogger(
+        tmp_path / "made",
+        enabled=True,
+        resume_step=0,
+        total_steps=30,
+        progress_bar=True,
+        progress_every_s=10,
+        terminal=False,
+    )
     assert log.bar is None
     for step in range(1, 31):
         clock[0] += 1.0  # a step a second
@@ -225,16 +255,21 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path, cap
     log.close()
     lines = capsys.readouterr().err.splitlines()
     assert "\r" not in "".join(lines)
-    assert lines == [f"made: step {s}/30 ({100 * s // 30}%) loss={2.0 / s:.4g} lr=0.001 elapsed 0m{s:02d}s"
-                     + (f" eta 0m{30 - s:02d}s") for s in (10, 20, 30)]
-    on_tty = MetricsLogger(tmp_path / "tty", enabled=True, resume_step=0, total_steps=30, progress_bar=True,
-                           terminal=True)
+    assert lines == [
+        f"made: step {s}/30 ({100 * s // 30}%) loss={2.0 / s:.4g} lr=0.001 elapsed 0m{s:02d}s"
+        + (f" eta 0m{30 - s:02d}s")
+        for s in (10, 20, 30)
+    ]
+    on_tty = MetricsLogger(
+        tmp_path / "tty", enabled=True, resume_step=0, total_steps=30, progress_bar=True, terminal=True
+    )
     assert on_tty.bar is not None and on_tty.lines_every is None
     on_tty.close()
 
 
 def test_tiny_sample_images_are_upscaled_for_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from trainer.metrics import MetricsLogger, upscaled
 
     images = torch.rand(4, 1, 8, 8)

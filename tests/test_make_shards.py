@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def digit_arrays(n, start=0):
     images, labels = binarized_digits()
-    return images[start:start + n] * 255, labels[start:start + n]
+    return images[start : start + n] * 255, labels[start : start + n]
 
 
 def png_bytes(array):
@@ -42,15 +42,23 @@ def png_bytes(array):
 
 def digits_dataset(n, start=0):
     images, labels = digit_arrays(n, start)
-    features = hf.Features({"image": hf.Image(), "caption": hf.Value("string"),
-                            "label": hf.ClassLabel(names=[str(d) for d in range(10)]),
-                            "meta": {"index": hf.Value("int64")}})
-    return hf.Dataset.from_dict({
-        "image": [{"bytes": png_bytes(a), "path": None} for a in images],
-        "caption": [f"a handwritten {d}" for d in labels],
-        "label": [int(d) for d in labels],
-        "meta": [{"index": start + i} for i in range(n)],
-    }, features=features)
+    features = hf.Features(
+        {
+            "image": hf.Image(),
+            "caption": hf.Value("string"),
+            "label": hf.ClassLabel(names=[str(d) for d in range(10)]),
+            "meta": {"index": hf.Value("int64")},
+        }
+    )
+    return hf.Dataset.from_dict(
+        {
+            "image": [{"bytes": png_bytes(a), "path": None} for a in images],
+            "caption": [f"a handwritten {d}" for d in labels],
+            "label": [int(d) for d in labels],
+            "meta": [{"index": start + i} for i in range(n)],
+        },
+        features=features,
+    )
 
 
 def decode_gray(data):
@@ -69,18 +77,38 @@ def read_back(folder):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "launch.make_shards", *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.make_shards", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def train_density_model(run_dir, train, val, test, env):
     """The smoke model's recipe, pointed at other shards and nothing else changed."""
-    cmd = [sys.executable, "-m", "launch.train", "--config",
-           str(ROOT / "configs/autoregressive/made.yaml"), f"run.dir={run_dir}",
-           f"data.train.urls={train}", f"data.val.urls={val}", f"data.test.urls={test}",
-           "model.hidden=[64]", "trainer.max_steps=30", "trainer.log_every=10",
-           "trainer.checkpoint_every=0", "trainer.eval_every=0", "trainer.sample_every=0",
-           "trainer.progress_bar=false", "data.num_workers=1", "optim.warmup_steps=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/autoregressive/made.yaml"),
+        f"run.dir={run_dir}",
+        f"data.train.urls={train}",
+        f"data.val.urls={val}",
+        f"data.test.urls={test}",
+        "model.hidden=[64]",
+        "trainer.max_steps=30",
+        "trainer.log_every=10",
+        "trainer.checkpoint_every=0",
+        "trainer.eval_every=0",
+        "trainer.sample_every=0",
+        "trainer.progress_bar=false",
+        "data.num_workers=1",
+        "optim.warmup_steps=2",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-5000:]
     final = json.loads((Path(run_dir) / "final_metrics.json").read_text())
@@ -90,10 +118,10 @@ def train_density_model(run_dir, train, val, test, env):
 
 # --- Hugging Face datasets ------------------------------------------------------------
 
+
 def test_dataset_columns_become_fields(tmp_path):
     ds = digits_dataset(40)
-    m = dataset_to_shards(ds, tmp_path, maxcount=16,
-                          columns=parse_columns("image:png,caption:txt,label:cls,meta:json"))
+    m = dataset_to_shards(ds, tmp_path, maxcount=16, columns=parse_columns("image:png,caption:txt,label:cls,meta:json"))
     assert [s["samples"] for s in m["shards"]] == [16, 16, 8] and m["total_samples"] == 40
     assert read_manifest(tmp_path) == m and verify_shards(tmp_path) == []
 
@@ -127,8 +155,7 @@ def test_dataset_auto_mapping_by_feature_type(tmp_path):
     assert m["total_samples"] == 6
     _, got = read_back(tmp_path)
     # two string columns: each field gets its column's name so neither overwrites the other
-    assert set(got[3]) - {"__key__", "__url__"} == {"png", "caption.txt", "url.txt", "cls",
-                                                     "json", "npy"}
+    assert set(got[3]) - {"__key__", "__url__"} == {"png", "caption.txt", "url.txt", "cls", "json", "npy"}
     assert got[3]["url.txt"] == b"http://x/3"
     assert got[3]["cls"] == str(digit_arrays(6)[1][3]).encode()
     assert np.load(io.BytesIO(got[3]["npy"])).tolist() == [3.0, 0.5]
@@ -136,8 +163,9 @@ def test_dataset_auto_mapping_by_feature_type(tmp_path):
 
 
 def test_dataset_key_column_and_nulls(tmp_path, caplog):
-    ds = hf.Dataset.from_dict({"name": ["cat.1", "dir/dog", "eel", "fox"],
-                               "caption": ["a", None, "c", None], "n": [1, 2, 3, None]})
+    ds = hf.Dataset.from_dict(
+        {"name": ["cat.1", "dir/dog", "eel", "fox"], "caption": ["a", None, "c", None], "n": [1, 2, 3, None]}
+    )
     with caplog.at_level(logging.WARNING):
         m = dataset_to_shards(ds, tmp_path, columns={"caption": "txt", "n": "cls"}, key_column="name")
     _, got = read_back(tmp_path)
@@ -148,13 +176,16 @@ def test_dataset_key_column_and_nulls(tmp_path, caplog):
     assert "1 row(s) with nothing but nulls left out (first: key 'fox')" in caplog.text
 
 
-@pytest.mark.parametrize("columns, key_column, message", [
-    ({"caption": "txt", "nope": "json"}, None, "column 'nope' is not in the dataset"),
-    ({"label": "txt"}, None, "row 0 (key '000000'), column 'label' -> txt"),
-    ({"caption": "txt", "meta": "txt"}, None, "two columns map to the same field"),
-    ({"caption": "mp3"}, None, "column 'caption': extension 'mp3'"),
-    ({"label": "cls"}, "label", "duplicate sample key"),
-])
+@pytest.mark.parametrize(
+    "columns, key_column, message",
+    [
+        ({"caption": "txt", "nope": "json"}, None, "column 'nope' is not in the dataset"),
+        ({"label": "txt"}, None, "row 0 (key '000000'), column 'label' -> txt"),
+        ({"caption": "txt", "meta": "txt"}, None, "two columns map to the same field"),
+        ({"caption": "mp3"}, None, "column 'caption': extension 'mp3'"),
+        ({"label": "cls"}, "label", "duplicate sample key"),
+    ],
+)
 def test_dataset_bad_input_names_the_culprit(tmp_path, columns, key_column, message):
     ds = digits_dataset(12)
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -185,6 +216,7 @@ def test_load_source_picks_the_split(tmp_path):
 
 # --- image folders (img2dataset output_format=files) ----------------------------------
 
+
 def write_files_layout(root, n, per_folder=10, start=0):
     """img2dataset's files layout: 00000/000000000.jpg + .txt + .json, stats beside."""
     images, labels = digit_arrays(n, start)
@@ -202,8 +234,8 @@ def write_files_layout(root, n, per_folder=10, start=0):
 def test_folder_of_images_and_sidecars(tmp_path, caplog):
     src = tmp_path / "src"
     write_files_layout(src, 12)
-    (src / "00001/000000011.txt").unlink()                           # image without caption
-    (src / "00001/000000010.jpg").unlink()                           # sidecars without image
+    (src / "00001/000000011.txt").unlink()  # image without caption
+    (src / "00001/000000010.jpg").unlink()  # sidecars without image
     (src / "extra").mkdir()
     (src / "extra/v1.2 cat.jpeg").write_bytes(jpeg_bytes(digit_arrays(1)[0][0]))
     (src / "extra/v1.2 cat.txt").write_text("a cat")
@@ -248,6 +280,7 @@ def test_folder_require_caption_and_bad_files(tmp_path, capsys, caplog):
 
 # --- shard counts that fit a cluster -----------------------------------------------------
 
+
 def write_pictures(folder, n):
     folder.mkdir(parents=True)
     images, labels = digit_arrays(n)
@@ -266,21 +299,36 @@ def test_a_small_folder_is_still_cut_into_enough_shards(tmp_path, capsys):
     assert len(err) == 1 and f"{tmp_path / 'train'}: 16 shard(s)" in err[0]
     assert "2 nodes x 8 GPUs x 4 workers = 64 readers" in err[0] and "--min-shards 64" in err[0]
 
-    assert make_shards(["from-folder", str(tmp_path / "pics"), "--out", str(tmp_path / "big"),
-                        "--min-shards", "64"]) == 0
+    assert (
+        make_shards(["from-folder", str(tmp_path / "pics"), "--out", str(tmp_path / "big"), "--min-shards", "64"]) == 0
+    )
     assert [s["samples"] for s in read_manifest(tmp_path / "big")["shards"]] == [4] * 64
     assert capsys.readouterr().err == ""
 
 
 def test_a_small_dataset_is_still_cut_into_enough_shards(tmp_path, capsys):
     hf.DatasetDict({"train": digits_dataset(256), "validation": digits_dataset(20, 256)}).save_to_disk(
-        tmp_path / "saved")
+        tmp_path / "saved"
+    )
     assert make_shards(["from-datasets", str(tmp_path / "saved"), "--out", str(tmp_path / "train")]) == 0
     assert [s["samples"] for s in read_manifest(tmp_path / "train")["shards"]] == [16] * 16
     assert "16 shard(s), fewer than the 2 nodes x 8 GPUs x 4 workers = 64" in capsys.readouterr().err
     # an eval split is read by sample, whatever its shard count: no warning
-    assert make_shards(["from-datasets", str(tmp_path / "saved"), "--out", str(tmp_path / "v"),
-                        "--split", "validation", "--min-shards", "2"]) == 0
+    assert (
+        make_shards(
+            [
+                "from-datasets",
+                str(tmp_path / "saved"),
+                "--out",
+                str(tmp_path / "v"),
+                "--split",
+                "validation",
+                "--min-shards",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert len(read_manifest(tmp_path / "v")["shards"]) == 2 and capsys.readouterr().err == ""
 
 
@@ -292,10 +340,22 @@ def test_every_shard_writer_takes_min_shards(tmp_path, capsys):
     from launch.make_shards import build_parser
 
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    takes = {name for name, sub in subcommands.choices.items()
-             if any("--min-shards" in a.option_strings for a in sub._actions)}
-    assert takes == {"digits", "from-datasets", "from-folder", "shapes", "detection", "action-streams",
-                     "latents", "mixture2d", "text"}  # all but index and verify, which write no tars
+    takes = {
+        name
+        for name, sub in subcommands.choices.items()
+        if any("--min-shards" in a.option_strings for a in sub._actions)
+    }
+    assert takes == {
+        "digits",
+        "from-datasets",
+        "from-folder",
+        "shapes",
+        "detection",
+        "action-streams",
+        "latents",
+        "mixture2d",
+        "text",
+    }  # all but index and verify, which write no tars
 
     assert make_shards(["digits", "--out", str(tmp_path / "d")]) == 0
     assert [len(read_manifest(tmp_path / "d" / s)["shards"]) for s in ("train", "val", "test")] == [8, 2, 2]
@@ -307,6 +367,7 @@ def test_every_shard_writer_takes_min_shards(tmp_path, capsys):
 
 # --- existing tars (img2dataset output_format=webdataset) -----------------------------
 
+
 def write_webdataset_layout(root, counts, start=0):
     """img2dataset's webdataset layout, written with tarfile: 00000.tar + .parquet + stats."""
     root.mkdir(parents=True, exist_ok=True)
@@ -316,9 +377,11 @@ def write_webdataset_layout(root, counts, start=0):
         with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
             for _ in range(n):
                 key = f"{shard:05d}{i:04d}"
-                for ext, data in (("jpg", jpeg_bytes(images[i])),
-                                  ("txt", f"a handwritten {labels[i]}".encode()),
-                                  ("json", json.dumps({"key": key}).encode())):
+                for ext, data in (
+                    ("jpg", jpeg_bytes(images[i])),
+                    ("txt", f"a handwritten {labels[i]}".encode()),
+                    ("json", json.dumps({"key": key}).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -375,34 +438,50 @@ def test_index_skips_empty_tars_and_names_bad_ones(tmp_path, caplog):
 
 # --- acceptance: the smoke model trains on each kind, unchanged ------------------------
 
+
 def test_datasets_shards_train_the_smoke_model(tmp_path, cpu_env):
-    splits = hf.DatasetDict({"train": digits_dataset(300), "validation": digits_dataset(60, 300),
-                             "test": digits_dataset(60, 360)})
+    splits = hf.DatasetDict(
+        {"train": digits_dataset(300), "validation": digits_dataset(60, 300), "test": digits_dataset(60, 360)}
+    )
     splits.save_to_disk(tmp_path / "saved")
     for split, maxcount in (("train", 100), ("validation", 1000), ("test", 1000)):
-        out = run_cli("from-datasets", tmp_path / "saved", "--split", split, "--out",
-                      tmp_path / split, "--maxcount", maxcount, "--min-shards", 1, env=cpu_env)
+        out = run_cli(
+            "from-datasets",
+            tmp_path / "saved",
+            "--split",
+            split,
+            "--out",
+            tmp_path / split,
+            "--maxcount",
+            maxcount,
+            "--min-shards",
+            1,
+            env=cpu_env,
+        )
         assert out.returncode == 0, out.stderr
         # only the training split is read shard by shard, so only it can have too few
         assert ("3 shard(s), fewer than" in out.stderr) == (split == "train")
     assert out.stdout.strip() == f"{tmp_path / 'test'}: 60 samples in 1 shards"
     assert [s["samples"] for s in read_manifest(tmp_path / "train")["shards"]] == [100, 100, 100]
 
-    final = train_density_model(tmp_path / "run", tmp_path / "train", tmp_path / "validation",
-                                tmp_path / "test", cpu_env)
+    final = train_density_model(
+        tmp_path / "run", tmp_path / "train", tmp_path / "validation", tmp_path / "test", cpu_env
+    )
     assert final["test/count"] == 60
 
 
 @pytest.mark.drill  # make test trains on converted shards in the test above (CI time)
 def test_img2dataset_layouts_train_the_smoke_model(tmp_path, cpu_env):
-    write_webdataset_layout(tmp_path / "train", [100, 100, 100])        # output_format=webdataset
-    write_files_layout(tmp_path / "val_files", 60, start=300)          # output_format=files
+    write_webdataset_layout(tmp_path / "train", [100, 100, 100])  # output_format=webdataset
+    write_files_layout(tmp_path / "val_files", 60, start=300)  # output_format=files
     write_webdataset_layout(tmp_path / "test", [60], start=360)
-    for args in (["index", tmp_path / "train"], ["index", tmp_path / "test"],
-                 ["from-folder", tmp_path / "val_files", "--out", tmp_path / "val"]):
+    for args in (
+        ["index", tmp_path / "train"],
+        ["index", tmp_path / "test"],
+        ["from-folder", tmp_path / "val_files", "--out", tmp_path / "val"],
+    ):
         out = run_cli(*args, env=cpu_env)
         assert out.returncode == 0, out.stderr
 
-    final = train_density_model(tmp_path / "run", tmp_path / "train", tmp_path / "val",
-                                tmp_path / "test", cpu_env)
+    final = train_density_model(tmp_path / "run", tmp_path / "train", tmp_path / "val", tmp_path / "test", cpu_env)
     assert final["val/count"] == 60 and final["test/count"] == 60

@@ -14,8 +14,10 @@ def test_factorized_nll_is_exact():
     with torch.no_grad():
         net.bias.copy_(torch.log(p) - torch.log1p(-p))
     x = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
-    expected = [-(math.log(0.1) + math.log(0.5) + math.log(0.8) + math.log(0.999)),
-                -(math.log(0.9) + math.log(0.5) + math.log(0.2) + math.log(0.001))]
+    expected = [
+        -(math.log(0.1) + math.log(0.5) + math.log(0.8) + math.log(0.999)),
+        -(math.log(0.9) + math.log(0.5) + math.log(0.2) + math.log(0.001)),
+    ]
     got = bernoulli_nll(net(x), x)
     assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5)
 
@@ -41,14 +43,14 @@ def test_autoregressive_property(net):
         changed = (net(x2) - base).abs().amax(0) > 1e-6
         assert not changed[: j + 1].any(), f"logit <= {j} sees x_{j}"
         if j < d - 1:
-            assert changed[j + 1:].any(), f"x_{j} influences nothing after it"
+            assert changed[j + 1 :].any(), f"x_{j} influences nothing after it"
 
 
 @pytest.mark.parametrize("net", _nets(d=5), ids=lambda n: type(n).__name__)
 def test_likelihood_normalizes(net):
     """Summing p(x) over all 2^D binary vectors gives 1: the NLL is an exact likelihood."""
     d = net.dims
-    xs = torch.tensor([[(k >> i) & 1 for i in range(d)] for k in range(2 ** d)], dtype=torch.float32)
+    xs = torch.tensor([[(k >> i) & 1 for i in range(d)] for k in range(2**d)], dtype=torch.float32)
     total = torch.exp(-bernoulli_nll(net(xs), xs).double()).sum()
     assert abs(total.item() - 1) < 1e-5
 

@@ -9,9 +9,17 @@ import signal
 import subprocess
 
 import pytest
-
-from launching import (ROOT, STEPS, accelerate_cmd, assert_matches_reference, last_step, ranks_of,
-                       smoke_overrides, torchrun_cmd, wait_until)
+from launching import (
+    ROOT,
+    STEPS,
+    accelerate_cmd,
+    assert_matches_reference,
+    last_step,
+    ranks_of,
+    smoke_overrides,
+    torchrun_cmd,
+    wait_until,
+)
 
 PORT = 29400
 
@@ -31,7 +39,7 @@ def two_nodes():
         subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
     try:
-        for (ns, _), dev in zip(nodes, veth):
+        for ns, _ in nodes:
             ip("netns", "add", ns)
         ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
         for (ns, addr), dev in zip(nodes, veth):
@@ -49,8 +57,9 @@ def two_nodes():
 
 
 def start(node, cmd, env, log):
-    return subprocess.Popen(["ip", "netns", "exec", node[0], *cmd], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["ip", "netns", "exec", node[0], *cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(procs, logs, timeout=300):
@@ -59,16 +68,22 @@ def finish(procs, logs, timeout=300):
 
 
 @pytest.mark.drill  # make test: two torchrun nodes below; this one in make drills (CI time)
-def test_accelerate_two_nodes_stop_on_usr1_and_resume(tmp_path, digits_dir, cpu_env, two_nodes,
-                                                      smoke_reference):
+def test_accelerate_two_nodes_stop_on_usr1_and_resume(tmp_path, digits_dir, cpu_env, two_nodes, smoke_reference):
     run_dir = tmp_path / "run"
     head = two_nodes[0][1]
 
     def launch(leg):
         logs = [tmp_path / f"{leg}-node{i}.log" for i in range(2)]
-        procs = [start(node, accelerate_cmd(nodes=2, procs=1, machine_rank=i, head=head, port=PORT)
-                       + smoke_overrides(run_dir, digits_dir), cpu_env, open(log, "w"))
-                 for i, (node, log) in enumerate(zip(two_nodes, logs))]
+        procs = [
+            start(
+                node,
+                accelerate_cmd(nodes=2, procs=1, machine_rank=i, head=head, port=PORT)
+                + smoke_overrides(run_dir, digits_dir),
+                cpu_env,
+                open(log, "w"),
+            )
+            for i, (node, log) in enumerate(zip(two_nodes, logs))
+        ]
         return procs, logs
 
     procs, logs = launch("first")
@@ -95,16 +110,26 @@ def test_accelerate_two_nodes_stop_on_usr1_and_resume(tmp_path, digits_dir, cpu_
     assert_matches_reference(run_dir, smoke_reference)
 
 
-def test_torchrun_two_nodes_resume_a_killed_rank_by_themselves(tmp_path, digits_dir, cpu_env, two_nodes,
-                                                                smoke_reference):
+def test_torchrun_two_nodes_resume_a_killed_rank_by_themselves(
+    tmp_path, digits_dir, cpu_env, two_nodes, smoke_reference
+):
     run_dir = tmp_path / "run"
     endpoint = f"{two_nodes[0][1]}:{PORT}"
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
-    procs = [start(node, torchrun_cmd(nodes=2, procs=1, endpoint=endpoint, max_restarts=1,
-                                      is_host=(i == 0), local_addr=node[1])
-                   + smoke_overrides(run_dir, digits_dir), cpu_env, open(log, "w"))
-             for i, (node, log) in enumerate(zip(two_nodes, logs))]
-    done = lambda: (run_dir / "checkpoints/step-80/COMPLETE.json").exists() and last_step(run_dir) >= 90
+    procs = [
+        start(
+            node,
+            torchrun_cmd(nodes=2, procs=1, endpoint=endpoint, max_restarts=1, is_host=(i == 0), local_addr=node[1])
+            + smoke_overrides(run_dir, digits_dir),
+            cpu_env,
+            open(log, "w"),
+        )
+        for i, (node, log) in enumerate(zip(two_nodes, logs))
+    ]
+
+    def done():
+        return (run_dir / "checkpoints/step-80/COMPLETE.json").exists() and last_step(run_dir) >= 90
+
     wait_until(done, 180, "checkpoint 80 and step 90", procs[0])
     ranks = ranks_of(procs[1].pid)
     assert len(ranks) == 1

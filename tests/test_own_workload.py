@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import yaml
-
 from launching import ROOT, accelerate_cmd, run_ok
+
 from trainer.metrics import read_jsonl
 
 
@@ -30,13 +30,18 @@ def outside(tmp_path):
 
 
 def recipe(folder, digits_dir, steps, run_dir):
-    cfg = {"run": {"dir": str(run_dir)},
-           "model": {"name": "my_pkg.digit_mlp:DigitMLP", "hidden": 32},
-           "data": {"train": {"urls": f"{digits_dir}/train"}, "val": {"urls": f"{digits_dir}/val"},
-                    "batch_size": 16, "shuffle_buffer": 64},
-           "optim": {"lr": 0.01, "schedule": "constant", "warmup_steps": 2},
-           "trainer": {"max_steps": steps, "log_every": 1, "checkpoint_every": 10, "eval_every": 0,
-                       "progress_bar": False}}
+    cfg = {
+        "run": {"dir": str(run_dir)},
+        "model": {"name": "my_pkg.digit_mlp:DigitMLP", "hidden": 32},
+        "data": {
+            "train": {"urls": f"{digits_dir}/train"},
+            "val": {"urls": f"{digits_dir}/val"},
+            "batch_size": 16,
+            "shuffle_buffer": 64,
+        },
+        "optim": {"lr": 0.01, "schedule": "constant", "warmup_steps": 2},
+        "trainer": {"max_steps": steps, "log_every": 1, "checkpoint_every": 10, "eval_every": 0, "progress_bar": False},
+    }
     path = folder / f"digits-{steps}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -75,23 +80,29 @@ def test_a_workload_from_outside_the_repository_trains_and_resumes_exactly(outsi
     assert 0.0 <= final["val/accuracy"] <= 1.0 and final["step"] == 20
 
 
-@pytest.mark.parametrize("name, said", [
-    ("my_pkg.nowhere:DigitMLP", "cannot import my_pkg.nowhere"),
-    ("my_pkg.digit_mlp:Missing", "my_pkg.digit_mlp.Missing is nothing, not a subclass of models.base.Workload"),
-    ("my_pkg.digit_mlp:DigitMLPConfig", "is type, not a subclass"),
-])
+@pytest.mark.parametrize(
+    "name, said",
+    [
+        ("my_pkg.nowhere:DigitMLP", "cannot import my_pkg.nowhere"),
+        ("my_pkg.digit_mlp:Missing", "my_pkg.digit_mlp.Missing is nothing, not a subclass of models.base.Workload"),
+        ("my_pkg.digit_mlp:DigitMLPConfig", "is type, not a subclass"),
+    ],
+)
 def test_a_bad_import_path_names_what_is_wrong(outside, monkeypatch, name, said):
     from launch.recipes import load_recipe
     from trainer.config import ConfigError
 
     monkeypatch.syspath_prepend(str(outside))
-    cfg = load_recipe(None, ["run.dir=x", "model.name=my_pkg.digit_mlp:DigitMLP", "model.hidden=8",
-                             "data.train.urls=/x/{0..3}.tar"])
+    cfg = load_recipe(
+        None, ["run.dir=x", "model.name=my_pkg.digit_mlp:DigitMLP", "model.hidden=8", "data.train.urls=/x/{0..3}.tar"]
+    )
     assert cfg.model.hidden == 8
     with pytest.raises(ConfigError, match=re.escape(said)):
         load_recipe(None, ["run.dir=x", f"model.name={name}", "data.train.urls=/x/{0..3}.tar"])
     with pytest.raises(ConfigError, match="model.hidden2"):
-        load_recipe(None, ["run.dir=x", "model.name=my_pkg.digit_mlp:DigitMLP", "model.hidden2=8",
-                           "data.train.urls=/x/{0..3}.tar"])
+        load_recipe(
+            None,
+            ["run.dir=x", "model.name=my_pkg.digit_mlp:DigitMLP", "model.hidden2=8", "data.train.urls=/x/{0..3}.tar"],
+        )
     sys.modules.pop("my_pkg.digit_mlp", None)
     sys.modules.pop("my_pkg", None)

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_counted_flops_follow_autograd_for_made():
     """MADE D=64, H=32: forward 2(DH + HD), weight grads the same, input grads only for the
     second layer (the pixels need none): 10 D H per sample."""
+    from launch.recipes import load_recipe
     from models.flops import train_flops_per_sample
     from models.registry import build_workload
-    from launch.recipes import load_recipe
 
     cfg = load_recipe(ROOT / "configs/autoregressive/made.yaml", ["model.hidden=[32]"])
     workload = build_workload(cfg.model)
@@ -31,13 +31,15 @@ def test_counted_flops_follow_autograd_for_made():
 def test_counted_lm_flops_match_palm_formula(objective):
     """The counter on the meta device agrees with 6 N + 12 L d T per token (PaLM), N the
     matmul weights, within the softmax/norm/bias work neither counts the same way."""
+    from launch.recipes import load_recipe
     from models.flops import lm_flops_per_token, train_flops_per_sample
     from models.registry import build_workload
-    from launch.recipes import load_recipe
 
     seq = 256
-    cfg = load_recipe(ROOT / "configs/lm/causal_1k.yaml", [f"model.seq_len={seq}", f"model.objective={objective}",
-                                                           "model.dim=64", "model.depth=2", "model.heads=2"])
+    cfg = load_recipe(
+        ROOT / "configs/lm/causal_1k.yaml",
+        [f"model.seq_len={seq}", f"model.objective={objective}", "model.dim=64", "model.depth=2", "model.heads=2"],
+    )
     workload = build_workload(cfg.model)
     model = workload.build_model()
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -48,8 +50,8 @@ def test_counted_lm_flops_match_palm_formula(objective):
 
 
 def test_nade_states_its_formula():
-    from models.registry import build_workload
     from launch.recipes import load_recipe
+    from models.registry import build_workload
 
     cfg = load_recipe(ROOT / "configs/autoregressive/nade.yaml")
     w = build_workload(cfg.model)
@@ -82,11 +84,25 @@ def test_mfu_throughput_and_profile_of_a_real_run(tmp_path, digits_dir, cpu_env)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/autoregressive/made.yaml"),
-           f"run.dir={run_dir}", f"data.train.urls={digits_dir}/train", f"data.val.urls={digits_dir}/val",
-           f"data.test.urls={digits_dir}/test", "model.hidden=[32]", "trainer.progress_bar=false",
-           "trainer.max_steps=20", "trainer.log_every=5", "optim.warmup_steps=2", "trainer.eval_every=0",
-           "trainer.peak_tflops=0.002", "trainer.profile_steps=[5,8]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/autoregressive/made.yaml"),
+        f"run.dir={run_dir}",
+        f"data.train.urls={digits_dir}/train",
+        f"data.val.urls={digits_dir}/val",
+        f"data.test.urls={digits_dir}/test",
+        "model.hidden=[32]",
+        "trainer.progress_bar=false",
+        "trainer.max_steps=20",
+        "trainer.log_every=5",
+        "optim.warmup_steps=2",
+        "trainer.eval_every=0",
+        "trainer.peak_tflops=0.002",
+        "trainer.profile_steps=[5,8]",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MFU against 0.002 TFLOP/s per rank (trainer.peak_tflops)" in out.stdout
@@ -110,19 +126,23 @@ def test_mfu_throughput_and_profile_of_a_real_run(tmp_path, digits_dir, cpu_env)
 
 def test_lm_throughput_is_in_tokens():
     """perf/tokens_per_s = samples/s x seq_len; TFLOP/s per rank divides by the ranks."""
-    from models.registry import build_workload
     from launch.recipes import load_recipe
+    from models.registry import build_workload
     from trainer.meter import ThroughputMeter
 
     cfg = load_recipe(ROOT / "configs/lm/causal_1k.yaml")
-    meter = ThroughputMeter(build_workload(cfg.model), samples_per_step=10, world_size=2, peak=100.0,
-                            count_flops=False)
+    meter = ThroughputMeter(build_workload(cfg.model), samples_per_step=10, world_size=2, peak=100.0, count_flops=False)
     meter.flops_per_sample = 2e9
     meter.start_window(now=0.0)
     meter.steps, meter.data_wait = 5, 0.25
     out = meter.measure(now=1.0)
-    assert out == {"train/samples_per_s": 50.0, "train/data_wait_frac": 0.25, "perf/tokens_per_s": 50.0 * 1024,
-                   "perf/tflops_per_rank": 2e9 * 50 / 2 / 1e12, "perf/mfu": 2e9 * 50 / 2 / 1e12 / 100.0}
+    assert out == {
+        "train/samples_per_s": 50.0,
+        "train/data_wait_frac": 0.25,
+        "perf/tokens_per_s": 50.0 * 1024,
+        "perf/tflops_per_rank": 2e9 * 50 / 2 / 1e12,
+        "perf/mfu": 2e9 * 50 / 2 / 1e12 / 100.0,
+    }
 
 
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
@@ -157,10 +177,24 @@ def test_windows_hold_one_log_step_each():
 def test_trainer_compile_takes_the_same_steps(tmp_path, digits_dir, cpu_env):
     def losses(name, *more):
         run_dir = tmp_path / name
-        cmd = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs/autoregressive/made.yaml"),
-               f"run.dir={run_dir}", f"data.train.urls={digits_dir}/train", f"data.val.urls={digits_dir}/val",
-               f"data.test.urls={digits_dir}/test", "model.hidden=[32]", "trainer.progress_bar=false",
-               "trainer.max_steps=6", "trainer.log_every=1", "optim.warmup_steps=2", "trainer.eval_every=0", *more]
+        cmd = [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--config",
+            str(ROOT / "configs/autoregressive/made.yaml"),
+            f"run.dir={run_dir}",
+            f"data.train.urls={digits_dir}/train",
+            f"data.val.urls={digits_dir}/val",
+            f"data.test.urls={digits_dir}/test",
+            "model.hidden=[32]",
+            "trainer.progress_bar=false",
+            "trainer.max_steps=6",
+            "trainer.log_every=1",
+            "optim.warmup_steps=2",
+            "trainer.eval_every=0",
+            *more,
+        ]
         out = subprocess.run(cmd, cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return [r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]

@@ -11,19 +11,29 @@ import sys
 import time
 
 import pytest
+from launching import (
+    RECIPE,
+    ROOT,
+    STEPS,
+    accelerate_cmd,
+    assert_matches_reference,
+    last_step,
+    ranks_of,
+    run_ok,
+    smoke_overrides,
+    torchrun_cmd,
+    train_records,
+    wait_until,
+)
 
-from launching import (RECIPE, ROOT, STEPS, accelerate_cmd, assert_matches_reference, last_step, ranks_of,
-                       run_ok, smoke_overrides, torchrun_cmd, train_records, wait_until)
 from trainer.preempt import EXIT_STOPPED
 
 
 @pytest.mark.drill  # make test: the same across two nodes, tests/test_multinode.py
-def test_usr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, digits_dir, cpu_env,
-                                                                 smoke_reference):
+def test_usr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, digits_dir, cpu_env, smoke_reference):
     run_dir = tmp_path / "run"
     cmd = accelerate_cmd() + smoke_overrides(run_dir, digits_dir)
-    proc = subprocess.Popen(cmd, env=cpu_env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=cpu_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_until(lambda: 20 <= last_step(run_dir) < STEPS - 100, 120, "step 20", proc)
     ranks = ranks_of(proc.pid)
     assert sorted(ranks) == [0, 1]
@@ -51,8 +61,9 @@ def test_job_end_time_stops_and_saves_with_exit_75(tmp_path, digits_dir, cpu_env
     env = dict(cpu_env, TRIBUTARY_JOB_END=str(time.time() + 3600))
     # the deadline is an hour away, less a margin of an hour minus 8 s: 8 s from now
     cmd = [sys.executable, "-m", "launch.train", "--config", RECIPE]
-    cmd += smoke_overrides(run_dir, digits_dir, "trainer.max_steps=100000",
-                           "trainer.checkpoint_every=0", "trainer.end_margin_s=3592")
+    cmd += smoke_overrides(
+        run_dir, digits_dir, "trainer.max_steps=100000", "trainer.checkpoint_every=0", "trainer.end_margin_s=3592"
+    )
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == EXIT_STOPPED, out.stdout[-2000:] + out.stderr[-3000:]
     assert "(the job's time limit)" in out.stdout
@@ -65,9 +76,11 @@ def test_job_end_time_stops_and_saves_with_exit_75(tmp_path, digits_dir, cpu_env
 def test_torchrun_max_restarts_resumes_a_killed_rank(tmp_path, digits_dir, cpu_env, smoke_reference):
     run_dir = tmp_path / "run"
     cmd = torchrun_cmd(max_restarts=1) + smoke_overrides(run_dir, digits_dir)
-    proc = subprocess.Popen(cmd, env=cpu_env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    done = lambda: (run_dir / "checkpoints/step-80/COMPLETE.json").exists() and last_step(run_dir) >= 90
+    proc = subprocess.Popen(cmd, env=cpu_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def done():
+        return (run_dir / "checkpoints/step-80/COMPLETE.json").exists() and last_step(run_dir) >= 90
+
     wait_until(done, 120, "checkpoint 80 and step 90", proc)
     killed_at = last_step(run_dir)
     assert killed_at < STEPS

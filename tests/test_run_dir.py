@@ -13,8 +13,8 @@ import time
 
 import pytest
 import yaml
-
 from launching import RECIPE, ROOT, accelerate_cmd, last_step, run_ok, smoke_overrides, wait_until
+
 from trainer.rundir import LOCK, RunDirLock, RunDirLocked
 
 
@@ -68,11 +68,18 @@ def test_a_second_launch_into_a_busy_run_dir_is_refused_naming_the_holder(tmp_pa
     first = launch(run_dir, digits_dir, "trainer.max_steps=100000", env=cpu_env)
     wait_until(lambda: last_step(run_dir) >= 3, 120, "the first launch to train", first)
     # a whole second launch (2 ranks under accelerate launch) ends, without touching the run
-    second = subprocess.run(accelerate_cmd() + smoke_overrides(run_dir, digits_dir), cwd=ROOT, env=cpu_env,
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        accelerate_cmd() + smoke_overrides(run_dir, digits_dir),
+        cwd=ROOT,
+        env=cpu_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert second.returncode != 0
-    assert f"run.dir {run_dir} is in use by another launch (pid {first.pid} on {socket.gethostname()}" \
-        in second.stderr, second.stderr[-3000:]
+    assert (
+        f"run.dir {run_dir} is in use by another launch (pid {first.pid} on {socket.gethostname()}" in second.stderr
+    ), second.stderr[-3000:]
     assert json.loads((run_dir / LOCK).read_text())["pid"] == first.pid
     assert sorted(p.name for p in (run_dir / "launches").iterdir()) == ["1.yaml"]
     first.send_signal(signal.SIGTERM)
@@ -87,8 +94,11 @@ def test_a_sigkilled_holder_is_taken_over(tmp_path, digits_dir, cpu_env):
     first.kill()
     first.wait()
     assert json.loads((run_dir / LOCK).read_text())["pid"] == first.pid  # left behind
-    out = run_ok([sys.executable, "-m", "launch.train", "--config", RECIPE]
-                 + smoke_overrides(run_dir, digits_dir, "trainer.max_steps=12", "trainer.lock_stale_s=3600"), cpu_env)
+    out = run_ok(
+        [sys.executable, "-m", "launch.train", "--config", RECIPE]
+        + smoke_overrides(run_dir, digits_dir, "trainer.max_steps=12", "trainer.lock_stale_s=3600"),
+        cpu_env,
+    )
     assert f"taking over the lock of pid {first.pid} on {socket.gethostname()}" in out
     assert f"its process {first.pid} on this host is gone" in out
     assert "resumed from" in out and not (run_dir / LOCK).exists()
@@ -103,11 +113,19 @@ def test_a_changed_model_is_refused_by_key_and_the_record_survives(tmp_path, dig
     ckpt = run_dir / "checkpoints/step-10"
     assert yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["hidden"] == [96]
 
-    out = subprocess.run(base + smoke_overrides(run_dir, digits_dir, "trainer.max_steps=20", "model.hidden=[64]"),
-                         cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        base + smoke_overrides(run_dir, digits_dir, "trainer.max_steps=20", "model.hidden=[64]"),
+        cwd=ROOT,
+        env=cpu_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert (f"{ckpt} was written for another model, and nothing was loaded: model.hidden: the checkpoint "
-            "has [96], this recipe [64]; use a new run.dir, or trainer.resume=never") in out.stderr
+    assert (
+        f"{ckpt} was written for another model, and nothing was loaded: model.hidden: the checkpoint "
+        "has [96], this recipe [64]; use a new run.dir, or trainer.resume=never"
+    ) in out.stderr
     assert "Traceback" not in out.stderr and "size mismatch" not in out.stderr
     assert (run_dir / "config.yaml").read_text() == record  # still says how step-10 was made
     assert yaml.safe_load((run_dir / "launches/2.yaml").read_text())["model"]["hidden"] == [64]
@@ -120,9 +138,19 @@ def test_what_may_change_on_resume(tmp_path, digits_dir, cpu_env):
     run_dir = tmp_path / "run"
     run_ok(accelerate_cmd() + smoke_overrides(run_dir, digits_dir, "trainer.max_steps=10"), cpu_env)
     os.symlink(digits_dir, tmp_path / "digits-again")
-    out = run_ok([sys.executable, "-m", "launch.train", "--config", RECIPE] + smoke_overrides(
-        run_dir, tmp_path / "digits-again", "trainer.max_steps=16", "optim.schedule=constant", "trainer.log_every=2",
-        "optim.lr=0.0005", "model.mask_seed=1"), cpu_env)
+    out = run_ok(
+        [sys.executable, "-m", "launch.train", "--config", RECIPE]
+        + smoke_overrides(
+            run_dir,
+            tmp_path / "digits-again",
+            "trainer.max_steps=16",
+            "optim.schedule=constant",
+            "trainer.log_every=2",
+            "optim.lr=0.0005",
+            "model.mask_seed=1",
+        ),
+        cpu_env,
+    )
     assert "resumed from" in out and "(step 10, elastic: 2 rank(s)" in out
     assert "model.* changed on resume, every parameter's name and shape the same: model.mask_seed: 0 -> 1" in out
     final = json.loads((run_dir / "final_metrics.json").read_text())

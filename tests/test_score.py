@@ -8,9 +8,19 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from models.score.sde import (SDES, VESDE, VPSDE, annealed_langevin, dsm_loss,
-                              euler_maruyama, geometric_sigmas, predictor_corrector,
-                              probability_flow, sliced_wasserstein, smld_loss)
+from models.score.sde import (
+    SDES,
+    VESDE,
+    VPSDE,
+    annealed_langevin,
+    dsm_loss,
+    euler_maruyama,
+    geometric_sigmas,
+    predictor_corrector,
+    probability_flow,
+    sliced_wasserstein,
+    smld_loss,
+)
 
 
 @pytest.mark.parametrize("name", list(SDES))
@@ -28,7 +38,7 @@ def test_kernel_matches_the_moment_odes(name):
         return [a_of(t) * m, 2 * a_of(t) * v + g2]
 
     x0 = 1.7
-    v0 = sde.sigma_min ** 2 if isinstance(sde, VESDE) else 0.0  # VE's kernel starts at sigma_min
+    v0 = sde.sigma_min**2 if isinstance(sde, VESDE) else 0.0  # VE's kernel starts at sigma_min
     for t in (0.1, 0.5, 1.0):
         sol = solve_ivp(rhs, (0.0, t), [x0, v0], rtol=1e-10, atol=1e-12)
         mean, std = sde.marginal(torch.tensor([[x0]], dtype=torch.float64), torch.tensor([t], dtype=torch.float64))
@@ -43,7 +53,11 @@ def test_forward_simulation_matches_the_vp_kernel():
     dt = t_end / n
     for i in range(n):
         t = torch.full((x.shape[0],), i * dt, dtype=torch.float64)
-        x = x + sde.drift(x, t) * dt + sde.diffusion(t)[:, None] * math.sqrt(dt) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        x = (
+            x
+            + sde.drift(x, t) * dt
+            + sde.diffusion(t)[:, None] * math.sqrt(dt) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        )
     mean, std = sde.marginal(torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([t_end], dtype=torch.float64))
     assert x.mean().item() == pytest.approx(float(mean), abs=0.02)
     assert x.std().item() == pytest.approx(float(std), rel=0.03)
@@ -66,11 +80,13 @@ def test_dsm_loss_is_zero_at_the_true_score_of_a_point(name):
 
 def gaussian_score(sde, mu, s):
     """Exact score of p_t when the data is N(mu, s^2 I)."""
+
     def score(x, t):
         m, std = sde.marginal(mu.expand_as(x), t)
         scale = sde.marginal(torch.ones_like(x), t)[0]
-        var = scale ** 2 * s ** 2 + std[:, None] ** 2
+        var = scale**2 * s**2 + std[:, None] ** 2
         return -(x - m) / var
+
     return score
 
 
@@ -101,7 +117,7 @@ def test_smld_loss_and_annealed_langevin_with_the_exact_score():
     sigmas = geometric_sigmas(3.0, 0.05, 10)  # step_lr / sigma_min^2 = 0.2: stable at every level
 
     def score(x, sigma):
-        return -(x - mu) / (s ** 2 + sigma[:, None] ** 2)
+        return -(x - mu) / (s**2 + sigma[:, None] ** 2)
 
     g = torch.Generator().manual_seed(0)
     x0 = mu + s * torch.randn(512, 2, generator=g)
@@ -144,8 +160,9 @@ def bind_folders(wl, **folders):
 
     from data_pipelines.stream import iter_samples, resolve_shards
 
-    wl.bind_splits({name: functools.partial(iter_samples, resolve_shards(str(folder)).urls)
-                    for name, folder in folders.items()})
+    wl.bind_splits(
+        {name: functools.partial(iter_samples, resolve_shards(str(folder)).urls) for name, folder in folders.items()}
+    )
     return wl
 
 
@@ -186,8 +203,9 @@ def test_digits_decode_to_the_source_vectors_and_bad_input_fails_clearly(digits_
 def test_digits_final_metrics_and_sample_images_on_a_tiny_model(digits_dir):
     from models.score.workload import ScoreConfig, ScoreWorkload
 
-    wl = ScoreWorkload(ScoreConfig(data_kind="image", dims=64, hidden=16, layers=1, eval_samples=50,
-                                   sampler_steps=30))  # at 10 steps an untrained corrector overflows
+    wl = ScoreWorkload(
+        ScoreConfig(data_kind="image", dims=64, hidden=16, layers=1, eval_samples=50, sampler_steps=30)
+    )  # at 10 steps an untrained corrector overflows
     bind_folders(wl, train=digits_dir / "train", test=digits_dir / "test")
     torch.manual_seed(0)
     model = wl.build_model().eval()
@@ -201,8 +219,9 @@ def test_digits_final_metrics_and_sample_images_on_a_tiny_model(digits_dir):
     assert images.shape == (6, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
     assert ScoreWorkload(ScoreConfig()).sample_images(model, 6, torch.Generator()) is None
 
-    smld = ScoreWorkload(ScoreConfig(sde="smld", data_kind="image", dims=64, hidden=16, layers=1,
-                                     eval_samples=50, langevin_steps=2))
+    smld = ScoreWorkload(
+        ScoreConfig(sde="smld", data_kind="image", dims=64, hidden=16, layers=1, eval_samples=50, langevin_steps=2)
+    )
     bind_folders(smld, test=digits_dir / "test")
     assert set(smld.final_metrics(model, torch.Generator().manual_seed(0))) == {"swd_reference", "swd_langevin"}
     assert smld.sample_images(model, 3, torch.Generator().manual_seed(0)).shape == (3, 1, 8, 8)
@@ -267,8 +286,10 @@ def test_the_mixture_generator_lives_with_the_data_and_is_unchanged():
     from data_pipelines.sources import points
 
     x = points.mixture2d(2000, torch.Generator().manual_seed(0))
-    assert hashlib.sha256(x.numpy().tobytes()).hexdigest() == \
-        "bb1b270aa2d37e99449ea64d52411204adbf91f365632945ef65095767077ae1"
+    assert (
+        hashlib.sha256(x.numpy().tobytes()).hexdigest()
+        == "bb1b270aa2d37e99449ea64d52411204adbf91f365632945ef65095767077ae1"
+    )
     root = Path(__file__).resolve().parents[1]
 
     def imports(path):  # every module a file imports, `from a import b` as a and a.b
@@ -294,8 +315,9 @@ def untrained_distances(data, sde_name: str, **overrides) -> dict:
 
 
 @pytest.mark.drill
-@pytest.mark.parametrize("recipe", ["vp_mixture2d.yaml", "ve_mixture2d.yaml", "subvp_mixture2d.yaml",
-                                    "smld_mixture2d.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["vp_mixture2d.yaml", "ve_mixture2d.yaml", "subvp_mixture2d.yaml", "smld_mixture2d.yaml"]
+)
 def test_score_recipe_trains_and_every_sampler_beats_an_untrained_model(tmp_path, cpu_env, recipe):
     """2 ranks through the trainer; each sampler's distance to the mixture ends far below an
     untrained model's and within a few times that of two true samples."""
@@ -310,11 +332,25 @@ def test_score_recipe_trains_and_every_sampler_beats_an_untrained_model(tmp_path
     data = tmp_path / "mixture2d"
     points.build(data)
     fast = ["model.eval_samples=1000", "model.sampler_steps=200", "model.langevin_steps=50"]
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-           "-m", "launch.train", "--config", str(root / "configs/score" / recipe), f"run.dir={tmp_path / 'run'}",
-           f"data.train.urls={data}/train", f"data.val.urls={data}/val", f"data.test.urls={data}/test",
-           "trainer.max_steps=800", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-           "trainer.progress_bar=false", *fast]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "launch.train",
+        "--config",
+        str(root / "configs/score" / recipe),
+        f"run.dir={tmp_path / 'run'}",
+        f"data.train.urls={data}/train",
+        f"data.val.urls={data}/val",
+        f"data.test.urls={data}/test",
+        "trainer.max_steps=800",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.progress_bar=false",
+        *fast,
+    ]
     out = subprocess.run(cmd, cwd=root, env=cpu_env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     final = json.loads((tmp_path / "run/final_metrics.json").read_text())
@@ -343,12 +379,27 @@ def test_score_digits_recipe_trains_and_the_samplers_beat_an_untrained_model(tmp
     from omegaconf import OmegaConf
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-           "-m", "launch.train", "--config", str(root / "configs/score/vp_digits.yaml"), f"run.dir={tmp_path / 'run'}",
-           f"data.train.urls={digits_dir}/train", f"data.val.urls={digits_dir}/val",
-           f"data.test.urls={digits_dir}/test", "trainer.max_steps=1500", "trainer.eval_every=0",
-           "trainer.checkpoint_every=0", "trainer.sample_every=0", "trainer.num_samples=16",
-           "trainer.progress_bar=false", "model.sampler_steps=200"]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "launch.train",
+        "--config",
+        str(root / "configs/score/vp_digits.yaml"),
+        f"run.dir={tmp_path / 'run'}",
+        f"data.train.urls={digits_dir}/train",
+        f"data.val.urls={digits_dir}/val",
+        f"data.test.urls={digits_dir}/test",
+        "trainer.max_steps=1500",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.sample_every=0",
+        "trainer.num_samples=16",
+        "trainer.progress_bar=false",
+        "model.sampler_steps=200",
+    ]
     out = subprocess.run(cmd, cwd=root, env=cpu_env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     final = json.loads((tmp_path / "run/final_metrics.json").read_text())

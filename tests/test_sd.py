@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import kill_past_checkpoint
+
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +48,14 @@ def tiny_vae(tmp_path_factory):
 def scratch_workload(shapes_dir, tiny_vae, **overrides):
     from models.sd.workload import SDConfig, SDWorkload
 
-    cfg = dict(vae=str(tiny_vae), tokenizer=str(shapes_dir / "tokenizer"), unet_channels=[32, 32],
-               text_hidden=32, ema_decay=0.9, color_match_samples=0)
+    cfg = dict(
+        vae=str(tiny_vae),
+        tokenizer=str(shapes_dir / "tokenizer"),
+        unet_channels=[32, 32],
+        text_hidden=32,
+        ema_decay=0.9,
+        color_match_samples=0,
+    )
     cfg.update(overrides)
     return SDWorkload(SDConfig(**cfg))
 
@@ -91,8 +97,7 @@ def test_min_snr_weights_closed_form():
 
     snr = torch.tensor([0.1, 1.0, 5.0, 50.0])
     assert torch.allclose(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 1.0, 0.1]))
-    assert torch.allclose(min_snr_weight(snr, 5.0, "v_prediction"),
-                          torch.tensor([0.1 / 1.1, 0.5, 5 / 6, 5 / 51]))
+    assert torch.allclose(min_snr_weight(snr, 5.0, "v_prediction"), torch.tensor([0.1 / 1.1, 0.5, 5 / 6, 5 / 51]))
 
 
 class Oracle(torch.nn.Module):
@@ -153,15 +158,17 @@ def test_step_trains_the_unet_only_and_ema_follows(shapes_dir, tiny_vae):
 
 
 def test_precomputed_latents_and_text_states(shapes_dir, pretrained_dir, tmp_path):
-    from data_pipelines.sources import latents
-    from diffusers import AutoencoderKL
-    from data_pipelines.decode import image_tensor
-    from models.sd.workload import SDConfig, SDWorkload
     import webdataset as wds
+    from diffusers import AutoencoderKL
+
+    from data_pipelines.decode import image_tensor
+    from data_pipelines.sources import latents
+    from models.sd.workload import SDConfig, SDWorkload
 
     out = tmp_path / "latents"
-    m = latents.precompute(str(shapes_dir / "val"), out, vae_dir="", pretrained=str(pretrained_dir),
-                           image_size=32, batch=16)
+    m = latents.precompute(
+        str(shapes_dir / "val"), out, vae_dir="", pretrained=str(pretrained_dir), image_size=32, batch=16
+    )
     assert m["total_samples"] == 40  # every sample, none dropped at a batch boundary
     first = next(iter(wds.WebDataset(str(out / m["shards"][0]["url"]), shardshuffle=False)))
     src = next(iter(wds.WebDataset(sorted(str(p) for p in (shapes_dir / "val").glob("*.tar")), shardshuffle=False)))
@@ -182,9 +189,20 @@ def test_precomputed_latents_and_text_states(shapes_dir, pretrained_dir, tmp_pat
 
 
 def torchrun(run_dir, *overrides, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "launch.train", "--config", str(ROOT / "configs/sd/finetune_sd15.yaml"), f"run.dir={run_dir}",
-            "trainer.progress_bar=false", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/sd/finetune_sd15.yaml"),
+        f"run.dir={run_dir}",
+        "trainer.progress_bar=false",
+        *overrides,
+    ]
 
 
 def run(cmd, env):
@@ -205,11 +223,22 @@ def test_finetune_recipe_samples_its_own_prompts(tmp_path, shapes_dir, pretraine
     """configs/sd/finetune_sd15.yaml on the tiny local folder: the sample grid is of the
     recipe's prompts (logged beside it), and without model.sample_prompts of the val split's
     first captions; no colour check runs unless the recipe asks for one."""
-    short = [f"model.pretrained={pretrained_dir}", "model.image_size=32", "model.sample_steps=1",
-             f"data.train.urls={shapes_dir}/train", "data.batch_size=2", "data.num_workers=0",
-             "data.shuffle_buffer=1", "trainer.max_steps=2", "trainer.grad_accum_steps=1",
-             "trainer.mixed_precision=no", "trainer.sample_every=2", "trainer.num_samples=3",
-             "trainer.checkpoint_every=0", "optim.warmup_steps=1"]
+    short = [
+        f"model.pretrained={pretrained_dir}",
+        "model.image_size=32",
+        "model.sample_steps=1",
+        f"data.train.urls={shapes_dir}/train",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.shuffle_buffer=1",
+        "trainer.max_steps=2",
+        "trainer.grad_accum_steps=1",
+        "trainer.mixed_precision=no",
+        "trainer.sample_every=2",
+        "trainer.num_samples=3",
+        "trainer.checkpoint_every=0",
+        "optim.warmup_steps=1",
+    ]
     run(torchrun(tmp_path / "recipe", *short, nproc=1), cpu_env)
     import yaml
 
@@ -219,8 +248,10 @@ def test_finetune_recipe_samples_its_own_prompts(tmp_path, shapes_dir, pretraine
     final = json.loads((tmp_path / "recipe" / "final_metrics.json").read_text())
     assert not any(k.startswith("color_match") for k in final)
 
-    run(torchrun(tmp_path / "val", *short, "model.sample_prompts=null", f"data.val.urls={shapes_dir}/val",
-                 nproc=1), cpu_env)
+    run(
+        torchrun(tmp_path / "val", *short, "model.sample_prompts=null", f"data.val.urls={shapes_dir}/val", nproc=1),
+        cpu_env,
+    )
     from data_pipelines.stream import iter_raw_samples, resolve_shards
 
     captions = [s["txt"].decode() for _, s in zip(range(3), iter_raw_samples(resolve_shards(f"{shapes_dir}/val").urls))]
@@ -246,13 +277,29 @@ def test_finetune_from_local_folder_resumes_exactly_and_exports(tmp_path, shapes
     """The fine-tune recipe on a tiny local SD folder, 2 CPU ranks: SIGKILL after a
     checkpoint and resume gives the same losses and the same EMA UNet as an unbroken run;
     VAE and text encoder stay as loaded; the exported folder generates an image."""
-    small = [f"model.pretrained={pretrained_dir}", "model.image_size=32", "model.activation_checkpointing=true",
-             "model.ema_decay=0.9", "model.sample_steps=2", "model.color_match_samples=4",
-             f"model.color_palette={shapes_dir}/palette.json", f"model.sample_prompts={shapes_dir}/prompts.txt",
-             f"data.train.urls={shapes_dir}/train", "data.batch_size=4", "data.num_workers=1",
-             "data.shuffle_buffer=20", "trainer.max_steps=12", "trainer.grad_accum_steps=1",
-             "trainer.mixed_precision=no", "trainer.log_every=1", "trainer.sample_every=6",
-             "trainer.num_samples=4", "trainer.checkpoint_every=4", "optim.lr=1e-3", "optim.warmup_steps=2"]
+    small = [
+        f"model.pretrained={pretrained_dir}",
+        "model.image_size=32",
+        "model.activation_checkpointing=true",
+        "model.ema_decay=0.9",
+        "model.sample_steps=2",
+        "model.color_match_samples=4",
+        f"model.color_palette={shapes_dir}/palette.json",
+        f"model.sample_prompts={shapes_dir}/prompts.txt",
+        f"data.train.urls={shapes_dir}/train",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "data.shuffle_buffer=20",
+        "trainer.max_steps=12",
+        "trainer.grad_accum_steps=1",
+        "trainer.mixed_precision=no",
+        "trainer.log_every=1",
+        "trainer.sample_every=6",
+        "trainer.num_samples=4",
+        "trainer.checkpoint_every=4",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=2",
+    ]
     ref = tmp_path / "ref"
     run(torchrun(ref, *small), cpu_env)
     killed = tmp_path / "killed"
@@ -261,6 +308,7 @@ def test_finetune_from_local_folder_resumes_exactly_and_exports(tmp_path, shapes
 
     def series(d):
         return [(r["step"], r["train/loss"]) for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
+
     assert len(series(ref)) == 12 and series(killed) == series(ref)
 
     from diffusers import StableDiffusionPipeline
@@ -268,6 +316,7 @@ def test_finetune_from_local_folder_resumes_exactly_and_exports(tmp_path, shapes
 
     def weights(d, part):
         return load_file(str(next((d / part).glob("*.safetensors"))))
+
     for part in ("unet", "vae", "text_encoder"):
         a, b = weights(ref / "pipeline", part), weights(killed / "pipeline", part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
@@ -287,8 +336,12 @@ def test_finetune_from_local_folder_resumes_exactly_and_exports(tmp_path, shapes
 
     pipe = StableDiffusionPipeline.from_pretrained(ref / "pipeline")
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle at the top left", num_inference_steps=2, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a red circle at the top left",
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
@@ -310,17 +363,65 @@ def test_tiny_recipe_from_scratch_reaches_the_colour_target(tmp_path, cpu_env):
 
     data = tmp_path / "shapes"
     shapes.build(data, size=32)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "launch.train"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "launch.train",
+    ]
     common = ["trainer.progress_bar=false"]
-    run([*launch, "--config", str(ROOT / "configs/sd/tiny_vae.yaml"), f"run.dir={tmp_path}/vae",
-         f"data.train.urls={data}/train", f"data.val.urls={data}/val", *common], cpu_env)
-    run([sys.executable, "-m", "launch.make_shards", "latents", str(data), "--vae", f"{tmp_path}/vae/vae",
-         "--out", str(tmp_path / "latents")], cpu_env)
-    run([*launch, "--config", str(ROOT / "configs/sd/tiny.yaml"), f"run.dir={tmp_path}/sd",
-         f"model.vae={tmp_path}/vae/vae", f"model.tokenizer={data}/tokenizer",
-         f"model.sample_prompts={data}/prompts.txt", f"model.color_palette={data}/palette.json",
-         f"data.train.urls={tmp_path}/latents/train", f"data.val.urls={tmp_path}/latents/val", *common], cpu_env)
+    run(
+        [
+            *launch,
+            "--config",
+            str(ROOT / "configs/sd/tiny_vae.yaml"),
+            f"run.dir={tmp_path}/vae",
+            f"data.train.urls={data}/train",
+            f"data.val.urls={data}/val",
+            *common,
+        ],
+        cpu_env,
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "launch.make_shards",
+            "latents",
+            str(data),
+            "--vae",
+            f"{tmp_path}/vae/vae",
+            "--out",
+            str(tmp_path / "latents"),
+        ],
+        cpu_env,
+    )
+    run(
+        [
+            *launch,
+            "--config",
+            str(ROOT / "configs/sd/tiny.yaml"),
+            f"run.dir={tmp_path}/sd",
+            f"model.vae={tmp_path}/vae/vae",
+            f"model.tokenizer={data}/tokenizer",
+            f"model.sample_prompts={data}/prompts.txt",
+            f"model.color_palette={data}/palette.json",
+            f"data.train.urls={tmp_path}/latents/train",
+            f"data.val.urls={tmp_path}/latents/val",
+            *common,
+        ],
+        cpu_env,
+    )
     final = json.loads((tmp_path / "sd/final_metrics.json").read_text())
     assert final["color_match_guided"] >= 0.9, final
     assert final["color_match_guided"] > final["color_match_unconditional"] + 0.4, final

@@ -54,8 +54,9 @@ def test_build_is_reproducible_and_reads_back(tmp_path):
     from data_pipelines.stream import eval_batches, resolve_shards
 
     seen = []
-    for batch in eval_batches(resolve_shards(str(tmp_path / "a/val")), decode=lambda s: s,
-                              collate=list, batch_size=8, rank=0, world_size=1):
+    for batch in eval_batches(
+        resolve_shards(str(tmp_path / "a/val")), decode=lambda s: s, collate=list, batch_size=8, rank=0, world_size=1
+    ):
         seen += batch
     assert len(seen) == 16
     for sample in seen:
@@ -67,6 +68,10 @@ def test_build_is_reproducible_and_reads_back(tmp_path):
 
 
 def test_cli_refuses_a_bad_shape_count(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "launch.make_shards", "shapes", "--out", str(tmp_path),
-                          "--max-shapes", "12"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.make_shards", "shapes", "--out", str(tmp_path), "--max-shapes", "12"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "--max-shapes must be 1..9" in out.stderr

@@ -21,11 +21,26 @@ STEPS = ("trainer.max_steps=20", "trainer.log_every=1", "trainer.eval_every=10",
 
 
 def command(run_dir, digits_dir, *overrides, nproc=2):
-    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "launch.train", "--config", str(ROOT / "configs/autoregressive/made.yaml"),
-            f"run.dir={run_dir}", f"data.train.urls={digits_dir}/train", f"data.val.urls={digits_dir}/val",
-            f"data.test.urls={digits_dir}/test", "model.hidden=[128]", "trainer.progress_bar=false",
-            "optim.warmup_steps=2", "trainer.sample_every=0", *STEPS, *overrides]
+    return [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/autoregressive/made.yaml"),
+        f"run.dir={run_dir}",
+        f"data.train.urls={digits_dir}/train",
+        f"data.val.urls={digits_dir}/val",
+        f"data.test.urls={digits_dir}/test",
+        "model.hidden=[128]",
+        "trainer.progress_bar=false",
+        "optim.warmup_steps=2",
+        "trainer.sample_every=0",
+        *STEPS,
+        *overrides,
+    ]
 
 
 def run(cmd, env, ok=True):
@@ -60,24 +75,30 @@ def test_each_rank_writes_its_part_and_resume_is_exact(written, digits_dir, cpu_
     chunks = len(read_metadata(ckpt / "state").state_dict_metadata["model.net.0.weight"].chunks)
     assert chunks == (2 if strategy == "fsdp" else 1)  # FSDP2: each rank's own half of the tensor
 
-    out = run(command(tmp_path, digits_dir, *(FSDP if strategy == "fsdp" else []),
-                      f"trainer.resume={ckpt}"), cpu_env)
+    out = run(command(tmp_path, digits_dir, *(FSDP if strategy == "fsdp" else []), f"trainer.resume={ckpt}"), cpu_env)
     assert f"resumed from {ckpt} (step 10, exact)" in out.stdout + out.stderr
     for key in ("train/loss", "train/grad_norm", "train/lr"):
         ref = steps(written / strategy, key)
         assert steps(tmp_path, key) == {s: v for s, v in ref.items() if s > 10}, key  # bit for bit
-    assert json.loads((tmp_path / "final_metrics.json").read_text()) == \
-        json.loads((written / strategy / "final_metrics.json").read_text())
+    assert json.loads((tmp_path / "final_metrics.json").read_text()) == json.loads(
+        (written / strategy / "final_metrics.json").read_text()
+    )
 
 
 def test_fsdp_checkpoint_resumes_on_one_rank_as_ddp_does(written, digits_dir, cpu_env, tmp_path):
     """2 -> 1 rank: FSDP2's shards are re-cut for one rank; the next steps match DDP's 2-rank
     checkpoint resumed on one rank."""
-    out = run(command(tmp_path / "fsdp1", digits_dir, *FSDP, f"trainer.resume={written / 'fsdp/checkpoints/step-10'}",
-                      nproc=1), cpu_env)
+    out = run(
+        command(
+            tmp_path / "fsdp1", digits_dir, *FSDP, f"trainer.resume={written / 'fsdp/checkpoints/step-10'}", nproc=1
+        ),
+        cpu_env,
+    )
     assert "(step 10, elastic: 2 rank(s)" in out.stdout + out.stderr
-    run(command(tmp_path / "ddp1", digits_dir, f"trainer.resume={written / 'ddp/checkpoints/step-10'}", nproc=1),
-        cpu_env)
+    run(
+        command(tmp_path / "ddp1", digits_dir, f"trainer.resume={written / 'ddp/checkpoints/step-10'}", nproc=1),
+        cpu_env,
+    )
     for key in ("train/loss", "train/grad_norm"):
         fsdp1, ddp1 = steps(tmp_path / "fsdp1", key), steps(tmp_path / "ddp1", key)
         assert sorted(fsdp1) == list(range(11, 21))
@@ -97,8 +118,12 @@ def test_ddp_checkpoint_resumes_under_fsdp(written, digits_dir, cpu_env, tmp_pat
 def test_one_rank_fsdp_checkpoint_resumes_on_two(written, digits_dir, cpu_env, tmp_path):
     one = tmp_path / "one"
     run(command(one, digits_dir, *FSDP, f"trainer.resume={written / 'fsdp/checkpoints/step-10'}", nproc=1), cpu_env)
-    out = run(command(tmp_path / "two", digits_dir, *FSDP, "trainer.max_steps=30",
-                      f"trainer.resume={one / 'checkpoints/step-20'}"), cpu_env)
+    out = run(
+        command(
+            tmp_path / "two", digits_dir, *FSDP, "trainer.max_steps=30", f"trainer.resume={one / 'checkpoints/step-20'}"
+        ),
+        cpu_env,
+    )
     assert "(step 20, elastic: 1 rank(s)" in out.stdout + out.stderr
     assert sorted(steps(tmp_path / "two", "train/loss")) == list(range(21, 31))
     assert verify(tmp_path / "two/checkpoints/step-30") is None
@@ -110,8 +135,10 @@ def test_a_checkpoint_of_another_model_shape_is_refused_by_name(written, digits_
     assert out.returncode != 0 and "exitcode  : 2" in out.stderr, out.stderr[-3000:]
     line = next(x for x in out.stderr.splitlines() if x.startswith("error: rank 0"))
     # the checkpoint's own records (config.yaml, model.json) name the key, before DCP reads a byte
-    assert f"{ckpt} was written for another model, and nothing was loaded: model.hidden: the checkpoint " \
-        "has [128], this recipe [64]" in line, line
+    assert (
+        f"{ckpt} was written for another model, and nothing was loaded: model.hidden: the checkpoint "
+        "has [128], this recipe [64]" in line
+    ), line
     assert verify(ckpt) is None  # the checkpoint is untouched
 
     # a checkpoint from before checkpoints carried those records: DCP's index names the tensor
@@ -144,9 +171,25 @@ def test_exports_are_indexed_safetensors_shards(written, digits_dir, cpu_env, tm
     ddp = json.loads((written / "ddp/final_metrics.json").read_text())
     assert final["best_step"] == 20 and final["test/nll"] == pytest.approx(ddp["test/nll"], rel=1e-5)
 
-    out = subprocess.run([sys.executable, "-m", "launch.export", str(written / "fsdp"), "--step", "20",
-                          "--max-shard-size", "40KB", "--out", str(tmp_path)], cwd=ROOT, env=cpu_env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.export",
+            str(written / "fsdp"),
+            "--step",
+            "20",
+            "--max-shard-size",
+            "40KB",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=cpu_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # the checkpoint's own record of the config it was written with
     assert "checked against the model of " + str(written / "fsdp/checkpoints/step-20/config.yaml") in out.stdout

@@ -43,9 +43,9 @@ def test_verify_reports_each_bad_shard(tmp_path):
     first, second, third = (tmp_path / s["url"] for s in m["shards"])
     data = bytearray(first.read_bytes())
     data[700] ^= 0xFF
-    first.write_bytes(bytes(data))                       # bit flip, same size
-    second.write_bytes(second.read_bytes()[:1000])       # truncated
-    third.unlink()                                       # vanished
+    first.write_bytes(bytes(data))  # bit flip, same size
+    second.write_bytes(second.read_bytes()[:1000])  # truncated
+    third.unlink()  # vanished
     problems = verify_shards(tmp_path)
     assert len(problems) == 3
     assert "sha256" in problems[0] and first.name in problems[0]

@@ -12,9 +12,7 @@ import subprocess
 import sys
 
 import pytest
-
-from launching import (ROOT, STEPS, assert_matches_reference, last_step, smoke_overrides,
-                       train_records, wait_until)
+from launching import ROOT, STEPS, assert_matches_reference, last_step, smoke_overrides, train_records, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +21,32 @@ def slurm_env():
         pytest.skip("SLURM is not installed (apt-get install slurm-wlm munge; .ci/run does)")
     if os.geteuid() != 0:
         pytest.skip("slurm/loopback.sh needs root to start slurmd")
-    out = subprocess.run(["bash", str(ROOT / "slurm/loopback.sh")], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(["bash", str(ROOT / "slurm/loopback.sh")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr  # installed but would not start: a failure
     env = dict(os.environ, SLURM_CONF=out.stdout.strip().split("=", 1)[1])
     return env
 
 
 def submit(env, run_dir, digits_dir, launcher, *more, wait, nodes=1, procs=2):
-    cmd = [sys.executable, "-m", "launch.submit", "--config", str(ROOT / "configs/autoregressive/made.yaml"),
-           "--nodes", str(nodes), "--gpus-per-node", str(procs), "--cpu", "--launcher", launcher]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.submit",
+        "--config",
+        str(ROOT / "configs/autoregressive/made.yaml"),
+        "--nodes",
+        str(nodes),
+        "--gpus-per-node",
+        str(procs),
+        "--cpu",
+        "--launcher",
+        launcher,
+    ]
     cmd += ["--wait"] if wait else []
     cmd += smoke_overrides(run_dir, digits_dir, *more)
-    return subprocess.Popen(cmd, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_submit_usage_names_recipes_that_exist():
@@ -102,8 +112,7 @@ def preempt_once(tmp_path, digits_dir, slurm_env, launcher, *more):
     return run_dir
 
 
-def test_smoke_job_saves_on_usr1_requeues_itself_and_finishes(tmp_path, digits_dir, slurm_env,
-                                                                smoke_reference):
+def test_smoke_job_saves_on_usr1_requeues_itself_and_finishes(tmp_path, digits_dir, slurm_env, smoke_reference):
     run_dir = preempt_once(tmp_path, digits_dir, slurm_env, "torchrun")
     assert_matches_reference(run_dir, smoke_reference)
 
@@ -111,8 +120,9 @@ def test_smoke_job_saves_on_usr1_requeues_itself_and_finishes(tmp_path, digits_d
 @pytest.mark.drill
 def test_deepspeed_launcher_preemption(tmp_path, digits_dir, slurm_env):
     """slurm/deepspeed.sbatch (`deepspeed --no_ssh`), ZeRO-2: every rank saves its partition."""
-    run_dir = preempt_once(tmp_path, digits_dir, slurm_env, "deepspeed",
-                           "trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=2")
+    run_dir = preempt_once(
+        tmp_path, digits_dir, slurm_env, "deepspeed", "trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=2"
+    )
     assert [r["step"] for r in train_records(run_dir)] == list(range(1, STEPS + 1))
     assert (run_dir / "final_metrics.json").exists()
 
@@ -139,8 +149,7 @@ sleep 60  # the requeue ends this run
 def test_an_array_task_requeues_itself_and_not_the_other_task(tmp_path, slurm_env):
     script = tmp_path / "array.sbatch"
     script.write_text(ARRAY_TASK.format(dir=tmp_path, root=ROOT, python=sys.executable))
-    out = subprocess.run(["sbatch", "--wait", str(script)], env=slurm_env, capture_output=True,
-                         text=True, timeout=180)
+    out = subprocess.run(["sbatch", "--wait", str(script)], env=slurm_env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     array = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
     logs = {task: (tmp_path / f"task-{task}.out").read_text() for task in (0, 1)}
@@ -161,8 +170,11 @@ def test_templates_signal_and_ask_about_the_array_task_alone(template):
     job_lines = [line for line in text.splitlines() if line.startswith("JOB=")]
     assert 'scancel --signal=USR1 "$JOB"' in text and 'squeue -h -j "$JOB"' in text
     script = "\n".join(job_lines + ['echo "$JOB"'])
-    for env, want in (({"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "1"}, "41_1"),
-                      ({"SLURM_JOB_ID": "42"}, "42")):
-        out = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", **env},
-                             capture_output=True, text=True, check=True)
+    for env, want in (
+        ({"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "1"}, "41_1"),
+        ({"SLURM_JOB_ID": "42"}, "42"),
+    ):
+        out = subprocess.run(
+            ["bash", "-c", script], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, check=True
+        )
         assert out.stdout.strip() == want

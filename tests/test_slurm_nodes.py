@@ -16,7 +16,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from launching import ROOT, STEPS, last_step, train_records, wait_until
 from test_slurm import submit
 
@@ -35,8 +34,9 @@ def two_node_env():
     out = subprocess.run(LOOPBACK + ["--nodes", "2"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr  # installed but would not start: a failure
     env = dict(os.environ, SLURM_CONF=out.stdout.strip().splitlines()[-1].split("=", 1)[1])
-    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], env=env, capture_output=True, text=True,
-                           check=True).stdout.split()
+    nodes = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%N"], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert nodes == ["tributary0", "tributary1"], nodes
     return env
 
@@ -53,8 +53,7 @@ def assert_same_run(run_dir, reference, exact_grad_norm=True):
         assert [a for a, _ in norms] == [b for _, b in norms]
     else:
         assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in norms)
-    assert (Path(run_dir) / "final_metrics.json").read_text() == \
-        (Path(reference) / "final_metrics.json").read_text()
+    assert (Path(run_dir) / "final_metrics.json").read_text() == (Path(reference) / "final_metrics.json").read_text()
 
 
 def net_namespace(pid) -> int:
@@ -116,16 +115,17 @@ def scancel_if_left(env, job):
     subprocess.run(["scancel", job], env=env, capture_output=True)
 
 
-LAUNCHERS = {"torchrun": (), "accelerate": (),
-             "deepspeed": ("trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=2")}
+LAUNCHERS = {
+    "torchrun": (),
+    "accelerate": (),
+    "deepspeed": ("trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=2"),
+}
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_node_job_matches_the_one_node_reference(launcher, tmp_path, digits_dir, two_node_env,
-                                                     smoke_reference):
+def test_two_node_job_matches_the_one_node_reference(launcher, tmp_path, digits_dir, two_node_env, smoke_reference):
     run_dir = tmp_path / "run"
-    proc = submit(two_node_env, run_dir, digits_dir, launcher, *LAUNCHERS[launcher], wait=True,
-                  nodes=2, procs=1)
+    proc = submit(two_node_env, run_dir, digits_dir, launcher, *LAUNCHERS[launcher], wait=True, nodes=2, procs=1)
     job, out = job_of(proc)
     try:
         assert_one_rank_per_node_namespace(job)
@@ -142,11 +142,15 @@ def test_two_node_job_matches_the_one_node_reference(launcher, tmp_path, digits_
     assert_same_run(run_dir, smoke_reference, exact_grad_norm=launcher != "deepspeed")
 
 
-@pytest.mark.parametrize("launcher", [
-    "torchrun", pytest.param("accelerate", marks=pytest.mark.drill),
-    pytest.param("deepspeed", marks=pytest.mark.drill)])
-def test_two_node_job_saves_on_usr1_requeues_and_resumes(launcher, tmp_path, digits_dir, two_node_env,
-                                                          smoke_reference):
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        "torchrun",
+        pytest.param("accelerate", marks=pytest.mark.drill),
+        pytest.param("deepspeed", marks=pytest.mark.drill),
+    ],
+)
+def test_two_node_job_saves_on_usr1_requeues_and_resumes(launcher, tmp_path, digits_dir, two_node_env, smoke_reference):
     """SIGUSR1 to the batch shell on node 0 (what `--signal=B:USR1@GRACE` sends before the
     time limit); it passes the signal to the ranks on both nodes, which agree on a step, save
     their parts, requeue the job and leave; the rerun on the same two nodes resumes from
@@ -183,14 +187,16 @@ def job_state(env, job) -> str:
 
 
 def node_state(env, node) -> str:
-    return subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], env=env, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["sinfo", "-h", "-n", node, "-o", "%T"], env=env, capture_output=True, text=True
+    ).stdout.strip()
 
 
 @pytest.mark.drill
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_losing_node_1_requeues_the_job_and_resumes_from_the_last_checkpoint(
-        launcher, tmp_path, digits_dir, two_node_env, smoke_reference):
+    launcher, tmp_path, digits_dir, two_node_env, smoke_reference
+):
     """Node 1 vanishes mid-run (its slurmd, step daemon and rank SIGKILLed at once). Node 0's
     rank loses its peer and exits 4; srun cannot finish the step until slurmctld gives up on
     the node (SlurmdTimeout) and marks it DOWN, which ends the step and requeues the job
@@ -201,8 +207,10 @@ def test_losing_node_1_requeues_the_job_and_resumes_from_the_last_checkpoint(
     job, out = job_of(proc)
     try:
         by_node = assert_one_rank_per_node_namespace(job)
-        past_checkpoint = lambda: (run_dir / "checkpoints/step-40/COMPLETE.json").exists() and \
-            last_step(run_dir) >= 50
+
+        def past_checkpoint():
+            return (run_dir / "checkpoints/step-40/COMPLETE.json").exists() and last_step(run_dir) >= 50
+
         wait_until(past_checkpoint, 240, "checkpoint 40 and step 50", proc)
         killed = subprocess.run(LOOPBACK + ["kill-node", "1"], capture_output=True, text=True)
         assert killed.returncode == 0, killed.stdout + killed.stderr
@@ -223,8 +231,7 @@ def test_losing_node_1_requeues_the_job_and_resumes_from_the_last_checkpoint(
     assert "DUE TO NODE FAILURE" in batch, batch
     assert "restart 0)" in batch and "restart 1)" in batch, batch
     assert batch.rstrip().endswith("training step exited with 0"), batch[-2000:]
-    lost = re.search(r"lost contact with another rank after step (\d+) .*Last complete checkpoint: (\S+?);",
-                     node0)
+    lost = re.search(r"lost contact with another rank after step (\d+) .*Last complete checkpoint: (\S+?);", node0)
     assert lost, node0[-4000:]
     kept = Path(lost.group(2))
     step = int(kept.name.split("-")[1])

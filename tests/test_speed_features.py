@@ -25,8 +25,11 @@ def lm_loss_and_grads(**overrides):
 @pytest.mark.parametrize("objective", ["causal", "masked"])
 def test_sdpa_backends_agree(objective):
     ref_loss, ref_grads = lm_loss_and_grads(objective=objective, sdpa_backend="math")
-    for overrides in ({"sdpa_backend": "flash"}, {"sdpa_backend": "auto"},
-                      {"sdpa_backend": "flash", "activation_checkpointing": True}):
+    for overrides in (
+        {"sdpa_backend": "flash"},
+        {"sdpa_backend": "auto"},
+        {"sdpa_backend": "flash", "activation_checkpointing": True},
+    ):
         loss, grads = lm_loss_and_grads(objective=objective, **overrides)
         assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6), overrides
         for name, g in grads.items():
@@ -61,9 +64,16 @@ def sd_parts(tmp_path_factory):
 def sd_model(sd_parts, **overrides):
     from models.sd.workload import SDConfig, SDWorkload
 
-    w = SDWorkload(SDConfig(vae=str(sd_parts / "vae"), tokenizer=str(sd_parts / "tokenizer"),
-                            unet_channels=[32, 32], text_hidden=32, ema_decay=0.9,
-                            **overrides))
+    w = SDWorkload(
+        SDConfig(
+            vae=str(sd_parts / "vae"),
+            tokenizer=str(sd_parts / "tokenizer"),
+            unet_channels=[32, 32],
+            text_hidden=32,
+            ema_decay=0.9,
+            **overrides,
+        )
+    )
     torch.manual_seed(0)
     return w, w.build_model().train()
 
@@ -93,8 +103,12 @@ def test_channels_last_unet_is_the_same_model_and_exports(sd_parts, tmp_path):
     with torch.no_grad():
         plain.eval(), nhwc.eval()
         t, states = torch.tensor([10, 500, 999, 1]), plain.encode_text(batch["input_ids"])
-        assert torch.allclose(plain.unet(batch["latents"], t, states).sample,
-                              nhwc.unet(batch["latents"], t, states).sample, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(
+            plain.unet(batch["latents"], t, states).sample,
+            nhwc.unet(batch["latents"], t, states).sample,
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
     # what the backends write (contiguous copies) loads strictly into either format
     state = {k: v.detach().contiguous() for k, v in nhwc.state_dict().items()}

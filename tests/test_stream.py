@@ -1,13 +1,12 @@
 import copy
 import itertools
 from collections import Counter
-
-import pytest
 from pathlib import Path
 
+import pytest
 from conftest import collate_list, decode_num, write_numbered_shards
-from data_pipelines.stream import (DataError, ShardList, ShardStream, StreamLoader, eval_batches,
-                                   resolve_shards)
+
+from data_pipelines.stream import DataError, ShardList, ShardStream, StreamLoader, eval_batches, resolve_shards
 
 COUNTS = [37, 5, 60, 12, 41, 8, 23, 30]  # deliberately uneven
 
@@ -19,9 +18,17 @@ def shards(tmp_path):
 
 
 def make_stream(shards, rank, world, workers, batch=4, buffer=16, seed=3):
-    return ShardStream(shards, decode=decode_num, collate=collate_list, batch_size=batch,
-                       seed=seed, shuffle_buffer=buffer, rank=rank, world_size=world,
-                       num_workers=workers)
+    return ShardStream(
+        shards,
+        decode=decode_num,
+        collate=collate_list,
+        batch_size=batch,
+        seed=seed,
+        shuffle_buffer=buffer,
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+    )
 
 
 def epochs_of(stream, role, n_epochs):
@@ -44,8 +51,8 @@ def test_each_epoch_is_split_disjointly_over_ranks_and_workers(shards, world, wo
         for role in range(workers):
             for epoch, values in epochs_of(s, role, 3).items():
                 assert sorted(values) == sorted(
-                    v for i in s.reader_shards(epoch, role)
-                    for v in range(sum(COUNTS[:i]), sum(COUNTS[:i + 1])))
+                    v for i in s.reader_shards(epoch, role) for v in range(sum(COUNTS[:i]), sum(COUNTS[: i + 1]))
+                )
                 seen[epoch].update(values)
     for epoch, counter in seen.items():
         assert sorted(counter) == list(range(total)), f"epoch {epoch}: a sample is missing"
@@ -115,8 +122,18 @@ def test_undecodable_sample_names_shard_and_key(tmp_path):
             raise ValueError("boom")
         return decode_num(sample)
 
-    s = ShardStream(ShardList(urls, None), decode=bad, collate=collate_list, batch_size=1, seed=0,
-                    shuffle_buffer=1, rank=0, world_size=1, num_workers=1, on_error="fail")
+    s = ShardStream(
+        ShardList(urls, None),
+        decode=bad,
+        collate=collate_list,
+        batch_size=1,
+        seed=0,
+        shuffle_buffer=1,
+        rank=0,
+        world_size=1,
+        num_workers=1,
+        on_error="fail",
+    )
     with pytest.raises(DataError, match=r"s000007.*p1-000000\.tar.*boom"):
         list(itertools.islice(s.role_samples(0)[0], 10))
 
@@ -125,8 +142,9 @@ def test_undecodable_sample_names_shard_and_key(tmp_path):
 def test_eval_split_covers_everything_once(shards, world):
     seen = []
     for rank in range(world):
-        for batch in eval_batches(shards, decode=decode_num, collate=collate_list, batch_size=7,
-                                  rank=rank, world_size=world):
+        for batch in eval_batches(
+            shards, decode=decode_num, collate=collate_list, batch_size=7, rank=rank, world_size=world
+        ):
             seen += batch
     assert sorted(seen) == list(range(sum(COUNTS)))
 
@@ -135,8 +153,7 @@ def test_pipe_urls_are_read(shards):
     """`pipe:` URLs (any command writing a tar to stdout) read like local files."""
     piped = ShardList([f"pipe:cat {u}" for u in shards.urls], list(COUNTS))
     seen = []
-    for batch in eval_batches(piped, decode=decode_num, collate=collate_list, batch_size=50,
-                              rank=0, world_size=1):
+    for batch in eval_batches(piped, decode=decode_num, collate=collate_list, batch_size=50, rank=0, world_size=1):
         seen += batch
     assert seen == list(range(sum(COUNTS)))
 
@@ -149,11 +166,25 @@ def test_too_few_shards_fails_before_launch(tmp_path, digits_dir, cpu_env):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(cpu_env, WORLD_SIZE="4")
-    out = subprocess.run([sys.executable, "-m", "launch.train", "--config",
-                          str(root / "configs/autoregressive/made.yaml"), f"run.dir={tmp_path}/r",
-                          f"data.train.urls={digits_dir}/train", f"data.val.urls={digits_dir}/val",
-                          f"data.test.urls={digits_dir}/test", "data.num_workers=4"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--config",
+            str(root / "configs/autoregressive/made.yaml"),
+            f"run.dir={tmp_path}/r",
+            f"data.train.urls={digits_dir}/train",
+            f"data.val.urls={digits_dir}/val",
+            f"data.test.urls={digits_dir}/test",
+            "data.num_workers=4",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "data.train.urls: 8 shard(s) cannot feed 4 rank(s) x 4 worker(s)" in out.stderr
 
@@ -165,13 +196,14 @@ def _ledger_counts(folder):
     counts = {}
     for path in sorted(folder.glob("rank*.jsonl")):
         for line in path.read_text().splitlines():
-            for source, epoch, shard, offset, key in json.loads(line)["keys"]:
+            for _source, epoch, _shard, _offset, key in json.loads(line)["keys"]:
                 counts.setdefault(epoch, Counter())[int(key[1:])] += 1
     return counts
 
 
-@pytest.mark.parametrize("old, new", [((2, 2), (1, 1)), ((1, 1), (2, 2)), ((2, 1), (2, 3)),
-                                      ((2, 2), (3, 0))], ids=lambda x: f"{x[0]}x{x[1]}")
+@pytest.mark.parametrize(
+    "old, new", [((2, 2), (1, 1)), ((1, 1), (2, 2)), ((2, 1), (2, 3)), ((2, 2), (3, 0))], ids=lambda x: f"{x[0]}x{x[1]}"
+)
 def test_elastic_resume_delivers_every_remaining_sample_once(tmp_path, shards, old, new):
     """Stop mid-epoch on one layout, go on with other ranks/workers: per epoch, every
     sample exactly once (counted by name), however the ranks had drifted apart."""
@@ -179,9 +211,18 @@ def test_elastic_resume_delivers_every_remaining_sample_once(tmp_path, shards, o
     total = sum(COUNTS)
 
     def loader(rank, world, workers, batch, ledger):
-        s = ShardStream(shards, decode=decode_num, collate=collate_list, batch_size=batch, seed=3,
-                        shuffle_buffer=16, rank=rank, world_size=world, num_workers=workers,
-                        with_keys=True)
+        s = ShardStream(
+            shards,
+            decode=decode_num,
+            collate=collate_list,
+            batch_size=batch,
+            seed=3,
+            shuffle_buffer=16,
+            rank=rank,
+            world_size=world,
+            num_workers=workers,
+            with_keys=True,
+        )
         return StreamLoader(s, num_workers=workers, ledger=ledger)
 
     before = [loader(r, w0, k0, 4, tmp_path / f"rank{r}.jsonl") for r in range(w0)]
@@ -233,9 +274,17 @@ def test_weighted_mixture_keeps_each_source_exact(tmp_path):
 
     a = ShardList(write_numbered_shards(tmp_path / "a", [30, 30]), [30, 30])
     b = ShardList(write_numbered_shards(tmp_path / "b", [10, 10]), [10, 10])
-    s = ShardStream([Source(a, 3.0, "a"), Source(b, 1.0, "b")], decode=decode_num,
-                    collate=collate_list, batch_size=4, seed=0, shuffle_buffer=8, rank=0,
-                    world_size=1, num_workers=1)
+    s = ShardStream(
+        [Source(a, 3.0, "a"), Source(b, 1.0, "b")],
+        decode=decode_num,
+        collate=collate_list,
+        batch_size=4,
+        seed=0,
+        shuffle_buffer=8,
+        rank=0,
+        world_size=1,
+        num_workers=1,
+    )
     samples, _ = s.role_samples(0)
     names = [name for _, name in itertools.islice(samples, 4000)]
     share_a = sum(1 for n in names if n[0] == 0) / len(names)
@@ -283,8 +332,9 @@ def test_fsspec_urls_are_read(shards):
         fs.pipe(f"/shards/{i}.tar", Path(url).read_bytes())
         urls.append(f"memory:///shards/{i}.tar")
     seen = []
-    for batch in eval_batches(ShardList(urls, None), decode=decode_num, collate=collate_list,
-                              batch_size=64, rank=0, world_size=1):
+    for batch in eval_batches(
+        ShardList(urls, None), decode=decode_num, collate=collate_list, batch_size=64, rank=0, world_size=1
+    ):
         seen += batch
     assert seen == list(range(sum(COUNTS)))
 
@@ -304,8 +354,17 @@ def test_loader_workers_ignore_ctrl_c(shards):
     import signal
     import time
 
-    stream = ShardStream(shards, decode=decode_with_worker, collate=collate_list, batch_size=4,
-                         seed=3, shuffle_buffer=16, rank=0, world_size=1, num_workers=2)
+    stream = ShardStream(
+        shards,
+        decode=decode_with_worker,
+        collate=collate_list,
+        batch_size=4,
+        seed=3,
+        shuffle_buffer=16,
+        rank=0,
+        world_size=1,
+        num_workers=2,
+    )
     loader = StreamLoader(stream, num_workers=2, prefetch_factor=1)
     before = [s for _ in range(4) for s in next(loader)]
     workers = {pid for _, pid, _ in before}

@@ -14,12 +14,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(run_dir, digits_dir, env, *overrides):
-    cmd = [sys.executable, "-m", "launch.train", "--config",
-           str(ROOT / "configs/autoregressive/made.yaml"), f"run.dir={run_dir}",
-           f"data.train.urls={digits_dir}/train", f"data.val.urls={digits_dir}/val",
-           f"data.test.urls={digits_dir}/test", "model.hidden=[64]", "trainer.progress_bar=false",
-           "optim.warmup_steps=2", "trainer.log_every=1", "trainer.eval_every=0",
-           "trainer.checkpoint_every=0", "trainer.sample_every=0", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config",
+        str(ROOT / "configs/autoregressive/made.yaml"),
+        f"run.dir={run_dir}",
+        f"data.train.urls={digits_dir}/train",
+        f"data.val.urls={digits_dir}/val",
+        f"data.test.urls={digits_dir}/test",
+        "model.hidden=[64]",
+        "trainer.progress_bar=false",
+        "optim.warmup_steps=2",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.sample_every=0",
+        *overrides,
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-5000:]
     return out
@@ -32,8 +45,14 @@ def losses(run_dir):
 def test_grad_accumulation_matches_one_big_batch(tmp_path, digits_dir, cpu_env):
     """2 micro-batches of 16 take the same steps as one batch of 32 (same samples, in order)."""
     train(tmp_path / "big", digits_dir, cpu_env, "trainer.max_steps=15", "data.batch_size=32")
-    train(tmp_path / "acc", digits_dir, cpu_env, "trainer.max_steps=15", "data.batch_size=16",
-          "trainer.grad_accum_steps=2")
+    train(
+        tmp_path / "acc",
+        digits_dir,
+        cpu_env,
+        "trainer.max_steps=15",
+        "data.batch_size=16",
+        "trainer.grad_accum_steps=2",
+    )
     big, acc = losses(tmp_path / "big"), losses(tmp_path / "acc")
     assert len(big) == len(acc) == 15
     assert acc == pytest.approx(big, rel=1e-4)
@@ -41,8 +60,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, digits_dir, cpu_env):
 
 
 def test_bf16_autocast_trains(tmp_path, digits_dir, cpu_env):
-    train(tmp_path / "bf16", digits_dir, cpu_env, "trainer.max_steps=20",
-          "trainer.mixed_precision=bf16")
+    train(tmp_path / "bf16", digits_dir, cpu_env, "trainer.max_steps=20", "trainer.mixed_precision=bf16")
     got = losses(tmp_path / "bf16")
     assert len(got) == 20 and all(math.isfinite(v) for v in got) and got[-1] < got[0]
 
@@ -52,8 +70,9 @@ def test_max_time_stops_saves_and_reports(tmp_path, digits_dir, cpu_env):
     steps (log_every is far beyond the steps a 3 s run makes), saves and then finishes as at
     max_steps: final eval, test metrics, exit 0."""
     run_dir = tmp_path / "timed"
-    out = train(run_dir, digits_dir, cpu_env, "trainer.max_steps=1000000", "trainer.max_time=3",
-                "trainer.log_every=100000")
+    out = train(
+        run_dir, digits_dir, cpu_env, "trainer.max_steps=1000000", "trainer.max_time=3", "trainer.log_every=100000"
+    )
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert 1 <= final["step"] < 100000
     assert f"trainer.max_time=3.0s reached at step {final['step']}" in out.stdout
@@ -64,8 +83,14 @@ def test_max_time_stops_saves_and_reports(tmp_path, digits_dir, cpu_env):
 def test_export_loads_into_a_plain_model(tmp_path, digits_dir, cpu_env):
     run_dir = tmp_path / "run"
     train(run_dir, digits_dir, cpu_env, "trainer.max_steps=10", "trainer.eval_every=5")
-    out = subprocess.run([sys.executable, "-m", "launch.export", str(run_dir), "--which", "latest"],
-                         cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.export", str(run_dir), "--which", "latest"],
+        cwd=ROOT,
+        env=cpu_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     from safetensors.torch import load_file
 

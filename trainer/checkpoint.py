@@ -33,9 +33,10 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,8 +61,9 @@ class IncompatibleCheckpointError(CheckpointError):
     """The checkpoint holds another model (a key or a shape differs): nothing was loaded."""
 
 
-def check_model_shapes(where: Path, model: dict[str, tuple], saved: dict[str, Optional[tuple]],
-                       saved_as: Callable[[str], str]) -> None:
+def check_model_shapes(
+    where: Path, model: dict[str, tuple], saved: dict[str, tuple | None], saved_as: Callable[[str], str]
+) -> None:
     """The checkpoint's model tensors must be the model's, name for name and shape for shape (a
     dtype may differ). `saved` maps a name to its shape (None: not a tensor), `saved_as` words a
     saved entry. Raises naming the first difference and both sides."""
@@ -69,17 +71,20 @@ def check_model_shapes(where: Path, model: dict[str, tuple], saved: dict[str, Op
         if name not in saved:
             raise IncompatibleCheckpointError(
                 f"{where}: the model has '{name}' {shape}, the checkpoint has no such tensor (it holds "
-                f"{len(saved)} model tensors, e.g. {sorted(saved)[:3]}); it was written for another model")
+                f"{len(saved)} model tensors, e.g. {sorted(saved)[:3]}); it was written for another model"
+            )
         if saved[name] != shape:
             raise IncompatibleCheckpointError(
                 f"{where}: '{name}' is {shape} in the model but {saved_as(name)} in the checkpoint; it "
                 "was written for another model shape (resume with the model config it was trained "
-                "with, or start a new run.dir)")
+                "with, or start a new run.dir)"
+            )
     extra = sorted(set(saved) - set(model))
     if extra:
         raise IncompatibleCheckpointError(
             f"{where}: the checkpoint has '{extra[0]}' {saved_as(extra[0])}, which the model lacks "
-            f"({len(extra)} such tensor(s)); it was written for another model")
+            f"({len(extra)} such tensor(s)); it was written for another model"
+        )
 
 
 MODEL_RECORD, CONFIG_RECORD = "model.json", "config.yaml"  # rank 0 adds them to every checkpoint
@@ -98,8 +103,11 @@ def model_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
     """(dotted model.* key, the checkpoint's value, this recipe's) for every key that differs."""
     a, b = _flat(saved, "model"), _flat(now, "model")
     missing = "(not set)"
-    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(a.keys() | b.keys())
-            if a.get(k, missing) != b.get(k, missing)]
+    return [
+        (k, a.get(k, missing), b.get(k, missing))
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, missing) != b.get(k, missing)
+    ]
 
 
 def check_resume_model(path: Path, shapes: dict[str, list], model_cfg: dict) -> list[str]:
@@ -122,12 +130,14 @@ def check_resume_model(path: Path, shapes: dict[str, list], model_cfg: dict) -> 
         said = "; ".join(f"{k}: the checkpoint has {a}, this recipe {b}" for k, a, b in changes[:6])
         more = f" (+{len(changes) - 6} more)" if len(changes) > 6 else ""
         raise IncompatibleCheckpointError(
-            f"{path} was written for another model, and nothing was loaded: {said}{more}; {fix}")
-    name = next((n for n in sorted(shapes.keys() | saved_shapes.keys()) if shapes.get(n) != saved_shapes.get(n)))
+            f"{path} was written for another model, and nothing was loaded: {said}{more}; {fix}"
+        )
+    name = next(n for n in sorted(shapes.keys() | saved_shapes.keys()) if shapes.get(n) != saved_shapes.get(n))
     raise IncompatibleCheckpointError(
         f"{path} was written for another model, and nothing was loaded: its model.* config is this "
         f"recipe's, but '{name}' is {saved_shapes.get(name, 'absent')} in the checkpoint and "
-        f"{shapes.get(name, 'absent')} in this model (the model's code changed?); {fix}")
+        f"{shapes.get(name, 'absent')} in this model (the model's code changed?); {fix}"
+    )
 
 
 def rng_state() -> dict:
@@ -135,8 +145,12 @@ def rng_state() -> dict:
     npy = np.random.get_state()
     state = {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"keys": torch.from_numpy(npy[1].astype(np.int64)), "pos": int(npy[2]),
-                  "has_gauss": int(npy[3]), "cached_gaussian": float(npy[4])},
+        "numpy": {
+            "keys": torch.from_numpy(npy[1].astype(np.int64)),
+            "pos": int(npy[2]),
+            "has_gauss": int(npy[3]),
+            "cached_gaussian": float(npy[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -148,8 +162,9 @@ def set_rng_state(state: dict) -> None:
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -180,7 +195,7 @@ def load_weights_only(path: Path, device: Any = "cpu") -> Any:
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def step_of(path: Path) -> Optional[int]:
+def step_of(path: Path) -> int | None:
     m = _STEP_DIR.match(path.name)
     return int(m.group(1)) if m else None
 
@@ -191,7 +206,7 @@ def file_digest(path: Path, algo: str = HASH) -> str:
     return digest_of_file(path, algo)
 
 
-def read_marker(path: Path) -> tuple[Optional[dict], Optional[str]]:
+def read_marker(path: Path) -> tuple[dict | None, str | None]:
     """(marker, None) or (None, why not): the marker's files as {name: {digest, bytes, rank}}
     whatever the format, plus the algorithm under "hash"."""
     marker = path / MARKER
@@ -204,14 +219,15 @@ def read_marker(path: Path) -> tuple[Optional[dict], Optional[str]]:
             meta["hash"] = "sha256"
             meta["files"] = {n: {"digest": d, "bytes": None, "rank": 0} for n, d in files.items()}
         else:
-            meta["files"] = {n: {"digest": e["digest"], "bytes": int(e["bytes"]), "rank": int(e["rank"])}
-                             for n, e in files.items()}
+            meta["files"] = {
+                n: {"digest": e["digest"], "bytes": int(e["bytes"]), "rank": int(e["rank"])} for n, e in files.items()
+            }
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"{path}: unreadable {MARKER} ({type(exc).__name__}: {exc})"
     return meta, None
 
 
-def _check_file(path: Path, name: str, entry: dict, algo: str) -> Optional[str]:
+def _check_file(path: Path, name: str, entry: dict, algo: str) -> str | None:
     f = path / name
     try:
         size = f.stat().st_size
@@ -251,7 +267,7 @@ def _sizes(path: Path, meta: dict) -> dict[str, int]:
     return out
 
 
-def verify(path: Path) -> Optional[str]:
+def verify(path: Path) -> str | None:
     """None if `path` is a complete checkpoint whose files match their digests; every file is
     read here, by this process (tools and tests; a resume splits the work across ranks)."""
     meta, problem = read_marker(path)
@@ -284,13 +300,13 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def newest_complete(root: Path) -> Optional[Path]:
+def newest_complete(root: Path) -> Path | None:
     """The newest checkpoint with its marker, not re-hashed (for messages)."""
     found = complete_checkpoints(root)
     return found[-1] if found else None
 
 
-def latest(root: Path) -> Optional[Path]:
+def latest(root: Path) -> Path | None:
     """The newest complete checkpoint whose digests hold, checked by this process alone;
     older ones are fallbacks."""
     for p in reversed(complete_checkpoints(root)):
@@ -334,12 +350,11 @@ class Checkpointer:
     runs in a thread, and the next `save` (or `wait`) waits for it first.
     """
 
-    def __init__(self, root: Path, backend, keep_last_k: int, *, background: bool = False,
-                 timeout_s: float = 600):
+    def __init__(self, root: Path, backend, keep_last_k: int, *, background: bool = False, timeout_s: float = 600):
         self.root, self.backend, self.keep_last_k = root, backend, keep_last_k
         self.background = background
         self.group = checkpoint_group(backend.world_size, timeout_s)
-        self._pending: Optional[_Pending] = None
+        self._pending: _Pending | None = None
         self._finished: list[dict] = []  # {step, blocked_s, save_s} of completed saves
         self._finished_lock = threading.Lock()  # appended by a background save's thread
 
@@ -358,7 +373,7 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    def _gather(self, obj: Any) -> Optional[list]:
+    def _gather(self, obj: Any) -> list | None:
         """Every rank's `obj` on rank 0 (None elsewhere)."""
         if self.group is None:
             return [obj]
@@ -367,8 +382,17 @@ class Checkpointer:
         return out
 
     # ------------------------------------------------ save
-    def save(self, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-             data_state: dict, records: Optional[dict[str, str]] = None) -> Path:
+    def save(
+        self,
+        step: int,
+        *,
+        model,
+        optimizer,
+        scheduler,
+        trainer_state: dict,
+        data_state: dict,
+        records: dict[str, str] | None = None,
+    ) -> Path:
         """Write step-N; on any rank's failure (a full disk, an unwritable folder) every rank
         raises CheckpointError, the partial folder is removed and older checkpoints stay.
         In the background mode a failure of the write is raised by the next save or wait.
@@ -394,8 +418,7 @@ class Checkpointer:
             write_json(tmp / f"data-rank{b.rank}.json", data_state)
 
         def model_files():
-            write.append(b.checkpoint_writer(tmp, model, optimizer, step=step, group=self.group,
-                                             stage=self.background))
+            write.append(b.checkpoint_writer(tmp, model, optimizer, step=step, group=self.group, stage=self.background))
             if b.is_main:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(b.extra_state(), tmp / "extra.pt")
@@ -413,17 +436,33 @@ class Checkpointer:
             self._complete(step, tmp, final, write[0], own, started, None)
         return final
 
-    def _complete(self, step: int, tmp: Path, final: Path, write: Callable[[], list[str]],
-                  own: list[str], started: float, blocked: Optional[float]) -> None:
+    def _complete(
+        self,
+        step: int,
+        tmp: Path,
+        final: Path,
+        write: Callable[[], list[str]],
+        own: list[str],
+        started: float,
+        blocked: float | None,
+    ) -> None:
         """Model and optimizer files, digests, marker, rename, prune: on the caller's thread, or
         on the background save's (the checkpointer's group keeps its collectives apart)."""
         b = self.backend
         digests: dict[str, dict] = {}
         self._phase(None, step, tmp, lambda: own.extend(write()))  # DCP agrees on its failures
         # every rank's files are on disk now; each rank hashes its own, all at once
-        self._phase("save.marker", step, tmp, lambda: digests.update(
-            {name: {"digest": file_digest(tmp / name), "bytes": (tmp / name).stat().st_size, "rank": b.rank}
-             for name in own}))
+        self._phase(
+            "save.marker",
+            step,
+            tmp,
+            lambda: digests.update(
+                {
+                    name: {"digest": file_digest(tmp / name), "bytes": (tmp / name).stat().st_size, "rank": b.rank}
+                    for name in own
+                }
+            ),
+        )
         every = self._gather(digests)
         self._phase(None, step, tmp, lambda: self._write_marker(tmp, step, every))
 
@@ -454,7 +493,7 @@ class Checkpointer:
             done, self._finished = self._finished, []
         return done
 
-    def _write_marker(self, tmp: Path, step: int, every: Optional[list]) -> None:
+    def _write_marker(self, tmp: Path, step: int, every: list | None) -> None:
         b = self.backend
         if not b.is_main:
             return
@@ -464,9 +503,18 @@ class Checkpointer:
         expected = {f"rng-rank{r}.pt" for r in range(b.world_size)}
         if not expected <= files.keys():
             raise CheckpointError(f"{tmp}: missing rank files {sorted(expected - files.keys())}")
-        write_json(tmp / MARKER, {"format": FORMAT, "step": step, "world_size": b.world_size,
-                                  "layout": b.checkpoint_layout, "time": time.time(), "hash": HASH,
-                                  "files": dict(sorted(files.items()))})
+        write_json(
+            tmp / MARKER,
+            {
+                "format": FORMAT,
+                "step": step,
+                "world_size": b.world_size,
+                "layout": b.checkpoint_layout,
+                "time": time.time(),
+                "hash": HASH,
+                "files": dict(sorted(files.items())),
+            },
+        )
         _fsync_dir(tmp)
 
     def wait(self) -> None:
@@ -478,7 +526,7 @@ class Checkpointer:
         if pending.error is not None:
             raise pending.error
 
-    def _phase(self, point: Optional[str], step: int, tmp: Path, work) -> None:
+    def _phase(self, point: str | None, step: int, tmp: Path, work) -> None:
         error = None
         try:
             if point:
@@ -488,7 +536,7 @@ class Checkpointer:
             error = exc
         self._agree(error, step, tmp)  # also the barrier between phases
 
-    def _agree(self, error: Optional[BaseException], step: int, tmp: Path) -> None:
+    def _agree(self, error: BaseException | None, step: int, tmp: Path) -> None:
         """A barrier that fails on every rank when any rank failed, so none waits forever."""
         b = self.backend
         if self._sum(float(error is not None)) == 0:
@@ -502,8 +550,10 @@ class Checkpointer:
         except OSError:
             free = ""
         kept = f"the last complete checkpoint, {keep}, is intact" if keep else "no earlier checkpoint exists"
-        raise CheckpointError(f"checkpoint step-{step} could not be written under {self.root} "
-                              f"(rank {b.rank}: {why}{free}); {kept}; nothing was renamed into place")
+        raise CheckpointError(
+            f"checkpoint step-{step} could not be written under {self.root} "
+            f"(rank {b.rank}: {why}{free}); {kept}; nothing was renamed into place"
+        )
 
     @staticmethod
     def _discard(path: Path) -> None:
@@ -515,14 +565,14 @@ class Checkpointer:
         shutil.rmtree(doomed, ignore_errors=True)
 
     def prune(self) -> None:
-        for old in complete_checkpoints(self.root)[:-self.keep_last_k]:
+        for old in complete_checkpoints(self.root)[: -self.keep_last_k]:
             self._discard(old)
         # left by a run killed mid-prune or mid-save; no other save is in flight now
         for leftover in [*self.root.glob(".step-*.deleting"), *self.root.glob(".step-*.partial")]:
             shutil.rmtree(leftover, ignore_errors=True)
 
     # ------------------------------------------------ resume
-    def verify_shared(self, path: Path) -> Optional[str]:
+    def verify_shared(self, path: Path) -> str | None:
         """`verify` with the files split across the ranks (each byte read once); the ranks
         agree on the verdict. None if sound, else the first problem found (every rank)."""
         b = self.backend
@@ -537,7 +587,7 @@ class Checkpointer:
         found = self._gather(problem)
         return self._broadcast(next(p for p in found if p) if b.is_main else None)
 
-    def resolve(self, resume: str) -> Optional[Path]:
+    def resolve(self, resume: str) -> Path | None:
         """The checkpoint to resume from, verified by all ranks together (collective)."""
         if resume == "never":
             return None
@@ -568,8 +618,7 @@ class Checkpointer:
         scheduler.load_state_dict(load_weights_only(path / "scheduler.pt"))
         b.load_extra_state(load_weights_only(path / "extra.pt"))
         trainer_state = json.loads((path / "trainer_state.json").read_text())
-        data_states = [json.loads((path / f"data-rank{r}.json").read_text())
-                       for r in range(meta["world_size"])]
+        data_states = [json.loads((path / f"data-rank{r}.json").read_text()) for r in range(meta["world_size"])]
         return trainer_state, data_states
 
     def restore_rng(self, path: Path) -> bool:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -192,14 +193,17 @@ def _load_recipe(path: Path, seen: tuple = ()):
 
 
 # one name for one switch: the other names users reach for are refused with the right one
-RENAMED_KEYS = {"model.compile": "trainer.compile",
-                "model.gradient_checkpointing": "model.activation_checkpointing",
-                "trainer.activation_checkpointing": "model.activation_checkpointing",
-                "trainer.gradient_checkpointing": "model.activation_checkpointing"}
+RENAMED_KEYS = {
+    "model.compile": "trainer.compile",
+    "model.gradient_checkpointing": "model.activation_checkpointing",
+    "trainer.activation_checkpointing": "model.activation_checkpointing",
+    "trainer.gradient_checkpointing": "model.activation_checkpointing",
+}
 
 
-def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = (), *,
-                model_schema: Callable[[str], type]) -> RunConfig:
+def load_config(
+    recipe: str | os.PathLike | None, overrides: list[str] = (), *, model_schema: Callable[[str], type]
+) -> RunConfig:
     """Read a YAML recipe, apply `a.b=c` overrides, type-check and validate.
 
     `model_schema(name)` is the Config dataclass of workload `name` (the launcher hands over
@@ -217,8 +221,10 @@ def load_config(recipe: Optional[str | os.PathLike], overrides: list[str] = (), 
             try:
                 raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([item if value else f"{key}=''"]))
             except yaml.YAMLError as exc:
-                raise ConfigError(f"config key '{item.split('=', 1)[0]}': cannot parse the value "
-                                  f"of '{item}' ({str(exc).splitlines()[0]})") from None
+                raise ConfigError(
+                    f"config key '{item.split('=', 1)[0]}': cannot parse the value "
+                    f"of '{item}' ({str(exc).splitlines()[0]})"
+                ) from None
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc) from None
     except yaml.YAMLError as exc:
@@ -280,18 +286,33 @@ def validate(cfg: RunConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     t, o, d = cfg.trainer, cfg.optim, cfg.data
     _check(t.backend in BACKENDS, "trainer.backend", f"'{t.backend}' is not one of {BACKENDS}")
-    _check(t.accelerate.strategy in ("ddp", "fsdp"), "trainer.accelerate.strategy",
-           f"'{t.accelerate.strategy}' is not ddp or fsdp")
+    _check(
+        t.accelerate.strategy in ("ddp", "fsdp"),
+        "trainer.accelerate.strategy",
+        f"'{t.accelerate.strategy}' is not ddp or fsdp",
+    )
     ds = t.deepspeed
     _check(0 <= ds.zero_stage <= 3, "trainer.deepspeed.zero_stage", "must be 0, 1, 2 or 3")
-    _check(not ds.offload_params or ds.zero_stage == 3, "trainer.deepspeed.offload_params",
-           "parameter offload needs trainer.deepspeed.zero_stage=3")
-    _check(not ds.offload_optimizer or ds.zero_stage >= 1, "trainer.deepspeed.offload_optimizer",
-           "optimizer offload needs trainer.deepspeed.zero_stage >= 1")
-    _check(ds.via in ("auto", "native", "accelerate"), "trainer.deepspeed.via",
-           f"'{ds.via}' is not auto, native or accelerate")
-    _check(not ds.config_file or Path(ds.config_file).is_file(), "trainer.deepspeed.config_file",
-           f"'{ds.config_file}' does not exist")
+    _check(
+        not ds.offload_params or ds.zero_stage == 3,
+        "trainer.deepspeed.offload_params",
+        "parameter offload needs trainer.deepspeed.zero_stage=3",
+    )
+    _check(
+        not ds.offload_optimizer or ds.zero_stage >= 1,
+        "trainer.deepspeed.offload_optimizer",
+        "optimizer offload needs trainer.deepspeed.zero_stage >= 1",
+    )
+    _check(
+        ds.via in ("auto", "native", "accelerate"),
+        "trainer.deepspeed.via",
+        f"'{ds.via}' is not auto, native or accelerate",
+    )
+    _check(
+        not ds.config_file or Path(ds.config_file).is_file(),
+        "trainer.deepspeed.config_file",
+        f"'{ds.config_file}' does not exist",
+    )
     _check(t.max_steps >= 1, "trainer.max_steps", "must be >= 1")
     _check(t.max_time >= 0, "trainer.max_time", "must be >= 0 (0 = no limit)")
     _check(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", "must be >= 1")
@@ -299,53 +320,76 @@ def validate(cfg: RunConfig) -> None:
     _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
     for key in ("eval_every", "sample_every", "checkpoint_every"):
         _check(getattr(t, key) >= 0, f"trainer.{key}", "must be >= 0 (0 = only at the end)")
-    _check(t.checkpoint_every % t.log_every == 0, "trainer.checkpoint_every",
-           f"must be a multiple of trainer.log_every={t.log_every} (a checkpoint closes a log window)")
+    _check(
+        t.checkpoint_every % t.log_every == 0,
+        "trainer.checkpoint_every",
+        f"must be a multiple of trainer.log_every={t.log_every} (a checkpoint closes a log window)",
+    )
     _check(t.nonfinite in ("halt", "skip"), "trainer.nonfinite", f"'{t.nonfinite}' is not halt or skip")
-    _check(t.nonfinite != "skip" or t.backend == "accelerate", "trainer.nonfinite",
-           "skip needs trainer.backend=accelerate (a DeepSpeed engine steps inside itself; "
-           "its fp16 loss scaler skips overflowing steps on its own)")
+    _check(
+        t.nonfinite != "skip" or t.backend == "accelerate",
+        "trainer.nonfinite",
+        "skip needs trainer.backend=accelerate (a DeepSpeed engine steps inside itself; "
+        "its fp16 loss scaler skips overflowing steps on its own)",
+    )
     _check(t.nonfinite_max_skips >= 1, "trainer.nonfinite_max_skips", "must be >= 1")
     _check(t.dist_timeout_s >= 1, "trainer.dist_timeout_s", "must be >= 1")
     _check(t.checkpoint_timeout_s >= 1, "trainer.checkpoint_timeout_s", "must be >= 1")
     _check(t.keep_last_k >= 1, "trainer.keep_last_k", "must be >= 1")
-    _check(not t.checkpoint_async or t.backend == "accelerate", "trainer.checkpoint_async",
-           "needs trainer.backend=accelerate (a DeepSpeed engine writes its checkpoint synchronously)")
+    _check(
+        not t.checkpoint_async or t.backend == "accelerate",
+        "trainer.checkpoint_async",
+        "needs trainer.backend=accelerate (a DeepSpeed engine writes its checkpoint synchronously)",
+    )
     from trainer.export import parse_size
 
     try:
         parse_size(t.export_max_shard_size)
     except ValueError:
-        raise ConfigError(f"config key 'trainer.export_max_shard_size': cannot read "
-                          f"'{t.export_max_shard_size}' as a size (e.g. 5GB, 500MB, 2GiB)") from None
+        raise ConfigError(
+            f"config key 'trainer.export_max_shard_size': cannot read "
+            f"'{t.export_max_shard_size}' as a size (e.g. 5GB, 500MB, 2GiB)"
+        ) from None
     _check(t.stop_check_every >= 0, "trainer.stop_check_every", "must be >= 0 (0 = about once a second)")
     _check(t.end_margin_s >= 0, "trainer.end_margin_s", "must be >= 0")
     _check(t.lock_stale_s > 0, "trainer.lock_stale_s", "must be > 0 seconds")
     _check(t.progress_every_s > 0, "trainer.progress_every_s", "must be > 0 seconds")
     if t.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (as in `trainer.mixed_precision=no`) as false
         t.mixed_precision = "no"
-    _check(t.mixed_precision in PRECISIONS, "trainer.mixed_precision",
-           f"'{t.mixed_precision}' is not one of {PRECISIONS}")
+    _check(
+        t.mixed_precision in PRECISIONS, "trainer.mixed_precision", f"'{t.mixed_precision}' is not one of {PRECISIONS}"
+    )
     if t.mixed_precision == "fp16":
         import torch
 
-        _check(torch.cuda.is_available(), "trainer.mixed_precision",
-               "fp16 needs a CUDA device (none is visible); use bf16 or no on CPU")
+        _check(
+            torch.cuda.is_available(),
+            "trainer.mixed_precision",
+            "fp16 needs a CUDA device (none is visible); use bf16 or no on CPU",
+        )
     _check(bool(cfg.run.dir), "run.dir", "is empty: name the run's folder")
     if t.resume not in ("auto", "never"):
-        _check(bool(t.resume) and Path(t.resume).is_dir(), "trainer.resume",
-               f"'{t.resume}' is neither auto, never, nor an existing checkpoint folder")
+        _check(
+            bool(t.resume) and Path(t.resume).is_dir(),
+            "trainer.resume",
+            f"'{t.resume}' is neither auto, never, nor an existing checkpoint folder",
+        )
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(o.schedule in SCHEDULES, "optim.schedule", f"'{o.schedule}' is not one of {SCHEDULES}")
-    _check(0 <= o.warmup_steps < t.max_steps, "optim.warmup_steps",
-           f"must be in [0, trainer.max_steps={t.max_steps})")
+    _check(0 <= o.warmup_steps <= t.max_steps, "optim.warmup_steps", f"must be in [0, trainer.max_steps={t.max_steps}]")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _check(o.impl in ("auto", "for-loop", "foreach", "fused"), "optim.impl",
-           f"'{o.impl}' is not auto, for-loop, foreach or fused")
+    _check(
+        o.impl in ("auto", "for-loop", "foreach", "fused"),
+        "optim.impl",
+        f"'{o.impl}' is not auto, for-loop, foreach or fused",
+    )
     _check(t.peak_tflops >= 0, "trainer.peak_tflops", "must be >= 0 (0 = known GPU or CPU probe)")
     p = t.profile_steps
-    _check(not p or (len(p) == 2 and 1 <= p[0] <= p[1]), "trainer.profile_steps",
-           f"{list(p)} is not [] or [first, last] with 1 <= first <= last")
+    _check(
+        not p or (len(p) == 2 and 1 <= p[0] <= p[1]),
+        "trainer.profile_steps",
+        f"{list(p)} is not [] or [first, last] with 1 <= first <= last",
+    )
     _check(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
     _check(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
     _check(bool(d.train.urls), "data.train.urls", "no training shards given")
@@ -375,13 +419,19 @@ def resolve_global_batch(cfg: RunConfig, world_size: int) -> None:
     if not d.global_batch_size:
         return
     per_step = d.batch_size * world_size
-    _check(d.global_batch_size % per_step == 0, "data.global_batch_size",
-           f"{d.global_batch_size} is not a multiple of data.batch_size={d.batch_size} x "
-           f"{world_size} rank(s) = {per_step}")
+    _check(
+        d.global_batch_size % per_step == 0,
+        "data.global_batch_size",
+        f"{d.global_batch_size} is not a multiple of data.batch_size={d.batch_size} x "
+        f"{world_size} rank(s) = {per_step}",
+    )
     accum = d.global_batch_size // per_step
-    _check(t.grad_accum_steps in (1, accum), "trainer.grad_accum_steps",
-           f"{t.grad_accum_steps} contradicts data.global_batch_size={d.global_batch_size} "
-           f"(which needs {accum} on {world_size} rank(s)); set one of them")
+    _check(
+        t.grad_accum_steps in (1, accum),
+        "trainer.grad_accum_steps",
+        f"{t.grad_accum_steps} contradicts data.global_batch_size={d.global_batch_size} "
+        f"(which needs {accum} on {world_size} rank(s)); set one of them",
+    )
     t.grad_accum_steps = accum
 
 

@@ -15,8 +15,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -24,8 +24,18 @@ from safetensors.torch import save_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int, *, key: str = "max_shard_size") -> int:
@@ -94,8 +104,10 @@ class SafetensorsShards:
         for i, name in enumerate(names[:k]):
             os.replace(self.out / f".shard-{i}.safetensors", self.out / name)
         if k > 1:
-            index = {"metadata": {"total_size": self.total},
-                     "weight_map": {t: names[i] for i, keys in enumerate(self.shards) for t in keys}}
+            index = {
+                "metadata": {"total_size": self.total},
+                "weight_map": {t: names[i] for i, keys in enumerate(self.shards) for t in keys},
+            }
             (self.out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         elif k == 0:  # a model without tensors still gets a (valid, empty) file
             save_file({}, str(self.out / SINGLE), metadata={"format": "pt"})
@@ -137,13 +149,17 @@ def shapes_in(path: Path) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_shapes(saved: Path, model: torch.nn.Module, where: Optional[Path] = None) -> None:
+def check_shapes(saved: Path, model: torch.nn.Module, where: Path | None = None) -> None:
     """A whole-model safetensors file (or export) must match the model name for name and shape."""
     from trainer.checkpoint import check_model_shapes
 
     theirs = shapes_in(saved)
-    check_model_shapes(where or saved, {n: tuple(t.shape) for n, t in model.state_dict().items()}, theirs,
-                       lambda name: str(theirs[name]))
+    check_model_shapes(
+        where or saved,
+        {n: tuple(t.shape) for n, t in model.state_dict().items()},
+        theirs,
+        lambda name: str(theirs[name]),
+    )
 
 
 # ---------------------------------------------------------------- from checkpoints
@@ -174,8 +190,9 @@ def export_deepspeed(checkpoint: Path, out: Path, max_shard_size: int | str) -> 
         raise FileNotFoundError(f"{checkpoint}: no DeepSpeed engine checkpoint ({DS_TAG}/)")
     Path(out).mkdir(parents=True, exist_ok=True)
     with weights_only_torch_load():
-        convert_zero_checkpoint_to_fp32_state_dict(str(checkpoint), str(out), max_shard_size=str(max_shard_size),
-                                                   safe_serialization=True, tag=DS_TAG)
+        convert_zero_checkpoint_to_fp32_state_dict(
+            str(checkpoint), str(out), max_shard_size=str(max_shard_size), safe_serialization=True, tag=DS_TAG
+        )
     return sorted(Path(out).glob("model*.safetensors"))
 
 
@@ -200,4 +217,3 @@ def export_checkpoint(src: Path, out: Path, max_shard_size: int | str = "5GB") -
     if (src / DS_TAG).is_dir():
         return export_deepspeed(src, out, max_shard_size)
     return export_files(src, out, max_shard_size)
-

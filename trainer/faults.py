@@ -43,8 +43,7 @@ def _parse(spec: str) -> dict:
             step, _, rank = at.partition("/")
             points[(point, int(step))] = (int(rank) if rank else None, action)
         except ValueError:
-            raise ValueError(f"TRIBUTARY_FAILPOINTS: cannot read '{item}' "
-                             "(want POINT@STEP[/RANK]=ACTION)") from None
+            raise ValueError(f"TRIBUTARY_FAILPOINTS: cannot read '{item}' (want POINT@STEP[/RANK]=ACTION)") from None
     return points
 
 

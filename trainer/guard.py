@@ -13,7 +13,7 @@ looked at (no host sync per step).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -34,7 +34,7 @@ class LossWindow:
         self.steps: list[int] = []
         self.norms: list[torch.Tensor] = []
 
-    def add(self, step: int, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> None:
+    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor | None) -> None:
         self.steps.append(step)
         self.losses.append(loss)
         if norm is not None:
@@ -52,29 +52,40 @@ class LossWindow:
 
 
 class NonFiniteGuard:
-    def __init__(self, backend, *, policy: str, max_skips: int, kept_checkpoint: Callable[[], str],
-                 say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        backend,
+        *,
+        policy: str,
+        max_skips: int,
+        kept_checkpoint: Callable[[], str],
+        say: Callable[[str], None] = print,
+    ):
         self.backend, self.skip, self.max_skips = backend, policy == "skip", max_skips
         self.kept_checkpoint, self.say = kept_checkpoint, say
         self.window = LossWindow(backend.device)
         self.skips_in_a_row = 0
 
-    def observe(self, state, step: int, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> None:
+    def observe(self, state, step: int, loss: torch.Tensor, norm: torch.Tensor | None) -> None:
         """A finished step: into the window, or (skip, non-finite norm) counted and left out.
         The norm is global, so every rank decides alike."""
         if self.skip and not torch.isfinite(norm):
             state.skipped_nonfinite += 1
             self.skips_in_a_row += 1
-            self.say(f"step {step}: grad norm {norm.item()}, step skipped "
-                     f"(trainer.nonfinite=skip; {state.skipped_nonfinite} so far)")
+            self.say(
+                f"step {step}: grad norm {norm.item()}, step skipped "
+                f"(trainer.nonfinite=skip; {state.skipped_nonfinite} so far)"
+            )
             if self.skips_in_a_row >= self.max_skips:
-                raise NonFiniteError(f"{self.skips_in_a_row} non-finite steps in a row up to step {step} "
-                                     f"(trainer.nonfinite_max_skips={self.max_skips}); {self.kept_checkpoint()}")
+                raise NonFiniteError(
+                    f"{self.skips_in_a_row} non-finite steps in a row up to step {step} "
+                    f"(trainer.nonfinite_max_skips={self.max_skips}); {self.kept_checkpoint()}"
+                )
             return
         self.skips_in_a_row = 0
         self.window.add(step, loss, norm)
 
-    def check(self, step: int, reduced: Optional[list[float]] = None) -> None:
+    def check(self, step: int, reduced: list[float] | None = None) -> None:
         """Under halt, stop every rank if the window's summed loss or norm is not finite.
         Collective: `reduced` is the window's sums already reduced over ranks, else they are."""
         if self.skip:
@@ -95,6 +106,8 @@ class NonFiniteGuard:
         else:
             first = w.steps[0] if w.steps else step
             where = "grad norm in steps " + (f"{first}-{step}" if first < step else str(step))
-        raise NonFiniteError(f"non-finite {where} (caught at step {step}, trainer.nonfinite=halt); "
-                             f"{self.kept_checkpoint()}. Resume from it with a lower optim.lr or "
-                             "trainer.clip_grad_norm, or set trainer.nonfinite=skip")
+        raise NonFiniteError(
+            f"non-finite {where} (caught at step {step}, trainer.nonfinite=halt); "
+            f"{self.kept_checkpoint()}. Resume from it with a lower optim.lr or "
+            "trainer.clip_grad_norm, or set trainer.nonfinite=skip"
+        )

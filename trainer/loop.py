@@ -23,10 +23,24 @@ import torch
 import yaml
 from accelerate.utils import send_to_device
 
-from data_pipelines.stream import (ShardStream, Source, StreamLoader, eval_batches, iter_samples,
-                                   resolve_shards, truncate_ledgers)
-from trainer.checkpoint import (CONFIG_RECORD, MODEL_RECORD, CheckpointError, Checkpointer, check_resume_model,
-                                newest_complete, write_json)
+from data_pipelines.stream import (
+    ShardStream,
+    Source,
+    StreamLoader,
+    eval_batches,
+    iter_samples,
+    resolve_shards,
+    truncate_ledgers,
+)
+from trainer.checkpoint import (
+    CONFIG_RECORD,
+    MODEL_RECORD,
+    Checkpointer,
+    CheckpointError,
+    check_resume_model,
+    newest_complete,
+    write_json,
+)
 from trainer.config import RunConfig, to_yaml, training_splits
 from trainer.export import SafetensorsShards
 from trainer.faults import failpoint
@@ -38,7 +52,6 @@ from trainer.profiler import StepProfiler
 from trainer.rundir import record_launch, write_config_record
 from trainer.schedule import Schedule
 from trainer.step import TrainStep
-
 
 SKIP_KINDS = ("bad_samples", "missing_key", "bad_shards", "missing_shards")
 
@@ -63,10 +76,10 @@ def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
     """AdamW; biases and norm gains (1-D tensors) get no weight decay."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr,
-                             betas=(o.beta1, o.beta2), eps=o.eps, **optimizer_impl(o.impl))
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **optimizer_impl(o.impl)
+    )
 
 
 # `optim.impl` -> torch AdamW's (foreach, fused) flags; None lets torch decide
@@ -81,12 +94,24 @@ def optimizer_impl(impl: str) -> dict:
 def build_loader(cfg: RunConfig, workload, rank: int, world_size: int, ledger: Path | None = None) -> StreamLoader:
     """This rank's training batches from every training source of the recipe."""
     d = cfg.data
-    sources = [Source(resolve_shards(split.urls, split.manifest, key=key), split.weight, key)
-               for key, split in training_splits(d)]
-    stream = ShardStream(sources, decode=workload.decode, collate=workload.collate,
-                         batch_size=d.batch_size, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
-                         rank=rank, world_size=world_size, num_workers=d.num_workers,
-                         on_error=d.on_error, resampled=d.resampled, with_keys=d.key_ledger)
+    sources = [
+        Source(resolve_shards(split.urls, split.manifest, key=key), split.weight, key)
+        for key, split in training_splits(d)
+    ]
+    stream = ShardStream(
+        sources,
+        decode=workload.decode,
+        collate=workload.collate,
+        batch_size=d.batch_size,
+        seed=d.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        on_error=d.on_error,
+        resampled=d.resampled,
+        with_keys=d.key_ledger,
+    )
     return StreamLoader(stream, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, ledger=ledger)
 
 
@@ -117,9 +142,16 @@ class Trainer:
         if t.compile:
             model.compile()  # in place: the state_dict keys stay those of the plain model
         optimizer = build_optimizer(model, cfg.optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-            lr_factor, warmup=cfg.optim.warmup_steps, total=t.max_steps,
-            schedule=cfg.optim.schedule, min_ratio=cfg.optim.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            functools.partial(
+                lr_factor,
+                warmup=cfg.optim.warmup_steps,
+                total=t.max_steps,
+                schedule=cfg.optim.schedule,
+                min_ratio=cfg.optim.min_lr_ratio,
+            ),
+        )
         self.model, self.optimizer = b.prepare(model, optimizer)
         seed_all(t.seed + 1000 * b.rank)  # per-rank randomness (dropout, noise)
 
@@ -129,16 +161,27 @@ class Trainer:
             ledger = self.run_dir / "ledger" / f"rank{b.rank}.jsonl"
         self.loader = build_loader(cfg, self.workload, b.rank, b.world_size, ledger=ledger)
         self.workload.bind_splits(self._raw_splits())
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", b, t.keep_last_k,
-                                         background=t.checkpoint_async, timeout_s=t.checkpoint_timeout_s)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints",
+            b,
+            t.keep_last_k,
+            background=t.checkpoint_async,
+            timeout_s=t.checkpoint_timeout_s,
+        )
 
     def _raw_splits(self) -> dict:
         """Each split's raw samples in shard order, for what a workload takes from the data."""
         on_error = self.cfg.data.on_error
-        sources = {"train": self.loader.stream.sources[0].shards if self.loader.stream.sources else None,
-                   "val": self.val_shards, "test": self.test_shards}
-        return {name: functools.partial(iter_samples, shards.urls, on_error)
-                for name, shards in sources.items() if shards is not None}
+        sources = {
+            "train": self.loader.stream.sources[0].shards if self.loader.stream.sources else None,
+            "val": self.val_shards,
+            "test": self.test_shards,
+        }
+        return {
+            name: functools.partial(iter_samples, shards.urls, on_error)
+            for name, shards in sources.items()
+            if shards is not None
+        }
 
     def _resume(self) -> TrainState:
         state = TrainState()
@@ -147,20 +190,22 @@ class Trainer:
         self.resume_changes = []
         if path is not None:
             # another model's checkpoint is refused before anything is loaded, naming the keys
-            self.resume_changes = check_resume_model(path, self.model_shapes,
-                                                     yaml.safe_load(self.config_text)["model"])
+            self.resume_changes = check_resume_model(path, self.model_shapes, yaml.safe_load(self.config_text)["model"])
             trainer_state, data_states = self.checkpointer.load(
-                path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+                path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+            )
             state = TrainState(**trainer_state)
             for group in self.optimizer.param_groups:  # the checkpoint's flags are the old run's
                 group.update(optimizer_impl(self.cfg.optim.impl))
             self.resume_mode = self.loader.load_state_dict(data_states)
             if self.resume_mode == "elastic":
                 old = data_states[0]
-                self.resume_note = (f"elastic: {old['world_size']} rank(s) x {old['num_workers']} "
-                                    f"worker(s) x batch {old['batch_size']} -> "
-                                    f"{self.backend.world_size} x {self.loader.stream.num_workers} "
-                                    f"x {self.cfg.data.batch_size}")
+                self.resume_note = (
+                    f"elastic: {old['world_size']} rank(s) x {old['num_workers']} "
+                    f"worker(s) x batch {old['batch_size']} -> "
+                    f"{self.backend.world_size} x {self.loader.stream.num_workers} "
+                    f"x {self.cfg.data.batch_size}"
+                )
         if self.cfg.data.key_ledger and self.backend.is_main:
             truncate_ledgers(self.run_dir / "ledger", self.loader.total_batches)
         self.backend.barrier()
@@ -179,15 +224,22 @@ class Trainer:
                 write_config_record(self.run_dir, self.launch_record, self.config_text, None)
         self._build()
         state = self.state = self._resume()
-        self.log = MetricsLogger(self.run_dir, enabled=b.is_main, resume_step=state.step,
-                                 total_steps=t.max_steps, progress_bar=t.progress_bar,
-                                 progress_every_s=t.progress_every_s)
+        self.log = MetricsLogger(
+            self.run_dir,
+            enabled=b.is_main,
+            resume_step=state.step,
+            total_steps=t.max_steps,
+            progress_bar=t.progress_bar,
+            progress_every_s=t.progress_every_s,
+        )
         if self.resumed_from is not None:
             how = self.resume_note if self.resume_mode == "elastic" else "exact"
             self.log.text(f"resumed from {self.resumed_from} (step {state.step}, {how})")
             if self.resume_changes:
-                self.log.text("model.* changed on resume, every parameter's name and shape the same: "
-                              + "; ".join(self.resume_changes))
+                self.log.text(
+                    "model.* changed on resume, every parameter's name and shape the same: "
+                    + "; ".join(self.resume_changes)
+                )
             self.checkpointer.restore_rng(self.resumed_from)  # last: nothing may draw after
         last_saved = state.step if self.resumed_from is not None else -1
         self._last_val: tuple[int, dict] = (-1, {})
@@ -197,23 +249,50 @@ class Trainer:
         # MFU's denominator (every rank at once: a CPU probe then shares the cores as training does)
         peak, peak_source = peak_tflops(b.device, t.mixed_precision, t.peak_tflops)
         if state.step < t.max_steps:
-            self.log.text(f"MFU against {peak} TFLOP/s per rank ({peak_source})" if peak
-                          else f"perf/mfu is not logged: {peak_source}")
+            self.log.text(
+                f"MFU against {peak} TFLOP/s per rank ({peak_source})"
+                if peak
+                else f"perf/mfu is not logged: {peak_source}"
+            )
         self.schedule = Schedule.of(t, has_val=self.val_shards is not None)
-        self.meter = ThroughputMeter(self.workload, samples_per_step=cfg.data.batch_size * t.grad_accum_steps * b.world_size,
-                                     world_size=b.world_size, peak=peak, count_flops=b.is_main, say=self.log.text)
-        self.guard = NonFiniteGuard(b, policy=t.nonfinite, max_skips=t.nonfinite_max_skips,
-                                    kept_checkpoint=self._kept_checkpoint, say=self.log.text)
-        self.train_step = TrainStep(backend=b, workload=self.workload, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, loader=self.loader, meter=self.meter,
-                                    grad_accum_steps=t.grad_accum_steps, batch_size=cfg.data.batch_size,
-                                    clip_grad_norm=t.clip_grad_norm, skip_nonfinite=t.nonfinite == "skip",
-                                    fp16=t.mixed_precision == "fp16")
+        self.meter = ThroughputMeter(
+            self.workload,
+            samples_per_step=cfg.data.batch_size * t.grad_accum_steps * b.world_size,
+            world_size=b.world_size,
+            peak=peak,
+            count_flops=b.is_main,
+            say=self.log.text,
+        )
+        self.guard = NonFiniteGuard(
+            b,
+            policy=t.nonfinite,
+            max_skips=t.nonfinite_max_skips,
+            kept_checkpoint=self._kept_checkpoint,
+            say=self.log.text,
+        )
+        self.train_step = TrainStep(
+            backend=b,
+            workload=self.workload,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            loader=self.loader,
+            meter=self.meter,
+            grad_accum_steps=t.grad_accum_steps,
+            batch_size=cfg.data.batch_size,
+            clip_grad_norm=t.clip_grad_norm,
+            skip_nonfinite=t.nonfinite == "skip",
+            fp16=t.mixed_precision == "fp16",
+        )
         session_start = time.perf_counter()
         self.model.train()
         trained_before = state.train_time_s
-        self.stopper = StopAgreement(check_every=t.stop_check_every, end_margin_s=t.end_margin_s, max_time=t.max_time,
-                                     elapsed=lambda: trained_before + time.perf_counter() - session_start)
+        self.stopper = StopAgreement(
+            check_every=t.stop_check_every,
+            end_margin_s=t.end_margin_s,
+            max_time=t.max_time,
+            elapsed=lambda: trained_before + time.perf_counter() - session_start,
+        )
         try:
             stopped, last_saved = self._loop(state, session_start, last_saved)
         finally:
@@ -228,8 +307,15 @@ class Trainer:
         t, b, when = self.cfg.trainer, self.backend, self.schedule
         net = b.unwrap(self.model)  # for the workload's per-step hook
         self.meter.start_window()
-        profiler = StepProfiler(t.profile_steps, start_step=state.step, max_steps=t.max_steps, device=b.device,
-                                out_dir=self.run_dir / "profile", rank=b.rank, say=self.log.text)
+        profiler = StepProfiler(
+            t.profile_steps,
+            start_step=state.step,
+            max_steps=t.max_steps,
+            device=b.device,
+            out_dir=self.run_dir / "profile",
+            rank=b.rank,
+            say=self.log.text,
+        )
         with profiler:
             while state.step < t.max_steps:
                 step = state.step + 1
@@ -263,8 +349,10 @@ class Trainer:
                         return 0, last_saved
                     if reason:
                         self._wait_for_save()
-                        self.log.text(f"stopped after step {step} ({REASONS[reason]}); checkpoint "
-                                      f"{self.checkpointer.root / f'step-{step}'} is complete")
+                        self.log.text(
+                            f"stopped after step {step} ({REASONS[reason]}); checkpoint "
+                            f"{self.checkpointer.root / f'step-{step}'} is complete"
+                        )
                         return reason, step
                 profiler.step(step)  # a step's trace holds its hangers-on too
         return 0, last_saved
@@ -276,18 +364,24 @@ class Trainer:
         now = time.perf_counter()
         window = self.guard.window
         skips = self.loader.stats()
-        local = torch.cat([window.sums(), torch.tensor([float(skips.get(k, 0)) for k in SKIP_KINDS],
-                                                       dtype=torch.float64, device=b.device)])
+        local = torch.cat(
+            [
+                window.sums(),
+                torch.tensor([float(skips.get(k, 0)) for k in SKIP_KINDS], dtype=torch.float64, device=b.device),
+            ]
+        )
         totals = b.reduce_sum(local).tolist()
         self.guard.check(step, totals[:2])
         rates = self.meter.measure(now)
         slowest = b.reduce_max(torch.tensor(rates["train/data_wait_frac"], dtype=torch.float64, device=b.device))
-        record = {"train/loss": totals[0] / (b.world_size * max(len(window.losses), 1)),
-                  "train/lr": lr,
-                  "train/grad_norm": totals[1] / (b.world_size * max(len(window.norms), 1)),
-                  **rates,
-                  "train/data_wait_frac_max": slowest.item(),  # a slow rank stalls every rank's all-reduce
-                  "train/samples_seen": self.loader.samples_seen}
+        record = {
+            "train/loss": totals[0] / (b.world_size * max(len(window.losses), 1)),
+            "train/lr": lr,
+            "train/grad_norm": totals[1] / (b.world_size * max(len(window.norms), 1)),
+            **rates,
+            "train/data_wait_frac_max": slowest.item(),  # a slow rank stalls every rank's all-reduce
+            "train/samples_seen": self.loader.samples_seen,
+        }
         record.update({f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, totals[2:]) if v})
         if not window.losses:  # every step of the window skipped: no loss to show
             del record["train/loss"], record["train/grad_norm"]
@@ -305,17 +399,24 @@ class Trainer:
         except Exception:  # noqa: BLE001 - the error being reported is the caller's
             pass
         kept = newest_complete(self.checkpointer.root) if self.backend.is_main else None
-        return (f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written") + \
-            " and nothing after it is saved"
+        return (
+            f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written"
+        ) + " and nothing after it is saved"
 
     # ---------------------------------------------------------------- hangers-on
     def _save(self, state: TrainState, session_start: float) -> None:
         saved = TrainState(**asdict(state))
         saved.train_time_s += time.perf_counter() - session_start
         records = {CONFIG_RECORD: self.config_text, MODEL_RECORD: json.dumps({"shapes": self.model_shapes})}
-        self.checkpointer.save(state.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, trainer_state=asdict(saved),
-                               data_state=self.loader.state_dict(), records=records)
+        self.checkpointer.save(
+            state.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=asdict(saved),
+            data_state=self.loader.state_dict(),
+            records=records,
+        )
         self._log_saves()
 
     def _wait_for_save(self) -> None:
@@ -336,9 +437,15 @@ class Trainer:
         net = b.unwrap(self.model)
         net.eval()
         sums: dict[str, torch.Tensor] = {}
-        batches = eval_batches(shards, decode=self.workload.decode, collate=self.workload.collate,
-                               batch_size=self.cfg.data.eval_batch_size, rank=b.rank,
-                               world_size=b.world_size, on_error=self.cfg.data.on_error)
+        batches = eval_batches(
+            shards,
+            decode=self.workload.decode,
+            collate=self.workload.collate,
+            batch_size=self.cfg.data.eval_batch_size,
+            rank=b.rank,
+            world_size=b.world_size,
+            on_error=self.cfg.data.on_error,
+        )
         if b.shards_params:
             # a forward pass is collective here: every rank runs as many as the busiest,
             # repeating its last batch and not counting the repeats
@@ -356,8 +463,10 @@ class Trainer:
                         sums[k] = sums.get(k, 0) + v.double()
         net.train()
         if not sums:
-            raise RuntimeError(f"rank {b.rank}: no eval samples in {shards.urls[:3]}...; an eval "
-                               f"split needs at least {b.world_size} samples")
+            raise RuntimeError(
+                f"rank {b.rank}: no eval samples in {shards.urls[:3]}...; an eval "
+                f"split needs at least {b.world_size} samples"
+            )
         # one collective for every statistic; scalars come back as floats, tensors (e.g.
         # score histograms) as CPU tensors of their shape
         keys = sorted(sums)
@@ -365,7 +474,7 @@ class Trainer:
         out, at = {}, 0
         for k in keys:
             n = sums[k].numel()
-            out[k] = totals[at].item() if sums[k].dim() == 0 else totals[at:at + n].view(sums[k].shape)
+            out[k] = totals[at].item() if sums[k].dim() == 0 else totals[at : at + n].view(sums[k].shape)
             at += n
         return self.workload.eval_metrics(out)
 
@@ -415,8 +524,10 @@ class Trainer:
             if b.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             why = f"{type(error).__name__}: {error}" if error is not None else "rank 0 failed"
-            raise CheckpointError(f"the best-weights export {out} could not be written (rank {b.rank}: {why}); "
-                                  "the checkpoints are not affected")
+            raise CheckpointError(
+                f"the best-weights export {out} could not be written (rank {b.rank}: {why}); "
+                "the checkpoints are not affected"
+            )
 
     def _log_samples(self, step: int) -> None:
         if not (self.backend.is_main or self.backend.shards_params):  # sharded: all ranks sample
@@ -456,8 +567,10 @@ class Trainer:
             final.update({f"test/{k}": v for k, v in held_out.items()})
         for k in self.workload.headline_metrics:
             if k not in held_out:
-                raise KeyError(f"headline metric '{k}' needs a data.test or data.val split whose "
-                               f"eval reports it; got {sorted(held_out)}")
+                raise KeyError(
+                    f"headline metric '{k}' needs a data.test or data.val split whose "
+                    f"eval reports it; got {sorted(held_out)}"
+                )
             final[k] = held_out[k]
         extra: dict = {}
         if b.is_main or b.shards_params:  # sharded: a forward pass needs every rank

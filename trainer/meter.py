@@ -13,8 +13,8 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def gpu_peak_tflops(name: str, precision: str) -> Optional[float]:
+def gpu_peak_tflops(name: str, precision: str) -> float | None:
     for key, table in GPU_PEAK_TFLOPS.items():  # "H100 PCIe" before "H100"
         if key in name:
             return table[precision]
@@ -44,7 +44,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_peak_tflops(cache: Optional[Path] = None, probe_s: float = 0.5) -> float:
+def cpu_peak_tflops(cache: Path | None = None, probe_s: float = 0.5) -> float:
     """fp32 matmul TFLOP/s of this process's threads, probed once per machine, thread count
     and ranks per node (ranks probe together, so they share the cores as in training)."""
     cache = cache or Path(os.environ.get("TRIBUTARY_CACHE", Path.home() / ".cache" / "tributary")) / "cpu_peak.json"
@@ -77,14 +77,17 @@ def cpu_peak_tflops(cache: Optional[Path] = None, probe_s: float = 0.5) -> float
     return known[key]
 
 
-def peak_tflops(device: torch.device, mixed_precision: str, configured: float = 0.0) -> tuple[Optional[float], str]:
+def peak_tflops(device: torch.device, mixed_precision: str, configured: float = 0.0) -> tuple[float | None, str]:
     """(peak TFLOP/s of one rank's device, where the number came from)."""
     if configured > 0:
         return configured, "trainer.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        precision = mixed_precision if mixed_precision in ("bf16", "fp16") else (
-            "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+        precision = (
+            mixed_precision
+            if mixed_precision in ("bf16", "fp16")
+            else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+        )
         peak = gpu_peak_tflops(name, precision)
         return peak, f"{name} {precision} data sheet" if peak else f"unknown GPU '{name}': set trainer.peak_tflops"
     if device.type == "cpu":
@@ -96,14 +99,22 @@ class ThroughputMeter:
     """Training time of one log window: the hangers-on (eval, samples, saves) run `paused()`,
     and the one-off FLOP count is not training time either."""
 
-    def __init__(self, workload, *, samples_per_step: int, world_size: int, peak: Optional[float],
-                 count_flops: bool, say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        workload,
+        *,
+        samples_per_step: int,
+        world_size: int,
+        peak: float | None,
+        count_flops: bool,
+        say: Callable[[str], None] = print,
+    ):
         self.workload, self.samples_per_step, self.world_size, self.peak = workload, samples_per_step, world_size, peak
         self.say = say
-        self.flops_per_sample: Optional[float] = None if count_flops else 0.0  # counted on one rank
+        self.flops_per_sample: float | None = None if count_flops else 0.0  # counted on one rank
         self.start_window()
 
-    def start_window(self, now: Optional[float] = None) -> None:
+    def start_window(self, now: float | None = None) -> None:
         self.start = time.perf_counter() if now is None else now
         self.steps, self.data_wait = 0, 0.0
 
@@ -130,8 +141,10 @@ class ThroughputMeter:
                 self.flops_per_sample = float(self.workload.flops_per_sample(batch, batch_size))
             except Exception as exc:  # noqa: BLE001 - MFU is a gauge
                 self.flops_per_sample = 0.0
-                self.say(f"perf/mfu is not logged: the model's FLOPs could not be counted on the "
-                         f"meta device ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                self.say(
+                    f"perf/mfu is not logged: the model's FLOPs could not be counted on the "
+                    f"meta device ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                )
 
     def measure(self, now: float) -> dict[str, float]:
         """This window's rates (this rank's data wait), in the log's names."""

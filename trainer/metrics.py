@@ -29,8 +29,9 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> torch.Tenso
     grid = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), 0.5)
     for i in range(n):
         r, q = divmod(i, ncol)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h,
-             pad + q * (w + pad): pad + q * (w + pad) + w] = images[i].float().cpu()
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = (
+            images[i].float().cpu()
+        )
     return grid
 
 
@@ -51,8 +52,17 @@ PRIVATE_FILE_WRITER = "_get_file_writer"  # SummaryWriter's, in torch 2.x
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int, total_steps: int,
-                 progress_bar: bool, progress_every_s: float = 30.0, terminal: bool | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        resume_step: int,
+        total_steps: int,
+        progress_bar: bool,
+        progress_every_s: float = 30.0,
+        terminal: bool | None = None,
+    ):
         self.enabled = enabled
         self.jsonl = run_dir / "metrics.jsonl"
         self.tb = None
@@ -70,8 +80,7 @@ class MetricsLogger:
         if progress_bar and terminal:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=resume_step, dynamic_ncols=True,
-                            desc=run_dir.name)
+            self.bar = tqdm(total=total_steps, initial=resume_step, dynamic_ncols=True, desc=run_dir.name)
         elif progress_bar:
             self.lines_every = progress_every_s
             self._started = self._last_line = time.monotonic()
@@ -129,8 +138,10 @@ class MetricsLogger:
         done = step - self._first_step
         eta = elapsed / done * (self.total - step) if done > 0 else None
         figures = " ".join(f"{k}={v}" for k, v in self.figures.items())
-        return (f"{self.name}: step {step}/{self.total} ({100 * step // max(1, self.total)}%) {figures} "
-                f"elapsed {_duration(elapsed)}" + (f" eta {_duration(eta)}" if eta is not None else ""))
+        return (
+            f"{self.name}: step {step}/{self.total} ({100 * step // max(1, self.total)}%) {figures} "
+            f"elapsed {_duration(elapsed)}" + (f" eta {_duration(eta)}" if eta is not None else "")
+        )
 
     def image(self, tag: str, images: torch.Tensor, step: int) -> None:
         if self.enabled:
@@ -161,10 +172,8 @@ class MetricsLogger:
 
 
 def summarize_line(prefix: str, metrics: dict[str, float]) -> str:
-    return prefix + " " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in metrics.items())
+    return prefix + " " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-

@@ -39,8 +39,13 @@ EXIT_STOPPED = 75
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: out at once, nothing saved (128 + SIGINT, as shells say)
 # MAX across ranks wins: a signal outranks max_time (stop, not finish); a requeue outranks a plain stop
 NONE, MAX_TIME, INTERRUPT, TERM, REQUEUE_SIGNAL, REQUEUE_DEADLINE = 0, 1, 2, 3, 4, 5
-REASONS = {MAX_TIME: "trainer.max_time", INTERRUPT: "SIGINT", TERM: "SIGTERM", REQUEUE_SIGNAL: "SIGUSR1",
-           REQUEUE_DEADLINE: "the job's time limit"}
+REASONS = {
+    MAX_TIME: "trainer.max_time",
+    INTERRUPT: "SIGINT",
+    TERM: "SIGTERM",
+    REQUEUE_SIGNAL: "SIGUSR1",
+    REQUEUE_DEADLINE: "the job's time limit",
+}
 _SIGNAL_REASONS = {signal.SIGUSR1: REQUEUE_SIGNAL, signal.SIGTERM: TERM, signal.SIGINT: INTERRUPT}
 
 
@@ -69,8 +74,9 @@ def job_end_time(ask_slurm: bool = False) -> float | None:
     if not (ask_slurm and job and squeue):
         return None
     try:
-        out = subprocess.run([squeue, "-h", "-j", job, "-o", "%e"], capture_output=True, text=True,
-                             timeout=30).stdout.strip()
+        out = subprocess.run(
+            [squeue, "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
         return time.mktime(time.strptime(out, "%Y-%m-%dT%H:%M:%S"))  # local time, as squeue prints
     except (OSError, subprocess.SubprocessError, ValueError):
         return None  # no limit ("UNLIMITED"/"N/A") or no answer
@@ -86,8 +92,15 @@ class StopAgreement:
     waits at most about `target_s` plus one step. `check_every=N` votes every N steps.
     """
 
-    def __init__(self, *, check_every: int = 0, end_margin_s: float = 0.0, target_s: float = 1.0,
-                 max_time: float = 0.0, elapsed=None):
+    def __init__(
+        self,
+        *,
+        check_every: int = 0,
+        end_margin_s: float = 0.0,
+        target_s: float = 1.0,
+        max_time: float = 0.0,
+        elapsed=None,
+    ):
         self.check_every, self.target_s = check_every, target_s
         # trainer.max_time against `elapsed()`, the run's training seconds so far (0 = no limit)
         self.max_time, self.elapsed = max_time, elapsed
@@ -119,8 +132,11 @@ class StopAgreement:
                 os._exit(EXIT_INTERRUPTED)
             self._interrupted = True
             if self.rank == 0:
-                os.write(2, b"SIGINT: stopping after the step all ranks agree on, then saving "
-                            b"(Ctrl-C again to exit at once without saving)\n")
+                os.write(
+                    2,
+                    b"SIGINT: stopping after the step all ranks agree on, then saving "
+                    b"(Ctrl-C again to exit at once without saving)\n",
+                )
         self.seen = max(self.seen, reason)
 
     def poll(self, step: int) -> int:

@@ -8,24 +8,33 @@ it is exception-safe: however the loop ends, the profiler stops and writes what 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch.profiler import ProfilerAction, ProfilerActivity, profile, record_function
 
 
 class StepProfiler:
-    def __init__(self, steps: list[int], *, start_step: int, max_steps: int, device: torch.device,
-                 out_dir: Path, rank: int, say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        steps: list[int],
+        *,
+        start_step: int,
+        max_steps: int,
+        device: torch.device,
+        out_dir: Path,
+        rank: int,
+        say: Callable[[str], None] = print,
+    ):
         first, last = (max(steps[0], start_step + 1), min(steps[1], max_steps)) if steps else (1, 0)
         self.first, self.last, self.device = first, last, device
         self.out_dir, self.rank, self.say = out_dir, rank, say
         self.active = first <= last
         self.warmup = self.active and first - 1 > start_step
         self.start_step = start_step
-        self.recorded: Optional[int] = None  # the last step the profiler saw
-        self._prof: Optional[profile] = None
+        self.recorded: int | None = None  # the last step the profiler saw
+        self._prof: profile | None = None
         # regions of each step ("data", "forward", ...): free when nothing profiles this session
         self.label = record_function if self.active else contextlib.nullcontext
 
@@ -37,11 +46,16 @@ class StepProfiler:
             return ProfilerAction.RECORD
         return ProfilerAction.RECORD_AND_SAVE if step == self.last else ProfilerAction.NONE
 
-    def __enter__(self) -> "StepProfiler":
+    def __enter__(self) -> StepProfiler:
         if self.active:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            prof = profile(activities=activities, schedule=self.action, on_trace_ready=self._write,
-                           record_shapes=True, profile_memory=True)
+            prof = profile(
+                activities=activities,
+                schedule=self.action,
+                on_trace_ready=self._write,
+                record_shapes=True,
+                profile_memory=True,
+            )
             # count in the run's steps, so that the trace's ProfilerStep#N is step N (the
             # profiler's counter and the schedule's first answer, as its __init__ set them for 0;
             # tests/test_loop_components.py checks the labels against a torch upgrade)

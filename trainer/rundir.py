@@ -27,7 +27,6 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +41,37 @@ class RunDirLocked(RuntimeError):
 class Holder:
     host: str
     pid: int
-    slurm_job: Optional[str]
+    slurm_job: str | None
     started: float
     heartbeat: float
     token: str
-    launch: Optional[str] = None  # TORCHELASTIC_RUN_ID, when the launcher names its run
+    launch: str | None = None  # TORCHELASTIC_RUN_ID, when the launcher names its run
     restart: int = 0  # TORCHELASTIC_RESTART_COUNT
 
     @classmethod
-    def this_process(cls, slurm_job: Optional[str], now: float) -> "Holder":
+    def this_process(cls, slurm_job: str | None, now: float) -> Holder:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-        return cls(host=socket.gethostname(), pid=os.getpid(), slurm_job=slurm_job, started=now, heartbeat=now,
-                   token=uuid.uuid4().hex, launch=run_id if run_id not in ("", "none") else None,
-                   restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+        return cls(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            slurm_job=slurm_job,
+            started=now,
+            heartbeat=now,
+            token=uuid.uuid4().hex,
+            launch=run_id if run_id not in ("", "none") else None,
+            restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+        )
 
     def describe(self, now: float) -> str:
         job = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return (f"pid {self.pid} on {self.host}{job}, started {started}, "
-                f"last heartbeat {max(0.0, now - self.heartbeat):.0f}s ago")
+        return (
+            f"pid {self.pid} on {self.host}{job}, started {started}, "
+            f"last heartbeat {max(0.0, now - self.heartbeat):.0f}s ago"
+        )
 
 
-def read_holder(path: Path) -> Optional[Holder]:
+def read_holder(path: Path) -> Holder | None:
     try:
         return Holder(**json.loads(path.read_text()))
     except FileNotFoundError:
@@ -112,7 +120,7 @@ def _create(tmp: Path, path: Path) -> bool:
         return True
 
 
-def stale_reason(holder: Holder, me: Holder, stale_s: float, now: float) -> Optional[str]:
+def stale_reason(holder: Holder, me: Holder, stale_s: float, now: float) -> str | None:
     """Why `holder` no longer writes this run dir, or None while it is alive."""
     if now - holder.heartbeat > stale_s:
         return f"no heartbeat for {now - holder.heartbeat:.0f}s (trainer.lock_stale_s={stale_s:g})"
@@ -133,14 +141,15 @@ class RunDirLock:
         self.made_dir = made_dir  # a launch refused before it wrote anything leaves no empty run dir
         for leftover in path.parent.glob(".lock.*.beat"):  # a holder killed mid-heartbeat
             leftover.unlink(missing_ok=True)
-        self.lost: Optional[str] = None
+        self.lost: str | None = None
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="run-dir-lock", daemon=True)
         self._beat.start()
 
     @classmethod
-    def acquire(cls, run_dir: Path, stale_s: float, *, slurm_job: Optional[str] = None,
-                settle_s: float = 0.2) -> "RunDirLock":
+    def acquire(
+        cls, run_dir: Path, stale_s: float, *, slurm_job: str | None = None, settle_s: float = 0.2
+    ) -> RunDirLock:
         made_dir = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK
@@ -162,18 +171,23 @@ class RunDirLock:
                         f"run.dir {run_dir} is in use by another launch ({holder.describe(now)}); "
                         f"two jobs writing one run dir would interleave its checkpoints and logs. Use "
                         f"another run.dir, or wait: a holder that stops its heartbeat is taken over "
-                        f"after trainer.lock_stale_s={stale_s:g}s")
+                        f"after trainer.lock_stale_s={stale_s:g}s"
+                    )
                 log.warning("run.dir %s: taking over the lock of %s: %s", run_dir, holder.describe(now), why)
                 os.replace(tmp, path)
                 # two launches taking over at once: the last rename wins, the other sees it
                 time.sleep(settle_s)
                 now_holder = read_holder(path)
                 if now_holder is None or now_holder.token != me.token:
-                    raise RunDirLocked(f"run.dir {run_dir}: another launch took the stale lock first "
-                                       f"({now_holder.describe(time.time()) if now_holder else 'gone'})")
+                    raise RunDirLocked(
+                        f"run.dir {run_dir}: another launch took the stale lock first "
+                        f"({now_holder.describe(time.time()) if now_holder else 'gone'})"
+                    )
                 return cls(path, me, stale_s, made_dir)
-            raise RunDirLocked(f"run.dir {run_dir}: {path} keeps appearing and vanishing; is another "
-                               "launch starting and stopping in it?")
+            raise RunDirLocked(
+                f"run.dir {run_dir}: {path} keeps appearing and vanishing; is another "
+                "launch starting and stopping in it?"
+            )
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -186,8 +200,11 @@ class RunDirLock:
                 holder = read_holder(self.path)
                 if holder is None or holder.token != self.me.token:
                     self.lost = holder.describe(time.time()) if holder else "no lock file"
-                    log.error("run.dir lock %s was taken over (%s); this launch no longer owns the run "
-                              "dir", self.path, self.lost)
+                    log.error(
+                        "run.dir lock %s was taken over (%s); this launch no longer owns the run dir",
+                        self.path,
+                        self.lost,
+                    )
                     return
                 self.me.heartbeat = time.time()
                 _write(tmp, self.me)
@@ -234,10 +251,13 @@ def record_launch(run_dir: Path, text: str) -> Path:
             n += 1
 
 
-def write_config_record(run_dir: Path, launch: Path, text: str, step: Optional[int]) -> None:
+def write_config_record(run_dir: Path, launch: Path, text: str, step: int | None) -> None:
     """`config.yaml`: the config of `launch`, headed by which launch it is and why it is here."""
-    why = f"the checkpoints from step-{step} on were written with it" if step is not None else \
-        "the run has no checkpoint yet"
+    why = (
+        f"the checkpoints from step-{step} on were written with it"
+        if step is not None
+        else "the run has no checkpoint yet"
+    )
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(f"# {launch.relative_to(run_dir)}: {why}\n{text}")
     os.replace(tmp, run_dir / "config.yaml")

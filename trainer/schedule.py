@@ -17,11 +17,17 @@ class Schedule:
     always_measure_norm: bool = False  # clipping or nonfinite=skip need the norm every step
 
     @classmethod
-    def of(cls, trainer_cfg, *, has_val: bool) -> "Schedule":
+    def of(cls, trainer_cfg, *, has_val: bool) -> Schedule:
         t = trainer_cfg
-        return cls(max_steps=t.max_steps, log_every=t.log_every, eval_every=t.eval_every,
-                   sample_every=t.sample_every, checkpoint_every=t.checkpoint_every, has_val=has_val,
-                   always_measure_norm=t.clip_grad_norm > 0 or t.nonfinite == "skip")
+        return cls(
+            max_steps=t.max_steps,
+            log_every=t.log_every,
+            eval_every=t.eval_every,
+            sample_every=t.sample_every,
+            checkpoint_every=t.checkpoint_every,
+            has_val=has_val,
+            always_measure_norm=t.clip_grad_norm > 0 or t.nonfinite == "skip",
+        )
 
     def should_log(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.max_steps

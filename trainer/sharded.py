@@ -18,8 +18,9 @@ import copy
 import io
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,9 +31,13 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from trainer.checkpoint import check_model_shapes
 from trainer.faults import failpoint
@@ -50,20 +55,37 @@ class _MetadataUnpickler(pickle.Unpickler):
     dotted name such as `filesystem` + `os.system` would reach through a module's imports)."""
 
     _ALLOWED = {
-        ("torch.distributed.checkpoint.metadata", name) for name in (
-            "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-            "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-    } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-         ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-         ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    } | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{METADATA}: refusing to load {module}.{name} (not part of a "
-                                     "DCP index; the file was altered or is not a DCP checkpoint)")
+        raise pickle.UnpicklingError(
+            f"{METADATA}: refusing to load {module}.{name} (not part of a "
+            "DCP index; the file was altered or is not a DCP checkpoint)"
+        )
 
 
 class _WeightsOnlyPlanner(DefaultLoadPlanner):
@@ -120,7 +142,7 @@ class _Writer(FileSystemWriter):
 
 
 @contextlib.contextmanager
-def _plain_errors(rank: Optional[int] = None):
+def _plain_errors(rank: int | None = None):
     """DCP gathers every rank's failure into one CheckpointException, a BaseException: raise the
     underlying error instead (this rank's when it had one), which callers can catch and name."""
     if rank is None:
@@ -135,7 +157,7 @@ def _plain_errors(rank: Optional[int] = None):
         raise exc_ from None
 
 
-def state_of(net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, moments: Optional[bool] = None) -> dict:
+def state_of(net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, moments: bool | None = None) -> dict:
     """The model and optimizer state as DCP saves and loads it: each rank's own tensors
     (DTensor shards under FSDP2), keyed by parameter name. No copies.
 
@@ -200,8 +222,16 @@ class HostStager:
         return copy.deepcopy(value)
 
 
-def writer(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, step: int, rank: int,
-           group, stager: Optional[HostStager] = None) -> Callable[[], list[str]]:
+def writer(
+    path: Path,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int,
+    rank: int,
+    group,
+    stager: HostStager | None = None,
+) -> Callable[[], list[str]]:
     """Prepare this rank's write of `path/state/`; the callable returned writes it (collective
     over `group`) and names the files this rank wrote, relative to `path`.
 
@@ -232,7 +262,7 @@ def owned_files(path: Path, rank: int) -> list[str]:
 
 
 def _model_entries(metadata: Metadata) -> dict[str, Any]:
-    return {k[len(MODEL_PREFIX):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(MODEL_PREFIX)}
+    return {k[len(MODEL_PREFIX) :]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(MODEL_PREFIX)}
 
 
 def check_compatible(metadata: Metadata, model_state: dict, where: Path) -> None:
@@ -246,9 +276,12 @@ def check_compatible(metadata: Metadata, model_state: dict, where: Path) -> None
             return f"{tuple(meta.size)} {str(meta.properties.dtype).removeprefix('torch.')}"
         return "a non-tensor value"
 
-    check_model_shapes(where, {n: tuple(t.shape) for n, t in model_state.items()},
-                       {n: tuple(m.size) if isinstance(m, TensorStorageMetadata) else None for n, m in entries.items()},
-                       saved_as)
+    check_model_shapes(
+        where,
+        {n: tuple(t.shape) for n, t in model_state.items()},
+        {n: tuple(m.size) if isinstance(m, TensorStorageMetadata) else None for n, m in entries.items()},
+        saved_as,
+    )
 
 
 def load(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, group) -> None:
@@ -260,8 +293,13 @@ def load(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
     moments = any(k.startswith("optim.state.") for k in metadata.state_dict_metadata)
     state = state_of(net, optimizer, moments=moments)
     with _plain_errors():
-        dcp.load(state, storage_reader=SafeReader(out), planner=_WeightsOnlyPlanner(), process_group=group,
-                 no_dist=group is None)
+        dcp.load(
+            state,
+            storage_reader=SafeReader(out),
+            planner=_WeightsOnlyPlanner(),
+            process_group=group,
+            no_dist=group is None,
+        )
     set_model_state_dict(net, state["model"])
     set_optimizer_state_dict(net, optimizer, state["optim"])
 
@@ -271,14 +309,12 @@ def model_tensors(metadata: Metadata) -> dict[str, TensorStorageMetadata]:
     return {n: m for n, m in _model_entries(metadata).items() if isinstance(m, TensorStorageMetadata)}
 
 
-def read_model_tensors(state_dir: Path, names: list[str],
-                       metadata: Optional[Metadata] = None) -> dict[str, torch.Tensor]:
+def read_model_tensors(state_dir: Path, names: list[str], metadata: Metadata | None = None) -> dict[str, torch.Tensor]:
     """Whole tensors `names` of the model, read in this process alone (no process group):
     only the bytes of those tensors are read. For exports and tools."""
     metadata = metadata or read_metadata(state_dir)
     specs = model_tensors(metadata)
-    state = {f"{MODEL_PREFIX}{n}": torch.empty(tuple(specs[n].size), dtype=specs[n].properties.dtype)
-             for n in names}
+    state = {f"{MODEL_PREFIX}{n}": torch.empty(tuple(specs[n].size), dtype=specs[n].properties.dtype) for n in names}
     with _plain_errors():
         dcp.load(state, storage_reader=SafeReader(state_dir), planner=_WeightsOnlyPlanner(), no_dist=True)
     return {n: state[f"{MODEL_PREFIX}{n}"] for n in names}
@@ -290,8 +326,7 @@ def read_all(state_dir: Path) -> dict[str, Any]:
 
     state: dict[str, Any] = {}  # filled from the index, as DCP's dcp_to_torch_save does
     with _plain_errors():
-        _load_state_dict(state, storage_reader=SafeReader(state_dir), planner=_WeightsOnlyIndexPlanner(),
-                         no_dist=True)
+        _load_state_dict(state, storage_reader=SafeReader(state_dir), planner=_WeightsOnlyIndexPlanner(), no_dist=True)
     return flatten_state_dict(state)[0]
 
 
@@ -302,7 +337,5 @@ def load_full_model(path: Path, net: torch.nn.Module, *, group) -> None:
 
     state = get_model_state_dict(net)
     with _plain_errors():
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), process_group=group,
-                 no_dist=group is None)
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), process_group=group, no_dist=group is None)
     set_model_state_dict(net, state, options=StateDictOptions(strict=True))
-

@@ -4,7 +4,6 @@ only), backward, then the backend's clip and optimizer step, then the LR schedul
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from accelerate.utils import send_to_device
@@ -13,15 +12,30 @@ from trainer.faults import failpoint, poison
 
 
 class TrainStep:
-    def __init__(self, *, backend, workload, model, optimizer, scheduler, loader, meter,
-                 grad_accum_steps: int, batch_size: int, clip_grad_norm: float, skip_nonfinite: bool, fp16: bool):
+    def __init__(
+        self,
+        *,
+        backend,
+        workload,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        meter,
+        grad_accum_steps: int,
+        batch_size: int,
+        clip_grad_norm: float,
+        skip_nonfinite: bool,
+        fp16: bool,
+    ):
         self.backend, self.workload, self.model = backend, workload, model
         self.optimizer, self.scheduler, self.loader, self.meter = optimizer, scheduler, loader, meter
         self.accum, self.batch_size, self.clip = grad_accum_steps, batch_size, clip_grad_norm
         self.skip_nonfinite, self.fp16 = skip_nonfinite, fp16
 
-    def __call__(self, step: int, *, measure_norm: bool,
-                 label=contextlib.nullcontext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def __call__(
+        self, step: int, *, measure_norm: bool, label=contextlib.nullcontext
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the step's loss over its micro-batches, detached; the global grad norm or None)."""
         b, model = self.backend, self.model
         step_loss = None

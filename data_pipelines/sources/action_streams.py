@@ -31,8 +31,8 @@ would otherwise see runs of them); val and test in stream order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -65,8 +65,7 @@ def prototypes() -> dict[str, np.ndarray]:
 
     background, signature = unit(1)[0], unit(ACTION_CLASSES + 1)
     pair_motion = unit((ACTION_CLASSES + 1) // 2)
-    motion = np.stack([pair_motion[(c - 1) // 2] if c else np.zeros(FEATURE_DIM)
-                       for c in range(ACTION_CLASSES + 1)])
+    motion = np.stack([pair_motion[(c - 1) // 2] if c else np.zeros(FEATURE_DIM) for c in range(ACTION_CLASSES + 1)])
     return {"background": background, "signature": signature, "motion": motion}
 
 
@@ -103,31 +102,37 @@ def windows(features: np.ndarray, labels: np.ndarray) -> Iterator[tuple[int, np.
     padded = np.concatenate([history, features]).astype(np.float16)
     future = np.concatenate([labels, np.full(ANTICIPATION, -1, np.int64)])
     for t in range(length):
-        yield t, padded[t:t + WINDOW], int(labels[t]), future[t + 1:t + 1 + ANTICIPATION].tolist()
+        yield t, padded[t : t + WINDOW], int(labels[t]), future[t + 1 : t + 1 + ANTICIPATION].tolist()
 
 
-def split_streams(split: str, counts: Optional[dict] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def split_streams(split: str, counts: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The streams of one split, as (features, labels)."""
     n_streams, length, seed = (counts or SPLITS)[split]
     protos = prototypes()
     return [stream(np.random.default_rng([seed, i]), length, protos) for i in range(n_streams)]
 
 
-def build(out_dir: str | Path, *, counts: Optional[dict] = None, min_shards: int = 0) -> dict[str, dict]:
+def build(out_dir: str | Path, *, counts: dict | None = None, min_shards: int = 0) -> dict[str, dict]:
     """Write train/val/test shard folders under `out_dir`; returns their manifests.
     `counts` replaces SPLITS (split: (streams, frames per stream, seed)), e.g. for tests."""
     manifests = {}
-    for split in (counts or SPLITS):
+    for split in counts or SPLITS:
         samples = []
         for s, (features, labels) in enumerate(split_streams(split, counts)):
             for t, window, label, future in windows(features, labels):
-                samples.append({"__key__": f"{split}-s{s:03d}-f{t:05d}", "npy": window,
-                                "json": {"stream": s, "frame": t, "label": label, "future": future}})
+                samples.append(
+                    {
+                        "__key__": f"{split}-s{s:03d}-f{t:05d}",
+                        "npy": window,
+                        "json": {"stream": s, "frame": t, "label": label, "future": future},
+                    }
+                )
         if split == "train":
             order = np.random.default_rng([PROTOTYPE_SEED, 7]).permutation(len(samples))
             samples = [samples[i] for i in order]
-        manifests[split] = write_shards(iter(samples), Path(out_dir) / split,
-                                        maxcount=samples_per_shard(len(samples), SHARDS_PER_SPLIT, min_shards))
+        manifests[split] = write_shards(
+            iter(samples), Path(out_dir) / split, maxcount=samples_per_shard(len(samples), SHARDS_PER_SPLIT, min_shards)
+        )
     return manifests
 
 

@@ -28,7 +28,7 @@ def split_indices() -> dict[str, np.ndarray]:
     perm = np.random.default_rng(0).permutation(sum(SPLITS.values()))
     out, start = {}, 0
     for name, n in SPLITS.items():
-        out[name] = np.sort(perm[start:start + n])
+        out[name] = np.sort(perm[start : start + n])
         start += n
     return out
 
@@ -40,9 +40,15 @@ def build(out_dir: str | Path, *, min_shards: int = 0) -> dict[str, dict]:
     manifests = {}
     for split, idx in split_indices().items():
         per_shard = samples_per_shard(len(idx), SHARDS[split], min_shards)
-        samples = ({"__key__": f"digit{i:04d}", "png": images[i] * 255, "cls": int(labels[i]),
-                    "json": {"index": int(i), "label": int(labels[i]), "threshold": THRESHOLD}}
-                   for i in idx)
+        samples = (
+            {
+                "__key__": f"digit{i:04d}",
+                "png": images[i] * 255,
+                "cls": int(labels[i]),
+                "json": {"index": int(i), "label": int(labels[i]), "threshold": THRESHOLD},
+            }
+            for i in idx
+        )
         manifests[split] = write_shards(samples, Path(out_dir) / split, maxcount=per_shard)
     return manifests
 

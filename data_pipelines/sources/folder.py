@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -36,20 +36,23 @@ SHOWN = 5  # names listed per kind of problem
 class FolderScan:
     root: Path
     samples: dict[str, dict[str, Path]] = field(default_factory=dict)  # key -> {field: file}
-    no_caption: list[str] = field(default_factory=list)   # images without a .txt
-    no_image: list[str] = field(default_factory=list)     # sidecars without an image
-    other_files: int = 0                                   # neither images nor sidecars
+    no_caption: list[str] = field(default_factory=list)  # images without a .txt
+    no_image: list[str] = field(default_factory=list)  # sidecars without an image
+    other_files: int = 0  # neither images nor sidecars
 
     def problems(self) -> list[str]:
         lines = []
-        for names, what in ((self.no_caption, "image(s) without a .txt caption"),
-                            (self.no_image, "sidecar file(s) without an image")):
+        for names, what in (
+            (self.no_caption, "image(s) without a .txt caption"),
+            (self.no_image, "sidecar file(s) without an image"),
+        ):
             if names:
                 more = f", ... ({len(names) - SHOWN} more)" if len(names) > SHOWN else ""
                 lines.append(f"{self.root}: {len(names)} {what}: {', '.join(names[:SHOWN])}{more}")
         if self.other_files:
-            lines.append(f"{self.root}: {self.other_files} other file(s) ignored "
-                         "(neither images nor .txt/.json sidecars)")
+            lines.append(
+                f"{self.root}: {self.other_files} other file(s) ignored (neither images nor .txt/.json sidecars)"
+            )
         return lines
 
 
@@ -108,9 +111,15 @@ def _read_sample(key: str, files: dict[str, Path]) -> dict:
     return sample
 
 
-def folder_to_shards(root: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     require_caption: bool = False, maxcount: int = 10_000,
-                     maxsize: float = 256e6, min_shards: int = 0) -> dict:
+def folder_to_shards(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    require_caption: bool = False,
+    maxcount: int = 10_000,
+    maxsize: float = 256e6,
+    min_shards: int = 0,
+) -> dict:
     """Write the image/sidecar pairs under `root` as shards (at least `min_shards` of
     them where there are that many images); returns the manifest.
 

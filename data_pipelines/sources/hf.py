@@ -12,8 +12,9 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -55,7 +56,7 @@ def check_field(field: str, column: str) -> str:
     return f"{prefix}.{ext}" if prefix else ext
 
 
-def _auto_extension(feature) -> Optional[str]:
+def _auto_extension(feature) -> str | None:
     import datasets as hf
 
     if isinstance(feature, hf.Image):
@@ -90,11 +91,12 @@ def auto_columns(features) -> dict[str, str]:
     for name, feature in features.items():
         exts[name] = _auto_extension(feature)
         if exts[name] is None:
-            raise ValueError(f"column '{name}' ({feature!r}) has no automatic extension; "
-                             "pass --columns to choose the columns and their extensions")
+            raise ValueError(
+                f"column '{name}' ({feature!r}) has no automatic extension; "
+                "pass --columns to choose the columns and their extensions"
+            )
     shared = {e for e, n in Counter(exts.values()).items() if n > 1}
-    return {name: f"{safe_key(name).lower()}.{ext}" if ext in shared else ext
-            for name, ext in exts.items()}
+    return {name: f"{safe_key(name).lower()}.{ext}" if ext in shared else ext for name, ext in exts.items()}
 
 
 def _encode_image(value: Any, ext: str) -> bytes:
@@ -139,9 +141,16 @@ def encode_value(value: Any, field: str) -> bytes:
     raise ValueError(f"unknown extension '{ext}'")
 
 
-def dataset_to_shards(ds, out_dir: str | os.PathLike, *, columns: Optional[dict[str, str]] = None,
-                      key_column: Optional[str] = None, maxcount: int = 10_000,
-                      maxsize: float = 256e6, min_shards: int = 0) -> dict:
+def dataset_to_shards(
+    ds,
+    out_dir: str | os.PathLike,
+    *,
+    columns: dict[str, str] | None = None,
+    key_column: str | None = None,
+    maxcount: int = 10_000,
+    maxsize: float = 256e6,
+    min_shards: int = 0,
+) -> dict:
     """Write a `datasets.Dataset` as shards with a manifest (at least `min_shards` shards
     where it has that many rows); returns the manifest.
 
@@ -153,11 +162,9 @@ def dataset_to_shards(ds, out_dir: str | os.PathLike, *, columns: Optional[dict[
 
     if len(ds) == 0:
         raise ValueError("the dataset has no rows")
-    columns = ({c: check_field(f, c) for c, f in columns.items()} if columns
-               else auto_columns(ds.features))
+    columns = {c: check_field(f, c) for c, f in columns.items()} if columns else auto_columns(ds.features)
     if len(set(columns.values())) < len(columns):
-        raise ValueError(f"two columns map to the same field: {columns}; name one, e.g. "
-                         "'url:url.txt'")
+        raise ValueError(f"two columns map to the same field: {columns}; name one, e.g. 'url:url.txt'")
     needed = list(dict.fromkeys([*columns, *([key_column] if key_column else [])]))
     for name in needed:
         if name not in ds.features:
@@ -182,8 +189,9 @@ def dataset_to_shards(ds, out_dir: str | os.PathLike, *, columns: Optional[dict[
                 try:
                     sample[field] = encode_value(row[name], field)
                 except Exception as exc:
-                    raise ValueError(f"row {i} (key '{key}'), column '{name}' -> {field}: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+                    raise ValueError(
+                        f"row {i} (key '{key}'), column '{name}' -> {field}: {type(exc).__name__}: {exc}"
+                    ) from exc
             if len(sample) > 1:
                 yield sample
             else:
@@ -192,15 +200,13 @@ def dataset_to_shards(ds, out_dir: str | os.PathLike, *, columns: Optional[dict[
     maxcount = min(maxcount, samples_per_shard(len(ds), 1, min_shards))
     manifest = write_shards(samples(), out_dir, maxcount=maxcount, maxsize=maxsize)
     for name, n in nulls.items():
-        log.warning("column '%s': %d null value(s); those samples have no '%s' field",
-                    name, n, columns[name])
+        log.warning("column '%s': %d null value(s); those samples have no '%s' field", name, n, columns[name])
     if empty_rows:
-        log.warning("%d row(s) with nothing but nulls left out (first: key '%s')",
-                    len(empty_rows), empty_rows[0])
+        log.warning("%d row(s) with nothing but nulls left out (first: key '%s')", len(empty_rows), empty_rows[0])
     return manifest
 
 
-def load_source(source: str, split: Optional[str] = None):
+def load_source(source: str, split: str | None = None):
     """A `save_to_disk` folder, another local folder `load_dataset` understands (parquet,
     csv, imagefolder, ...) or a hub name; a DatasetDict is narrowed to `split`."""
     import datasets as hf

@@ -10,20 +10,28 @@ mean drops the posterior's per-step sampling noise, which is small for a KL-regu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import webdataset as wds
 
+from data_pipelines.decode import image_tensor
 from data_pipelines.shards import samples_per_shard, write_shards
 from data_pipelines.stream import resolve_shards
-from data_pipelines.decode import image_tensor
 
 
 @torch.no_grad()
-def precompute(src: str, out_dir: str | Path, *, vae_dir: str, image_size: int, pretrained: str = "",
-               batch: int = 64, maxcount: int = 0, min_shards: int = 0,
-               device: Optional[str] = None) -> dict:
+def precompute(
+    src: str,
+    out_dir: str | Path,
+    *,
+    vae_dir: str,
+    image_size: int,
+    pretrained: str = "",
+    batch: int = 64,
+    maxcount: int = 0,
+    min_shards: int = 0,
+    device: str | None = None,
+) -> dict:
     from diffusers import AutoencoderKL
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -51,8 +59,13 @@ def precompute(src: str, out_dir: str | Path, *, vae_dir: str, image_size: int, 
             latents = (vae.encode(images).latent_dist.mean * scale).float().cpu().numpy()
             states = None
             if text_encoder is not None:
-                ids = tok([s["txt"].decode("utf-8") for s in pending], padding="max_length", truncation=True,
-                          max_length=tok.model_max_length, return_tensors="pt").input_ids.to(dev)
+                ids = tok(
+                    [s["txt"].decode("utf-8") for s in pending],
+                    padding="max_length",
+                    truncation=True,
+                    max_length=tok.model_max_length,
+                    return_tensors="pt",
+                ).input_ids.to(dev)
                 states = text_encoder(ids)[0].half().cpu().numpy()
             for i, s in enumerate(pending):
                 out = {"__key__": s["__key__"], "latent.npy": latents[i], "txt": s["txt"]}
@@ -76,5 +89,8 @@ def precompute(src: str, out_dir: str | Path, *, vae_dir: str, image_size: int, 
 
 
 def precompute_splits(src_root: str | Path, out_root: str | Path, splits=("train", "val", "test"), **kw) -> dict:
-    return {s: precompute(str(Path(src_root) / s), Path(out_root) / s, **kw)
-            for s in splits if (Path(src_root) / s).is_dir()}
+    return {
+        s: precompute(str(Path(src_root) / s), Path(out_root) / s, **kw)
+        for s in splits
+        if (Path(src_root) / s).is_dir()
+    }

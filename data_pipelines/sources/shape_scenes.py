@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,8 +34,9 @@ def scene(rng: random.Random, size: int = SIZE, max_objects: int = MAX_OBJECTS) 
             x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
             box = [x0, y0, x0 + side, y0 + side]
             # a 1-pixel gap at least between boxes: every object is whole and separate
-            if all(box[0] > b[2] or b[0] > box[2] or box[1] > b[3] or b[1] > box[3]
-                   for b in (o["box"] for o in objects)):
+            if all(
+                box[0] > b[2] or b[0] > box[2] or box[1] > b[3] or b[1] > box[3] for b in (o["box"] for o in objects)
+            ):
                 break
         else:
             continue
@@ -46,15 +46,16 @@ def scene(rng: random.Random, size: int = SIZE, max_objects: int = MAX_OBJECTS) 
     return img, {"size": size, "objects": objects}
 
 
-def build(out_dir: str | Path, *, counts: Optional[dict] = None, min_shards: int = 0) -> dict:
+def build(out_dir: str | Path, *, counts: dict | None = None, min_shards: int = 0) -> dict:
     manifests = {}
     for split, (n, seed) in (counts or SPLITS).items():
         rng = random.Random(f"shape-scenes-{seed}")
 
-        def samples():
+        def samples(split=split, n=n, rng=rng):
             for i in range(n):
                 img, record = scene(rng)
                 yield {"__key__": f"{split}{i:06d}", "png": np.asarray(img), "json": record}
+
         manifests[split] = write_shards(samples(), Path(out_dir) / split, maxcount=samples_per_shard(n, 8, min_shards))
     return manifests
 

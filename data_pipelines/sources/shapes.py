@@ -13,18 +13,31 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from data_pipelines.shards import MANIFEST, samples_per_shard, write_shards
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-          "yellow": (235, 200, 30), "purple": (150, 60, 190)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (150, 60, 190),
+}
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0, 1), "center": (1, 1),
-             "right": (2, 1), "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
+POSITIONS = {
+    "top left": (0, 0),
+    "top": (1, 0),
+    "top right": (2, 0),
+    "left": (0, 1),
+    "center": (1, 1),
+    "right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom": (1, 2),
+    "bottom right": (2, 2),
+}
 BACKGROUND = (240, 240, 240)
 SPLITS = {"train": (5000, 0), "val": (500, 1), "test": (500, 2)}
 
@@ -77,8 +90,9 @@ def write_palette(path: str | Path) -> Path:
     return Path(path)
 
 
-def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: Optional[dict] = None,
-          min_shards: int = 0) -> dict:
+def build(
+    out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: dict | None = None, min_shards: int = 0
+) -> dict:
     """Write the splits, `palette.json`, `prompts.txt`, then a CLIP BPE tokenizer trained on the train captions
     into `out_dir/tokenizer` (trained once here and shipped with the shards: docs/platform-notes.md)."""
     from data_pipelines.tokenizer import train_clip_bpe
@@ -87,12 +101,13 @@ def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: O
     for split, (n, seed) in (counts or SPLITS).items():
         rng = random.Random(f"shapes-{seed}-{size}-{max_shapes}")
 
-        def samples():
+        def samples(split=split, n=n, rng=rng):
             for i in range(n):
                 img, caption, record = draw(rng, size, max_shapes)
                 if split == "train":
                     captions.append(caption)
                 yield {"__key__": f"{split}{i:06d}", "png": np.asarray(img), "txt": caption, "json": record}
+
         manifests[split] = write_shards(samples(), Path(out_dir) / split, maxcount=samples_per_shard(n, 8, min_shards))
     write_palette(Path(out_dir) / "palette.json")
     (Path(out_dir) / "prompts.txt").write_text("\n".join(prompts(len(COLORS) * len(SHAPES) * len(POSITIONS))) + "\n")
@@ -101,6 +116,9 @@ def build(out_dir: str | Path, *, size: int = 32, max_shapes: int = 1, counts: O
 
 
 def is_built(out_dir: str | Path) -> bool:
-    return (all((Path(out_dir) / split / MANIFEST).exists() for split in SPLITS)
-            and (Path(out_dir) / "palette.json").exists() and (Path(out_dir) / "prompts.txt").exists()
-            and (Path(out_dir) / "tokenizer" / "merges.txt").exists())
+    return (
+        all((Path(out_dir) / split / MANIFEST).exists() for split in SPLITS)
+        and (Path(out_dir) / "palette.json").exists()
+        and (Path(out_dir) / "prompts.txt").exists()
+        and (Path(out_dir) / "tokenizer" / "merges.txt").exists()
+    )

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import math
 import sysconfig
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
 
 from data_pipelines.shards import write_shards
 
@@ -38,8 +38,9 @@ class Document:
 def stdlib_documents() -> list[Document]:
     """The standard library's Python sources (site-packages excluded) and pydoc topics."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if p.is_file() and "site-packages" not in p.parts and "__pycache__" not in p.parts)
+    files = sorted(
+        p for p in root.rglob("*.py") if p.is_file() and "site-packages" not in p.parts and "__pycache__" not in p.parts
+    )
     docs = [Document(p.relative_to(root).as_posix(), p.stat().st_size, p.read_bytes) for p in files]
     try:
         from pydoc_data.topics import topics
@@ -59,7 +60,7 @@ def folder_documents(folder: Path, pattern: str) -> list[Document]:
     return [Document(p.relative_to(folder).as_posix(), p.stat().st_size, p.read_bytes) for p in files]
 
 
-def datasets_documents(source: str, column: str, split: Optional[str]) -> list[Document]:
+def datasets_documents(source: str, column: str, split: str | None) -> list[Document]:
     from data_pipelines.sources.hf import load_source
 
     ds = load_source(source, split)
@@ -85,7 +86,7 @@ class Windows:
         n = self.seq_len
         start = 0
         while len(self.buf) - start >= n + 1:
-            yield bytes(self.buf[start:start + n + 1])
+            yield bytes(self.buf[start : start + n + 1])
             self.emitted += 1
             start += n
         del self.buf[:start]
@@ -110,13 +111,22 @@ def _bar(total_bytes: int, desc: str):
     """A byte progress bar for splits big enough to take more than a few seconds."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, mininterval=1.0,
-                disable=total_bytes < 50e6)
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, mininterval=1.0, disable=total_bytes < 50e6)
 
 
-def build(source: str, out_dir: str | Path, *, seq_len: int, val_fraction: float = 0.02,
-          test_fraction: float = 0.02, pattern: str = "*", column: Optional[str] = None,
-          split: Optional[str] = None, min_shards: int = 16, maxsize: float = 256e6) -> dict:
+def build(
+    source: str,
+    out_dir: str | Path,
+    *,
+    seq_len: int,
+    val_fraction: float = 0.02,
+    test_fraction: float = 0.02,
+    pattern: str = "*",
+    column: str | None = None,
+    split: str | None = None,
+    min_shards: int = 16,
+    maxsize: float = 256e6,
+) -> dict:
     """Write `out_dir/{train,val,test}` shard folders; returns {split: manifest + stats}.
 
     Shards are sized so that each split has at least `min_shards` of them where it has
@@ -153,6 +163,7 @@ def build(source: str, out_dir: str | Path, *, seq_len: int, val_fraction: float
                     left -= len(data)
                     bar.update(len(data))
                     yield data
+
         sizes = {k: hi - lo for k, (lo, hi) in ranges.items()}
     else:
         by_split: dict[str, list[Document]] = {k: [] for k in SPLITS}
@@ -174,12 +185,15 @@ def build(source: str, out_dir: str | Path, *, seq_len: int, val_fraction: float
             continue
         maxcount = max(1, math.ceil(expected / min_shards))
         try:
-            m = write_shards(_samples(chunks(name), seq_len, name, stats), out / name,
-                             maxcount=maxcount, maxsize=maxsize)
+            m = write_shards(
+                _samples(chunks(name), seq_len, name, stats), out / name, maxcount=maxcount, maxsize=maxsize
+            )
         except ValueError as exc:
             if "no samples" in str(exc):
-                raise ValueError(f"{source}: the {name} split has {sizes[name]} bytes, fewer than "
-                                 f"one window of --seq-len {seq_len} + 1") from None
+                raise ValueError(
+                    f"{source}: the {name} split has {sizes[name]} bytes, fewer than "
+                    f"one window of --seq-len {seq_len} + 1"
+                ) from None
             raise
         manifests[name] = {**m, **stats[name]}
     return manifests

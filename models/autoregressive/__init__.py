@@ -18,7 +18,6 @@ from models.autoregressive.nets import FVSBN, MADE, NADE, ARNet, Factorized, ber
 from models.base import Workload
 from models.registry import register
 
-
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 
 
@@ -30,7 +29,7 @@ class BinaryImageDensity(Workload):
 
     @property
     def dims(self) -> int:
-        return self.cfg.image_size ** 2
+        return self.cfg.image_size**2
 
     def build_net(self) -> ARNet:
         raise NotImplementedError
@@ -41,8 +40,10 @@ class BinaryImageDensity(Workload):
     def decode(self, sample: dict) -> torch.Tensor:
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
         if field is None:
-            raise KeyError(f"no image field ({'/'.join(IMAGE_FIELDS)}); the sample has "
-                           f"{sorted(k for k in sample if not k.startswith('__'))}")
+            raise KeyError(
+                f"no image field ({'/'.join(IMAGE_FIELDS)}); the sample has "
+                f"{sorted(k for k in sample if not k.startswith('__'))}"
+            )
         img = np.asarray(Image.open(io.BytesIO(sample[field])).convert("L"))
         size = self.cfg.image_size
         if img.shape != (size, size):

@@ -74,8 +74,8 @@ class NADE(ARNet):
         self.b = nn.Parameter(torch.zeros(dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        contrib = x.unsqueeze(-1) * self.W.t()                   # (B, D, H): W[:, j] x_j
-        a = self.c + torch.cumsum(contrib, dim=1) - contrib     # sum over j < i
+        contrib = x.unsqueeze(-1) * self.W.t()  # (B, D, H): W[:, j] x_j
+        a = self.c + torch.cumsum(contrib, dim=1) - contrib  # sum over j < i
         h = torch.sigmoid(a)
         return (h * self.V).sum(-1) + self.b
 
@@ -108,8 +108,7 @@ class MADE(ARNet):
             degrees.append(torch.randint(low, dims, (h,), generator=g))
         layers: list[nn.Module] = []
         for d_in, d_out in zip(degrees[:-1], degrees[1:]):
-            layers += [MaskedLinear(len(d_in), len(d_out), (d_out[:, None] >= d_in[None, :]).float()),
-                       nn.ReLU()]
+            layers += [MaskedLinear(len(d_in), len(d_out), (d_out[:, None] >= d_in[None, :]).float()), nn.ReLU()]
         out_mask = (degrees[0][:, None] > degrees[-1][None, :]).float()
         layers.append(MaskedLinear(len(degrees[-1]), dims, out_mask))
         self.net = nn.Sequential(*layers)

@@ -20,17 +20,29 @@ from models.detr.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)  # COCO's 0.5:0.95
 
 
-def matching_cost(probs: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
-                  *, w_class: float = 1.0, w_l1: float = 5.0, w_giou: float = 2.0) -> torch.Tensor:
+def matching_cost(
+    probs: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    w_class: float = 1.0,
+    w_l1: float = 5.0,
+    w_giou: float = 2.0,
+) -> torch.Tensor:
     """(Q, G) cost of giving query q object g. probs (Q, C+1) softmax; boxes (Q, 4) and
     targets (G, 4) in normalized cx, cy, w, h; labels (G,)."""
-    return (-w_class * probs[:, labels] + w_l1 * torch.cdist(boxes, targets, p=1)
-            - w_giou * generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(targets)))
+    return (
+        -w_class * probs[:, labels]
+        + w_l1 * torch.cdist(boxes, targets, p=1)
+        - w_giou * generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(targets))
+    )
 
 
 @torch.no_grad()
-def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, labels: list[torch.Tensor],
-                    targets: list[torch.Tensor], **weights) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def hungarian_match(
+    logits: torch.Tensor, boxes: torch.Tensor, labels: list[torch.Tensor], targets: list[torch.Tensor], **weights
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image, (query indices, object indices) of the cheapest one-to-one assignment.
     logits (B, Q, C+1), boxes (B, Q, 4); labels[i] (G_i,), targets[i] (G_i, 4)."""
     b, q = logits.shape[:2]
@@ -39,20 +51,35 @@ def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, labels: list[torc
     if sum(sizes) == 0:
         return out
     # every query against every object of the batch in one go, then one block per image
-    cost = matching_cost(logits.float().softmax(-1).flatten(0, 1), boxes.float().flatten(0, 1),
-                         torch.cat(labels), torch.cat(targets).float(), **weights).view(b, q, -1).cpu().numpy()
+    cost = (
+        matching_cost(
+            logits.float().softmax(-1).flatten(0, 1),
+            boxes.float().flatten(0, 1),
+            torch.cat(labels),
+            torch.cat(targets).float(),
+            **weights,
+        )
+        .view(b, q, -1)
+        .cpu()
+        .numpy()
+    )
     start = 0
     for i, n in enumerate(sizes):
         if n:
-            rows, cols = linear_sum_assignment(cost[i, :, start:start + n])
+            rows, cols = linear_sum_assignment(cost[i, :, start : start + n])
             out[i] = (torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long))
         start += n
     return out
 
 
-def match_detections(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
-                     gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
-                     thresholds=IOU_THRESHOLDS) -> np.ndarray:
+def match_detections(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    thresholds=IOU_THRESHOLDS,
+) -> np.ndarray:
     """(T, D) booleans: detection d is a true positive at IoU threshold t. One image; boxes
     xyxy; each object is claimed by at most one detection per threshold."""
     thresholds = np.asarray(thresholds, dtype=np.float64)

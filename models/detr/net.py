@@ -22,8 +22,15 @@ class Backbone(nn.Module):
     def __init__(self, width: int, d_model: int):
         super().__init__()
         w = width
-        self.net = nn.Sequential(conv(3, w, 2), conv(w, w, 1), conv(w, 2 * w, 2), conv(2 * w, 2 * w, 1),
-                                 conv(2 * w, 4 * w, 2), conv(4 * w, 4 * w, 1), nn.Conv2d(4 * w, d_model, 1))
+        self.net = nn.Sequential(
+            conv(3, w, 2),
+            conv(w, w, 1),
+            conv(w, 2 * w, 2),
+            conv(2 * w, 2 * w, 1),
+            conv(2 * w, 4 * w, 2),
+            conv(4 * w, 4 * w, 1),
+            nn.Conv2d(4 * w, d_model, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -71,8 +78,7 @@ class DecoderLayer(nn.Module):
     def forward(self, tgt, memory, pos, query_pos):
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.drop(self.self_attn(q, q, tgt, need_weights=False)[0]))
-        tgt = self.norm2(tgt + self.drop(self.cross_attn(tgt + query_pos, memory + pos, memory,
-                                                         need_weights=False)[0]))
+        tgt = self.norm2(tgt + self.drop(self.cross_attn(tgt + query_pos, memory + pos, memory, need_weights=False)[0]))
         return self.norm3(tgt + self.drop(self.ffn(tgt)))
 
 
@@ -81,8 +87,19 @@ class DETR(nn.Module):
     layers, last layer last; boxes are normalized (cx, cy, w, h) in (0, 1); logit C is
     "no object"."""
 
-    def __init__(self, *, num_classes: int, num_queries: int, d_model: int, heads: int, enc_layers: int,
-                 dec_layers: int, ffn: int, dropout: float, backbone_width: int):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        num_queries: int,
+        d_model: int,
+        heads: int,
+        enc_layers: int,
+        dec_layers: int,
+        ffn: int,
+        dropout: float,
+        backbone_width: int,
+    ):
         super().__init__()
         self.backbone = Backbone(backbone_width, d_model)
         self.encoder = nn.ModuleList(EncoderLayer(d_model, heads, ffn, dropout) for _ in range(enc_layers))
@@ -90,8 +107,13 @@ class DETR(nn.Module):
         self.decoder_norm = nn.LayerNorm(d_model)
         self.queries = nn.Embedding(num_queries, d_model)
         self.class_head = nn.Linear(d_model, num_classes + 1)
-        self.box_head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(inplace=True),
-                                      nn.Linear(d_model, d_model), nn.ReLU(inplace=True), nn.Linear(d_model, 4))
+        self.box_head = nn.Sequential(
+            nn.Linear(d_model, d_model),
+            nn.ReLU(inplace=True),
+            nn.Linear(d_model, d_model),
+            nn.ReLU(inplace=True),
+            nn.Linear(d_model, 4),
+        )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.backbone(images)

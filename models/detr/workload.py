@@ -21,7 +21,6 @@ import io
 import itertools
 import json
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -30,13 +29,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
+from data_pipelines.decode import IMAGE_FIELDS, fields  # not image_tensor: its resize and crop would move the boxes
 from models import average_precision as AP
 from models.base import Workload
 from models.detr.boxes import cxcywh_to_xyxy, generalized_box_iou
 from models.detr.matching import IOU_THRESHOLDS, hungarian_match, match_detections
 from models.detr.net import DETR
 from models.registry import register
-from data_pipelines.decode import IMAGE_FIELDS, fields  # not image_tensor: its resize and crop would move the boxes
 
 
 @dataclass(kw_only=True)
@@ -67,13 +66,16 @@ class DETRConfig:
 def _fields(sample: dict) -> tuple[bytes, dict]:
     image = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
     if image is None or "json" not in sample:
-        raise KeyError(f"sample {sample.get('__key__', '?')}: a detection sample needs an image "
-                       f"({'/'.join(IMAGE_FIELDS)}) and a 'json' record of its objects; it has {fields(sample)}")
+        raise KeyError(
+            f"sample {sample.get('__key__', '?')}: a detection sample needs an image "
+            f"({'/'.join(IMAGE_FIELDS)}) and a 'json' record of its objects; it has {fields(sample)}"
+        )
     return image, json.loads(sample["json"])
 
 
-def detection_histograms(scores, classes, boxes, gt_labels: list, gt_boxes: list, num_classes: int,
-                         bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def detection_histograms(
+    scores, classes, boxes, gt_labels: list, gt_boxes: list, num_classes: int, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Additive AP statistics of a batch: (num_classes, thresholds, 2, bins) true/false
     positive counts by score, and the (num_classes,) object counts. scores, classes (B, D)
     and boxes (B, D, 4) xyxy are the detections; gt_* one tensor per image (boxes xyxy)."""
@@ -95,12 +97,16 @@ def map_from_histograms(hist: torch.Tensor, n_gt: torch.Tensor) -> dict[str, flo
     """COCO's summary numbers from `detection_histograms` sums: AP at IoU 0.5 and 0.75 and
     averaged over 0.5:0.95, each the mean over classes that have objects."""
     hist, n_gt = torch.as_tensor(hist), torch.as_tensor(n_gt)
-    ap = [[AP.average_precision_from_histograms(hist[k, j], float(n_gt[k])) for j in range(hist.shape[1])]
-          for k in range(hist.shape[0])]
+    ap = [
+        [AP.average_precision_from_histograms(hist[k, j], float(n_gt[k])) for j in range(hist.shape[1])]
+        for k in range(hist.shape[0])
+    ]
     at = list(IOU_THRESHOLDS)
-    return {"map50": AP.mean_ignoring_nan(row[at.index(0.5)] for row in ap),
-            "map75": AP.mean_ignoring_nan(row[at.index(0.75)] for row in ap),
-            "map50_95": AP.mean_ignoring_nan(AP.mean_ignoring_nan(row) for row in ap)}
+    return {
+        "map50": AP.mean_ignoring_nan(row[at.index(0.5)] for row in ap),
+        "map75": AP.mean_ignoring_nan(row[at.index(0.75)] for row in ap),
+        "map50_95": AP.mean_ignoring_nan(AP.mean_ignoring_nan(row) for row in ap),
+    }
 
 
 @register("detr")
@@ -112,9 +118,17 @@ class DETRWorkload(Workload):
 
     def build_model(self) -> nn.Module:
         c = self.cfg
-        return DETR(num_classes=c.num_classes, num_queries=c.num_queries, d_model=c.d_model, heads=c.heads,
-                    enc_layers=c.enc_layers, dec_layers=c.dec_layers, ffn=c.ffn, dropout=c.dropout,
-                    backbone_width=c.backbone_width)
+        return DETR(
+            num_classes=c.num_classes,
+            num_queries=c.num_queries,
+            d_model=c.d_model,
+            heads=c.heads,
+            enc_layers=c.enc_layers,
+            dec_layers=c.dec_layers,
+            ffn=c.ffn,
+            dropout=c.dropout,
+            backbone_width=c.backbone_width,
+        )
 
     # ---------------------------------------------------------------- data
     def decode(self, sample: dict) -> dict:
@@ -130,19 +144,25 @@ class DETRWorkload(Workload):
         labels = torch.tensor([o["label"] for o in objects], dtype=torch.long)
         boxes = torch.tensor([o["box"] for o in objects], dtype=torch.float32).reshape(-1, 4)
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < self.cfg.num_classes):
-            raise ValueError(f"sample {key}: labels {labels.tolist()} outside 0..{self.cfg.num_classes - 1} "
-                             f"(model.num_classes)")
+            raise ValueError(
+                f"sample {key}: labels {labels.tolist()} outside 0..{self.cfg.num_classes - 1} (model.num_classes)"
+            )
         if boxes.numel() and not ((boxes[:, 2:] > boxes[:, :2]).all() and boxes.min() >= 0 and boxes.max() <= s):
-            raise ValueError(f"sample {key}: boxes {boxes.tolist()} are not x0 < x1, y0 < y1 inside the "
-                             f"{s}x{s} image")
+            raise ValueError(f"sample {key}: boxes {boxes.tolist()} are not x0 < x1, y0 < y1 inside the {s}x{s} image")
         image = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
-        return {"image": image, "labels": labels,
-                "boxes": torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1) / s}
+        return {
+            "image": image,
+            "labels": labels,
+            "boxes": torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1) / s,
+        }
 
     def collate(self, samples: list) -> dict:
         """Images stacked; labels and boxes stay one tensor per image (no padding to get wrong)."""
-        return {"images": torch.stack([x["image"] for x in samples]),
-                "labels": [x["labels"] for x in samples], "boxes": [x["boxes"] for x in samples]}
+        return {
+            "images": torch.stack([x["image"] for x in samples]),
+            "labels": [x["labels"] for x in samples],
+            "boxes": [x["boxes"] for x in samples],
+        }
 
     # ---------------------------------------------------------------- loss
     def match(self, logits: torch.Tensor, boxes: torch.Tensor, labels: list, targets: list) -> list:
@@ -150,9 +170,16 @@ class DETRWorkload(Workload):
         (L, B, Q, 4) -> L lists of B (query, object) index pairs. One cost matrix, so one
         device-to-host copy per step rather than one per layer."""
         c, n_layers, b = self.cfg, logits.shape[0], logits.shape[1]
-        flat = hungarian_match(logits.flatten(0, 1), boxes.flatten(0, 1), labels * n_layers, targets * n_layers,
-                               w_class=c.cost_class, w_l1=c.cost_l1, w_giou=c.cost_giou)
-        return [flat[i * b:(i + 1) * b] for i in range(n_layers)]
+        flat = hungarian_match(
+            logits.flatten(0, 1),
+            boxes.flatten(0, 1),
+            labels * n_layers,
+            targets * n_layers,
+            w_class=c.cost_class,
+            w_l1=c.cost_l1,
+            w_giou=c.cost_giou,
+        )
+        return [flat[i * b : (i + 1) * b] for i in range(n_layers)]
 
     @staticmethod
     def num_boxes(labels: list, device: torch.device, *, across_ranks: bool = False) -> torch.Tensor:
@@ -167,8 +194,15 @@ class DETRWorkload(Workload):
             n = n / dist.get_world_size()
         return n.clamp(min=1)
 
-    def set_loss(self, logits: torch.Tensor, boxes: torch.Tensor, labels: list, targets: list,
-                 match: Optional[list] = None, num_boxes: Optional[torch.Tensor] = None) -> dict:
+    def set_loss(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        labels: list,
+        targets: list,
+        match: list | None = None,
+        num_boxes: torch.Tensor | None = None,
+    ) -> dict:
         """The set loss of one decoder layer's output: logits (B, Q, C+1), boxes (B, Q, 4);
         `match` from `match`, else matched here; the box losses are sums divided by
         `num_boxes` (default: this batch's object count, at least 1)."""
@@ -189,8 +223,7 @@ class DETRWorkload(Workload):
         pred = boxes[bi, qi].float()
         l1 = (pred - gt_boxes).abs().sum() / n
         giou = (1 - generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt_boxes)).diagonal()).sum() / n
-        return {"ce": ce, "l1": l1, "giou": giou,
-                "total": c.loss_ce * ce + c.loss_l1 * l1 + c.loss_giou * giou}
+        return {"ce": ce, "l1": l1, "giou": giou, "total": c.loss_ce * ce + c.loss_l1 * l1 + c.loss_giou * giou}
 
     def _loss(self, model: nn.Module, batch: dict, across_ranks: bool = False) -> tuple[torch.Tensor, dict, tuple]:
         logits, boxes = model(batch["images"])
@@ -198,8 +231,10 @@ class DETRWorkload(Workload):
             logits, boxes = logits[-1:], boxes[-1:]
         num_boxes = self.num_boxes(batch["labels"], logits.device, across_ranks=across_ranks)
         matches = self.match(logits, boxes, batch["labels"], batch["boxes"])
-        parts = [self.set_loss(logits[i], boxes[i], batch["labels"], batch["boxes"], matches[i], num_boxes)
-                 for i in range(len(logits))]
+        parts = [
+            self.set_loss(logits[i], boxes[i], batch["labels"], batch["boxes"], matches[i], num_boxes)
+            for i in range(len(logits))
+        ]
         return sum(p["total"] for p in parts), parts[-1], (logits[-1], boxes[-1])
 
     throughput_unit = "images"
@@ -224,20 +259,38 @@ class DETRWorkload(Workload):
     def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         total, last, (logits, boxes) = self._loss(model, batch)
         scores, classes, xyxy = self.detections(logits, boxes)
-        hist, n_gt = detection_histograms(scores, classes, xyxy, batch["labels"],
-                                          [cxcywh_to_xyxy(b.float()) for b in batch["boxes"]],
-                                          self.cfg.num_classes, self.cfg.score_bins)
+        hist, n_gt = detection_histograms(
+            scores,
+            classes,
+            xyxy,
+            batch["labels"],
+            [cxcywh_to_xyxy(b.float()) for b in batch["boxes"]],
+            self.cfg.num_classes,
+            self.cfg.score_bins,
+        )
         device, n = logits.device, torch.tensor(float(len(scores)), device=logits.device)
-        return {"loss_sum": total.detach() * n, "ce_sum": last["ce"].detach() * n, "l1_sum": last["l1"].detach() * n,
-                "giou_sum": last["giou"].detach() * n, "count": n, "hist": hist.to(device), "n_gt": n_gt.to(device)}
+        return {
+            "loss_sum": total.detach() * n,
+            "ce_sum": last["ce"].detach() * n,
+            "l1_sum": last["l1"].detach() * n,
+            "giou_sum": last["giou"].detach() * n,
+            "count": n,
+            "hist": hist.to(device),
+            "n_gt": n_gt.to(device),
+        }
 
     def eval_metrics(self, sums: dict) -> dict[str, float]:
         n = sums["count"]
-        return {"loss": sums["loss_sum"] / n, "loss_ce": sums["ce_sum"] / n, "loss_l1": sums["l1_sum"] / n,
-                "loss_giou": sums["giou_sum"] / n, **map_from_histograms(sums["hist"], sums["n_gt"])}
+        return {
+            "loss": sums["loss_sum"] / n,
+            "loss_ce": sums["ce_sum"] / n,
+            "loss_l1": sums["l1_sum"] / n,
+            "loss_giou": sums["giou_sum"] / n,
+            **map_from_histograms(sums["hist"], sums["n_gt"]),
+        }
 
     # ---------------------------------------------------------------- samples
-    _grid: Optional[list] = None  # the decoded samples the grid draws on
+    _grid: list | None = None  # the decoded samples the grid draws on
 
     def bind_splits(self, splits) -> None:
         super().bind_splits(splits)
@@ -248,12 +301,13 @@ class DETRWorkload(Workload):
         (`bind_splits`), for the sample grid, read once; none without either."""
         if self._grid is None or len(self._grid) < n:
             split = self.first_split("val", "test")
-            self._grid = [] if split is None or n <= 0 else \
-                list(itertools.islice(self.splits[split](decode=self.decode), n))
+            self._grid = (
+                [] if split is None or n <= 0 else list(itertools.islice(self.splits[split](decode=self.decode), n))
+            )
         return self._grid[:n]
 
     @torch.no_grad()
-    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor | None:
         """The first n held-out images with the detections scoring over 0.5 drawn on them
         (black boxes); None without a val or test split."""
         scenes = self.held_out_images(n)

@@ -12,7 +12,6 @@ its own residual, so a model is embedding -> blocks -> final norm -> head.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,8 +19,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTENTION_KINDS = ("softmax", "linear", "flash", "flash_quad")
 # softmax attention's SDPA kernel (`model.sdpa_backend`); auto lets torch choose per call
-SDPA_BACKENDS = {"auto": None, "math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+SDPA_BACKENDS = {
+    "auto": None,
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,8 +36,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Sum of everything strictly before each index along dim, in the accumulation dtype."""
     total = x.cumsum(dim, dtype=_acc_dtype(x.dtype))
-    return torch.cat([torch.zeros_like(total.narrow(dim, 0, 1)),
-                      total.narrow(dim, 0, total.size(dim) - 1)], dim)
+    return torch.cat([torch.zeros_like(total.narrow(dim, 0, 1)), total.narrow(dim, 0, total.size(dim) - 1)], dim)
 
 
 def _causal_mask(n: int, device: torch.device) -> torch.Tensor:
@@ -79,12 +82,13 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         n = x.shape[-2]
         cos, sin = self._cos_sin(offset + n, x.device, x.dtype)
-        cos, sin = cos[offset:offset + n], sin[offset:offset + n]
+        cos, sin = cos[offset : offset + n], sin[offset : offset + n]
         x1, x2 = x.chunk(2, -1)
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 # ---------------------------------------------------------------- linear attention
+
 
 def _phi(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1
@@ -114,10 +118,10 @@ def linear_attention(q, k, v, causal: bool, chunk_size: int = 256, eps: float = 
     n = q.shape[-2]
     size = min(chunk_size, n)
     # Zero padding after phi: padded keys carry no weight and padded rows are cut off below.
-    qc, kc, vc = (_chunk(t, -2, size) for t in (q, k, v))            # (B, H, G, C, d)
+    qc, kc, vc = (_chunk(t, -2, size) for t in (q, k, v))  # (B, H, G, C, d)
     scores = (qc @ kc.transpose(-1, -2)).masked_fill(~_causal_mask(size, q.device), 0)
-    state = _exclusive_cumsum(kc.transpose(-1, -2) @ vc, 2)          # (B, H, G, d, d_v)
-    z = _exclusive_cumsum(kc.sum(-2, dtype=acc), 2)                  # (B, H, G, d)
+    state = _exclusive_cumsum(kc.transpose(-1, -2) @ vc, 2)  # (B, H, G, d, d_v)
+    z = _exclusive_cumsum(kc.sum(-2, dtype=acc), 2)  # (B, H, G, d)
     num = scores @ vc + qc @ state.to(qc.dtype)
     den = scores.sum(-1, dtype=acc) + (qc.to(acc) * z.unsqueeze(-2)).sum(-1)
     out = (num.to(acc) / (den.unsqueeze(-1) + eps)).to(v.dtype)
@@ -125,6 +129,7 @@ def linear_attention(q, k, v, causal: bool, chunk_size: int = 256, eps: float = 
 
 
 # ---------------------------------------------------------------- multi-head blocks
+
 
 class _MultiHeadBlock(nn.Module):
     """LayerNorm -> q, k, v (RoPE on q, k) -> mix -> out proj -> residual; then the GELU MLP.
@@ -159,8 +164,9 @@ class _MultiHeadBlock(nn.Module):
 
 
 class SoftmaxBlock(_MultiHeadBlock):
-    def __init__(self, dim: int, heads: int, causal: bool, mlp_ratio: int = 4, dropout: float = 0.0,
-                 sdpa_backend: str = "auto"):
+    def __init__(
+        self, dim: int, heads: int, causal: bool, mlp_ratio: int = 4, dropout: float = 0.0, sdpa_backend: str = "auto"
+    ):
         super().__init__(dim, heads, causal, mlp_ratio, dropout)
         self.sdpa_backend = SDPA_BACKENDS[sdpa_backend]
 
@@ -176,8 +182,9 @@ class LinearBlock(_MultiHeadBlock):
 
     eps = 1e-6
 
-    def __init__(self, dim: int, heads: int, causal: bool, chunk_size: int = 256,
-                 mlp_ratio: int = 4, dropout: float = 0.0):
+    def __init__(
+        self, dim: int, heads: int, causal: bool, chunk_size: int = 256, mlp_ratio: int = 4, dropout: float = 0.0
+    ):
         super().__init__(dim, heads, causal, mlp_ratio, dropout)
         self.chunk_size = chunk_size
 
@@ -187,9 +194,11 @@ class LinearBlock(_MultiHeadBlock):
     def init_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> dict:
         """The RNN state before the first token: S (B, H, d, d), z (B, H, d), pos (int)."""
         d, acc = self.head_dim, _acc_dtype(dtype)
-        return {"S": torch.zeros(batch, self.heads, d, d, device=device, dtype=acc),
-                "z": torch.zeros(batch, self.heads, d, device=device, dtype=acc),
-                "pos": 0}
+        return {
+            "S": torch.zeros(batch, self.heads, d, d, device=device, dtype=acc),
+            "z": torch.zeros(batch, self.heads, d, device=device, dtype=acc),
+            "pos": 0,
+        }
 
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """One token x_t (B, D) of the causal block as an RNN; returns y_t and a new state."""
@@ -209,6 +218,7 @@ class LinearBlock(_MultiHeadBlock):
 
 # ---------------------------------------------------------------- GAU / FLASH
 
+
 def relu2_attention(q, k, v, *, causal: bool, scale_len: int) -> torch.Tensor:
     """FLASH-Quad's kernel relu(q k^T / scale_len)^2 over the whole sequence; (B, N, .) inputs."""
     kernel = F.relu(q @ k.transpose(-1, -2) / scale_len) ** 2
@@ -227,7 +237,7 @@ def mixed_chunk_attention(quad_q, quad_k, lin_q, lin_k, v, *, causal: bool, chun
     size = min(chunk_size, n)
     qq, qk, lq, lk, vc = (_chunk(t, -2, size) for t in (quad_q, quad_k, lin_q, lin_k, v))  # (B, G, C, .)
     quad = relu2_attention(qq, qk, vc, causal=causal, scale_len=chunk_size)
-    kv = lk.transpose(-1, -2) @ vc / chunk_size                                        # (B, G, s, e)
+    kv = lk.transpose(-1, -2) @ vc / chunk_size  # (B, G, s, e)
     if causal:
         kv = _exclusive_cumsum(kv, 1)
     else:
@@ -257,8 +267,16 @@ class FlashBlock(nn.Module):
     relative-position bias.
     """
 
-    def __init__(self, dim: int, causal: bool, expansion: int = 2, qk_dim: int = 128,
-                 chunk_size: int = 256, quad: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        causal: bool,
+        expansion: int = 2,
+        qk_dim: int = 128,
+        chunk_size: int = 256,
+        quad: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.causal, self.chunk_size, self.quad = causal, chunk_size, quad
         self.split = (expansion * dim, expansion * dim, qk_dim)
@@ -281,22 +299,49 @@ class FlashBlock(nn.Module):
 
 # ---------------------------------------------------------------- choosing and counting
 
-def make_block(kind: str, *, dim: int, heads: int, causal: bool, chunk_size: int = 256,
-               expansion: int = 2, qk_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.0,
-               sdpa_backend: str = "auto") -> nn.Module:
+
+def make_block(
+    kind: str,
+    *,
+    dim: int,
+    heads: int,
+    causal: bool,
+    chunk_size: int = 256,
+    expansion: int = 2,
+    qk_dim: int = 128,
+    mlp_ratio: int = 4,
+    dropout: float = 0.0,
+    sdpa_backend: str = "auto",
+) -> nn.Module:
     if kind == "softmax":
         return SoftmaxBlock(dim, heads, causal, mlp_ratio=mlp_ratio, dropout=dropout, sdpa_backend=sdpa_backend)
     if kind == "linear":
         return LinearBlock(dim, heads, causal, chunk_size=chunk_size, mlp_ratio=mlp_ratio, dropout=dropout)
     if kind in ("flash", "flash_quad"):
-        return FlashBlock(dim, causal, expansion=expansion, qk_dim=qk_dim, chunk_size=chunk_size,
-                          quad=kind == "flash_quad", dropout=dropout)
+        return FlashBlock(
+            dim,
+            causal,
+            expansion=expansion,
+            qk_dim=qk_dim,
+            chunk_size=chunk_size,
+            quad=kind == "flash_quad",
+            dropout=dropout,
+        )
     raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(ATTENTION_KINDS)}")
 
 
-def attention_flops_per_token(kind: str, *, dim: int, heads: int, tokens: int, chunk_size: int = 256,
-                              expansion: int = 2, qk_dim: int = 128, mlp_ratio: int = 4,
-                              causal: bool) -> float:
+def attention_flops_per_token(
+    kind: str,
+    *,
+    dim: int,
+    heads: int,
+    tokens: int,
+    chunk_size: int = 256,
+    expansion: int = 2,
+    qk_dim: int = 128,
+    mlp_ratio: int = 4,
+    causal: bool,
+) -> float:
     """Forward matmul FLOPs (2 x multiply-adds) per token of one block, for MFU.
 
     With D = dim, N = tokens, d = D / heads, C = min(chunk_size, N), e = expansion D, s = qk_dim,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +58,23 @@ class ByteLM(nn.Module):
         # FLASH-Quad's relu^2 kernel is scaled by 1/chunk_size: the paper's 1/N with N the
         # context, fixed so that a prefix's outputs do not change as tokens are appended
         chunk = cfg.seq_len if cfg.attention == "flash_quad" else cfg.chunk_size
-        self.blocks = nn.ModuleList([
-            make_block(cfg.attention, dim=cfg.dim, heads=cfg.heads, causal=cfg.objective == "causal",
-                       chunk_size=chunk, expansion=cfg.expansion, qk_dim=cfg.qk_dim,
-                       mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, sdpa_backend=cfg.sdpa_backend)
-            for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList(
+            [
+                make_block(
+                    cfg.attention,
+                    dim=cfg.dim,
+                    heads=cfg.heads,
+                    causal=cfg.objective == "causal",
+                    chunk_size=chunk,
+                    expansion=cfg.expansion,
+                    qk_dim=cfg.qk_dim,
+                    mlp_ratio=cfg.mlp_ratio,
+                    dropout=cfg.dropout,
+                    sdpa_backend=cfg.sdpa_backend,
+                )
+                for _ in range(cfg.depth)
+            ]
+        )
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, VOCAB, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -78,8 +90,9 @@ class ByteLM(nn.Module):
         return self.head(self.norm(x))
 
 
-def span_mask(shape: tuple[int, int], fraction: float, mean_span: float,
-              generator: Optional[torch.Generator], device) -> torch.Tensor:
+def span_mask(
+    shape: tuple[int, int], fraction: float, mean_span: float, generator: torch.Generator | None, device
+) -> torch.Tensor:
     """Boolean (B, N) mask of spans covering ~`fraction` of each row: span starts with
     probability fraction / mean_span, lengths geometric with mean `mean_span`. At least one
     position per row is hidden, so every row has a loss."""
@@ -117,20 +130,32 @@ class LMWorkload(Workload):
         """Forward+backward matmul FLOPs per trained token (3x forward), for MFU."""
         c = self.cfg
         per_block = attention_flops_per_token(
-            c.attention, dim=c.dim, heads=c.heads, tokens=c.seq_len, chunk_size=c.chunk_size,
-            expansion=c.expansion, qk_dim=c.qk_dim, mlp_ratio=c.mlp_ratio, causal=c.objective == "causal")
+            c.attention,
+            dim=c.dim,
+            heads=c.heads,
+            tokens=c.seq_len,
+            chunk_size=c.chunk_size,
+            expansion=c.expansion,
+            qk_dim=c.qk_dim,
+            mlp_ratio=c.mlp_ratio,
+            causal=c.objective == "causal",
+        )
         return 3 * (c.depth * per_block + 2 * c.dim * VOCAB)
 
     # ------------------------------------------------------------------ data
     def decode(self, sample: dict) -> dict:
         if "bin" not in sample:
-            raise KeyError(f"no 'bin' field (a window of seq_len + 1 bytes); the sample has "
-                           f"{sorted(k for k in sample if not k.startswith('__'))}")
+            raise KeyError(
+                f"no 'bin' field (a window of seq_len + 1 bytes); the sample has "
+                f"{sorted(k for k in sample if not k.startswith('__'))}"
+            )
         data = sample["bin"]
         want = self.cfg.seq_len + 1
         if len(data) < want:
-            raise ValueError(f"sample holds {len(data)} bytes, model.seq_len={self.cfg.seq_len} "
-                             f"needs {want}: build shards with --seq-len {self.cfg.seq_len}")
+            raise ValueError(
+                f"sample holds {len(data)} bytes, model.seq_len={self.cfg.seq_len} "
+                f"needs {want}: build shards with --seq-len {self.cfg.seq_len}"
+            )
         tokens = torch.frombuffer(bytearray(data[:want]), dtype=torch.uint8).long()
         # a per-sample seed: eval masks are the same in every run and at any world size
         return {"tokens": tokens, "seed": torch.tensor(zlib.crc32(sample["__key__"].encode()))}
@@ -142,11 +167,13 @@ class LMWorkload(Workload):
         except RuntimeError as exc:  # eager or from torch.compile's tracing: the same words
             if self.cfg.sdpa_backend == "auto" or "No viable backend" not in str(exc):
                 raise
-            raise RuntimeError(f"model.sdpa_backend={self.cfg.sdpa_backend}: torch {torch.__version__} has no "
-                               f"{self.cfg.sdpa_backend} attention kernel for this model on {inputs.device.type} "
-                               f"(device, dtype and head size decide); use auto or math") from exc
+            raise RuntimeError(
+                f"model.sdpa_backend={self.cfg.sdpa_backend}: torch {torch.__version__} has no "
+                f"{self.cfg.sdpa_backend} attention kernel for this model on {inputs.device.type} "
+                f"(device, dtype and head size decide); use auto or math"
+            ) from exc
 
-    def _masked_inputs(self, tokens: torch.Tensor, seeds: Optional[torch.Tensor]):
+    def _masked_inputs(self, tokens: torch.Tensor, seeds: torch.Tensor | None):
         x = tokens[:, :-1]
         c = self.cfg
         if seeds is None:  # training: fresh masks each time (the trainer's RNG, checkpointed)
@@ -196,8 +223,9 @@ class LMWorkload(Workload):
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()
-    def sample_text(self, model: nn.Module, n: int, generator: torch.Generator,
-                    context: Optional[torch.Tensor] = None) -> list[str]:
+    def sample_text(
+        self, model: nn.Module, n: int, generator: torch.Generator, context: torch.Tensor | None = None
+    ) -> list[str]:
         """Causal: `n` continuations of `sample_prompt`. Masked: `context` windows (default:
         the source of `textwrap`) with spans hidden and filled by the model, shown as [fill]."""
         c, device = self.cfg, next(model.parameters()).device
@@ -206,7 +234,7 @@ class LMWorkload(Workload):
             prompt = list(c.sample_prompt.encode()) or [10]
             seq = torch.tensor([prompt] * n, device=device)
             for _ in range(c.sample_bytes):
-                logits = model(seq[:, -c.seq_len:])[:, -1, :256].float()
+                logits = model(seq[:, -c.seq_len :])[:, -1, :256].float()
                 probs = torch.softmax(logits, dim=-1).cpu()
                 nxt = torch.multinomial(probs, 1, generator=generator).to(device)
                 seq = torch.cat([seq, nxt], dim=1)
@@ -216,9 +244,9 @@ class LMWorkload(Workload):
             import textwrap
 
             text = inspect.getsource(textwrap).encode()
-            text = (text * (c.seq_len // len(text) + 1))[:c.seq_len]
+            text = (text * (c.seq_len // len(text) + 1))[: c.seq_len]
             context = torch.tensor([list(text)] * n, device=device)
-        x = context[:n, :c.seq_len].to(device)
+        x = context[:n, : c.seq_len].to(device)
         g = torch.Generator(device=device).manual_seed(int(generator.initial_seed()))
         mask = span_mask(tuple(x.shape), c.mask_fraction, c.mask_span, g, device)
         pred = model(x.masked_fill(mask, MASK))[..., :256].argmax(-1)

@@ -7,8 +7,6 @@ current frame's class logits (B, K + 1); OadTR also returns logits of the next l
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -19,8 +17,20 @@ class OadTR(nn.Module):
     to the encoder's output and predict the future frames' classes. The current frame is
     classified from the task token's output concatenated with the decoder's mean output."""
 
-    def __init__(self, *, feature_dim: int, window: int, num_classes: int, anticipation: int, dim: int,
-                 heads: int, encoder_layers: int, decoder_layers: int, ff_mult: int, dropout: float):
+    def __init__(
+        self,
+        *,
+        feature_dim: int,
+        window: int,
+        num_classes: int,
+        anticipation: int,
+        dim: int,
+        heads: int,
+        encoder_layers: int,
+        decoder_layers: int,
+        ff_mult: int,
+        dropout: float,
+    ):
         super().__init__()
         self.embed = nn.Linear(feature_dim, dim)
         self.task_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -30,13 +40,20 @@ class OadTR(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
         self.dropout = nn.Dropout(dropout)
         self.encoder = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(dim, heads, ff_mult * dim, dropout, activation="gelu",
-                                       batch_first=True, norm_first=True),
-            encoder_layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+            nn.TransformerEncoderLayer(
+                dim, heads, ff_mult * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+            ),
+            encoder_layers,
+            norm=nn.LayerNorm(dim),
+            enable_nested_tensor=False,
+        )
         self.decoder = nn.TransformerDecoder(
-            nn.TransformerDecoderLayer(dim, heads, ff_mult * dim, dropout, activation="gelu",
-                                       batch_first=True, norm_first=True),
-            decoder_layers, norm=nn.LayerNorm(dim))
+            nn.TransformerDecoderLayer(
+                dim, heads, ff_mult * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+            ),
+            decoder_layers,
+            norm=nn.LayerNorm(dim),
+        )
         self.future_head = nn.Linear(dim, num_classes)
         self.current_head = nn.Linear(2 * dim, num_classes)
 
@@ -58,6 +75,6 @@ class WindowGRU(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         out, _ = self.gru(x)
         return self.head(self.dropout(out[:, -1])), None

@@ -21,16 +21,17 @@ import io
 import json
 import math
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipelines.decode import fields
 from models.average_precision import average_precision_from_histograms, mean_ignoring_nan, score_histograms
 from models.base import Workload
 from models.oadtr.model import OadTR, WindowGRU
 from models.registry import register
-from data_pipelines.decode import fields
 
 NO_TARGET = -1  # a future frame past the stream's end
 
@@ -85,8 +86,9 @@ class FrameDetection(Workload):
                 raise KeyError(f"no '{field}' field; the sample has {fields(sample)}")
         frames = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
         if frames.shape != (c.window, c.feature_dim):
-            raise ValueError(f"window has shape {frames.shape}, model.window x model.feature_dim is "
-                             f"({c.window}, {c.feature_dim})")
+            raise ValueError(
+                f"window has shape {frames.shape}, model.window x model.feature_dim is ({c.window}, {c.feature_dim})"
+            )
         record = json.loads(sample["json"])
         for key in ("label", "future"):
             if key not in record:
@@ -98,14 +100,19 @@ class FrameDetection(Workload):
             raise ValueError(f"{len(future)} future labels, model.anticipation is {c.anticipation}")
         if any(not NO_TARGET <= f <= c.action_classes for f in future):
             raise ValueError(f"future labels {future} are outside {NO_TARGET}..{c.action_classes}")
-        return {"frames": torch.from_numpy(frames.astype(np.float32)), "label": torch.tensor(label),
-                "future": torch.tensor(future)}
+        return {
+            "frames": torch.from_numpy(frames.astype(np.float32)),
+            "label": torch.tensor(label),
+            "future": torch.tensor(future),
+        }
 
     def _loss_terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Current-frame logits and the losses as sums over the batch (with their counts)."""
         current, future = model(batch["frames"])
-        terms = {"loss_sum": F.cross_entropy(current, batch["label"], reduction="sum"),
-                 "count": torch.tensor(float(len(current)), device=current.device)}
+        terms = {
+            "loss_sum": F.cross_entropy(current, batch["label"], reduction="sum"),
+            "count": torch.tensor(float(len(current)), device=current.device),
+        }
         if future is not None:
             terms["future_loss_sum"], terms["future_count"] = future_cross_entropy(future, batch["future"])
         return current, terms
@@ -121,8 +128,12 @@ class FrameDetection(Workload):
         current, sums = self._loss_terms(model, batch)
         label, probs = batch["label"], current.float().softmax(-1)
         sums["correct"] = (current.argmax(-1) == label).sum()
-        hist = torch.stack([score_histograms(probs[:, c], label == c, self.cfg.histogram_bins)
-                            for c in range(1, self.cfg.action_classes + 1)])
+        hist = torch.stack(
+            [
+                score_histograms(probs[:, c], label == c, self.cfg.histogram_bins)
+                for c in range(1, self.cfg.action_classes + 1)
+            ]
+        )
         sums["hist"] = hist  # (K, 2, bins) true/false-positive counts by score bin, classes 1..K
         return sums
 
@@ -130,8 +141,12 @@ class FrameDetection(Workload):
         hist = torch.as_tensor(sums["hist"])
         # every frame is scored for every class: a class's true positives are its frames
         aps = [average_precision_from_histograms(h, float(h[0].sum())) for h in hist]
-        out = {"frame_map": mean_ignoring_nan(aps), "accuracy": sums["correct"] / sums["count"],
-               "loss": sums["loss_sum"] / sums["count"], "frames": sums["count"]}
+        out = {
+            "frame_map": mean_ignoring_nan(aps),
+            "accuracy": sums["correct"] / sums["count"],
+            "loss": sums["loss_sum"] / sums["count"],
+            "frames": sums["count"],
+        }
         if "future_loss_sum" in sums:
             n = sums["future_count"]
             out["future_loss"] = sums["future_loss_sum"] / n if n else math.nan
@@ -144,9 +159,18 @@ class OadTRWorkload(FrameDetection):
 
     def build_model(self) -> nn.Module:
         c = self.cfg
-        return OadTR(feature_dim=c.feature_dim, window=c.window, num_classes=c.action_classes + 1,
-                     anticipation=c.anticipation, dim=c.dim, heads=c.heads, encoder_layers=c.encoder_layers,
-                     decoder_layers=c.decoder_layers, ff_mult=c.ff_mult, dropout=c.dropout)
+        return OadTR(
+            feature_dim=c.feature_dim,
+            window=c.window,
+            num_classes=c.action_classes + 1,
+            anticipation=c.anticipation,
+            dim=c.dim,
+            heads=c.heads,
+            encoder_layers=c.encoder_layers,
+            decoder_layers=c.decoder_layers,
+            ff_mult=c.ff_mult,
+            dropout=c.dropout,
+        )
 
 
 @register("oad_gru")
@@ -155,5 +179,10 @@ class GRUWorkload(FrameDetection):
 
     def build_model(self) -> nn.Module:
         c = self.cfg
-        return WindowGRU(feature_dim=c.feature_dim, num_classes=c.action_classes + 1, hidden=c.hidden,
-                         layers=c.layers, dropout=c.dropout)
+        return WindowGRU(
+            feature_dim=c.feature_dim,
+            num_classes=c.action_classes + 1,
+            hidden=c.hidden,
+            layers=c.layers,
+            dropout=c.dropout,
+        )

@@ -9,7 +9,7 @@ runs from 0 (data) to 1 (prior). Everything here is device-agnostic and batch-fi
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -36,7 +36,7 @@ class SDE:
         """Mean (like x0) and std (B,) of p_t(x_t | x_0)."""
         raise NotImplementedError
 
-    def prior_sample(self, shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    def prior_sample(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -73,7 +73,7 @@ class VPSDE(SDE):
 
     def log_mean_coeff(self, t):
         """log of the mean's scale: -1/2 integral_0^t beta."""
-        return -0.25 * t ** 2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def drift(self, x, t):
         return -0.5 * _bcast(self.beta(t), x) * x
@@ -103,8 +103,9 @@ class SubVPSDE(VPSDE):
 SDES = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE}
 
 
-def dsm_loss(score: Score, sde: SDE, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
-             t: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dsm_loss(
+    score: Score, sde: SDE, x0: torch.Tensor, generator: torch.Generator | None = None, t: torch.Tensor | None = None
+) -> torch.Tensor:
     """Continuous-time denoising score matching with lambda(t) = std(t)^2: the mean over the
     batch of || std * score(x_t, t) + z ||^2 summed over dimensions, x_t = mean + std z."""
     b = x0.shape[0]
@@ -118,13 +119,18 @@ def dsm_loss(score: Score, sde: SDE, x0: torch.Tensor, generator: Optional[torch
 
 # ---------------------------------------------------------------- SMLD / NCSN
 
+
 def geometric_sigmas(sigma_max: float, sigma_min: float, n: int) -> torch.Tensor:
     """NCSN's noise levels, largest first."""
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n))
 
 
-def smld_loss(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
-              sigmas: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def smld_loss(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    sigmas: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """NCSN's weighted DSM: a noise level per sample, lambda(sigma) = sigma^2; `score(x, sigma)`."""
     idx = torch.randint(len(sigmas), (x0.shape[0],), generator=generator, device=x0.device)
     sigma = sigmas.to(x0.device)[idx]
@@ -134,9 +140,17 @@ def smld_loss(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: t
 
 
 @torch.no_grad()
-def annealed_langevin(score, shape, sigmas: torch.Tensor, *, steps_per_level: int = 100,
-                      step_lr: float = 2e-5, generator=None, device="cpu",
-                      init: Optional[torch.Tensor] = None) -> torch.Tensor:
+def annealed_langevin(
+    score,
+    shape,
+    sigmas: torch.Tensor,
+    *,
+    steps_per_level: int = 100,
+    step_lr: float = 2e-5,
+    generator=None,
+    device="cpu",
+    init: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Annealed Langevin dynamics: at each sigma, `steps_per_level` steps of size
     step_lr * (sigma / sigma_min)^2; returns the final (noise-free mean) step's x."""
     sigmas = sigmas.to(device)
@@ -152,9 +166,9 @@ def annealed_langevin(score, shape, sigmas: torch.Tensor, *, steps_per_level: in
 
 # ---------------------------------------------------------------- reverse-time samplers
 
+
 @torch.no_grad()
-def euler_maruyama(score: Score, sde: SDE, shape, *, steps: int = 500, generator=None,
-                   device="cpu") -> torch.Tensor:
+def euler_maruyama(score: Score, sde: SDE, shape, *, steps: int = 500, generator=None, device="cpu") -> torch.Tensor:
     """The reverse-time SDE dx = [f - g^2 score] dt + g dw_bar, integrated from t=1 to eps;
     the last step is noise-free."""
     x = sde.prior_sample(shape, generator, device)
@@ -168,20 +182,30 @@ def euler_maruyama(score: Score, sde: SDE, shape, *, steps: int = 500, generator
 def _reverse_step(score, sde, x, tb, dt: float, last: bool, generator) -> torch.Tensor:
     """One Euler-Maruyama step of the reverse-time SDE (dt < 0); the last one adds no noise."""
     g = _bcast(sde.diffusion(tb), x)
-    mean = x + (sde.drift(x, tb) - g ** 2 * score(x, tb)) * dt
+    mean = x + (sde.drift(x, tb) - g**2 * score(x, tb)) * dt
     return mean if last else mean + g * math.sqrt(-dt) * torch.randn(x.shape, generator=generator, device=x.device)
 
 
 @torch.no_grad()
-def predictor_corrector(score: Score, sde: SDE, shape, *, steps: int = 500, snr: float = 0.16,
-                        corrector_steps: int = 1, generator=None, device="cpu") -> torch.Tensor:
+def predictor_corrector(
+    score: Score,
+    sde: SDE,
+    shape,
+    *,
+    steps: int = 500,
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+    generator=None,
+    device="cpu",
+) -> torch.Tensor:
     """Reverse-diffusion predictor (Euler-Maruyama) + Langevin corrector with a step size set
     by the signal-to-noise ratio `snr` (Song et al. 2021, Algorithm 1-2)."""
     x = sde.prior_sample(shape, generator, device)
     ts = torch.linspace(1.0, sde.eps, steps, device=device)
     dt = (sde.eps - 1.0) / (steps - 1)
-    alpha_of = (lambda t: torch.ones_like(t)) if isinstance(sde, VESDE) else \
-        (lambda t: 1 - sde.beta(t) * (-dt))  # VP family: alpha_i = 1 - beta_i / N
+    alpha_of = (
+        (lambda t: torch.ones_like(t)) if isinstance(sde, VESDE) else (lambda t: 1 - sde.beta(t) * (-dt))
+    )  # VP family: alpha_i = 1 - beta_i / N
     for i, t in enumerate(ts):
         tb = t.expand(shape[0])
         for _ in range(corrector_steps):
@@ -196,8 +220,9 @@ def predictor_corrector(score: Score, sde: SDE, shape, *, steps: int = 500, snr:
 
 
 @torch.no_grad()
-def probability_flow(score: Score, sde: SDE, shape, *, rtol: float = 1e-5, atol: float = 1e-5,
-                     generator=None, device="cpu") -> tuple[torch.Tensor, int]:
+def probability_flow(
+    score: Score, sde: SDE, shape, *, rtol: float = 1e-5, atol: float = 1e-5, generator=None, device="cpu"
+) -> tuple[torch.Tensor, int]:
     """The probability-flow ODE dx/dt = f - g^2 score / 2 from t=1 to eps with scipy's RK45
     (adaptive); returns samples and the number of score evaluations."""
     from scipy.integrate import solve_ivp
@@ -212,7 +237,7 @@ def probability_flow(score: Score, sde: SDE, shape, *, rtol: float = 1e-5, atol:
         xt = torch.as_tensor(y, dtype=dtype, device=device).reshape(shape)
         tb = torch.full((shape[0],), float(t), dtype=dtype, device=device)
         g = _bcast(sde.diffusion(tb), xt)
-        return (sde.drift(xt, tb) - 0.5 * g ** 2 * score(xt, tb)).flatten().double().cpu().numpy()
+        return (sde.drift(xt, tb) - 0.5 * g**2 * score(xt, tb)).flatten().double().cpu().numpy()
 
     sol = solve_ivp(rhs, (1.0, sde.eps), x.flatten().double().cpu().numpy(), rtol=rtol, atol=atol, method="RK45")
     return torch.as_tensor(sol.y[:, -1], dtype=dtype, device=device).reshape(shape), calls
@@ -220,8 +245,10 @@ def probability_flow(score: Score, sde: SDE, shape, *, rtol: float = 1e-5, atol:
 
 # ---------------------------------------------------------------- distances
 
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256,
-                       generator: Optional[torch.Generator] = None) -> float:
+
+def sliced_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, projections: int = 256, generator: torch.Generator | None = None
+) -> float:
     """Sliced 1-Wasserstein distance between two equal-size point sets (N, D): the mean over
     random unit directions of the W1 distance of the 1-D projections (sorted differences)."""
     if a.shape != b.shape:

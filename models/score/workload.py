@@ -14,7 +14,6 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -79,14 +78,19 @@ class ScoreWorkload(Workload):
         if cfg.data_kind not in DATA_KINDS:
             raise ValueError(f"model.data_kind '{cfg.data_kind}' is not one of {', '.join(DATA_KINDS)}")
         if cfg.data_kind == "image" and math.isqrt(cfg.dims) ** 2 != cfg.dims:
-            raise ValueError(f"model.data_kind 'image' needs a square number of pixels as model.dims "
-                             f"(side x side), got {cfg.dims}")
+            raise ValueError(
+                f"model.data_kind 'image' needs a square number of pixels as model.dims (side x side), got {cfg.dims}"
+            )
         if cfg.eval_samples < 0:
             raise ValueError(f"model.eval_samples must be >= 0 (0: the whole held-out split), got {cfg.eval_samples}")
         super().__init__(cfg)
         c = cfg
-        self.sde = {"ve": lambda: S.VESDE(c.sigma_min, c.sigma_max), "vp": lambda: S.VPSDE(c.beta_min, c.beta_max),
-                    "subvp": lambda: S.SubVPSDE(c.beta_min, c.beta_max), "smld": lambda: None}[c.sde]()
+        self.sde = {
+            "ve": lambda: S.VESDE(c.sigma_min, c.sigma_max),
+            "vp": lambda: S.VPSDE(c.beta_min, c.beta_max),
+            "subvp": lambda: S.SubVPSDE(c.beta_min, c.beta_max),
+            "smld": lambda: None,
+        }[c.sde]()
         self.sigmas = S.geometric_sigmas(c.sigma_max, c.sigma_min, c.smld_levels)
 
     def build_model(self) -> nn.Module:
@@ -96,8 +100,9 @@ class ScoreWorkload(Workload):
         if self.cfg.data_kind == "image":
             return self._decode_image(sample)
         if "json" not in sample:
-            raise KeyError(f"no 'json' field with the point; the sample has "
-                           f"{sorted(k for k in sample if not k.startswith('__'))}")
+            raise KeyError(
+                f"no 'json' field with the point; the sample has {sorted(k for k in sample if not k.startswith('__'))}"
+            )
         x = torch.tensor(json.loads(sample["json"])["x"], dtype=torch.float32)
         if x.shape != (self.cfg.dims,):
             raise ValueError(f"point has shape {tuple(x.shape)}, model.dims is {self.cfg.dims}")
@@ -110,12 +115,12 @@ class ScoreWorkload(Workload):
     def _decode_image(self, sample: dict) -> torch.Tensor:
         """A grayscale side x side PNG -> its pixels mapped linearly from 0..255 to [-1, 1]."""
         if "png" not in sample:
-            raise KeyError(f"no 'png' field with the image; the sample has "
-                           f"{sorted(k for k in sample if not k.startswith('__'))}")
+            raise KeyError(
+                f"no 'png' field with the image; the sample has {sorted(k for k in sample if not k.startswith('__'))}"
+            )
         img = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L"), dtype=np.float32)
         if img.shape != (self.side, self.side):
-            raise ValueError(f"image is {img.shape}, model.dims {self.cfg.dims} needs "
-                             f"({self.side}, {self.side})")
+            raise ValueError(f"image is {img.shape}, model.dims {self.cfg.dims} needs ({self.side}, {self.side})")
         return torch.from_numpy(img.reshape(-1) / 127.5 - 1)
 
     def score_fn(self, model: nn.Module):
@@ -145,10 +150,12 @@ class ScoreWorkload(Workload):
 
     @staticmethod
     def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-        return generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(generator.initial_seed())
+        return (
+            generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(generator.initial_seed())
+        )
 
     @torch.no_grad()
-    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor | None:
         """Images: n probability-flow samples (SMLD: annealed Langevin) as (n, 1, side, side)
         in [0, 1]; points have no images."""
         if self.cfg.data_kind != "image":
@@ -156,8 +163,15 @@ class ScoreWorkload(Workload):
         c, device = self.cfg, next(model.parameters()).device
         g, shape, score = self._device_generator(generator, device), (n, c.dims), self.score_fn(model)
         if self.sde is None:
-            x = S.annealed_langevin(score, shape, self.sigmas, steps_per_level=c.langevin_steps,
-                                    step_lr=c.langevin_lr, generator=g, device=device)
+            x = S.annealed_langevin(
+                score,
+                shape,
+                self.sigmas,
+                steps_per_level=c.langevin_steps,
+                step_lr=c.langevin_lr,
+                generator=g,
+                device=device,
+            )
         else:
             x = S.probability_flow(score, self.sde, shape, generator=g, device=device)[0]
         return ((x + 1) / 2).clamp(0, 1).view(n, 1, self.side, self.side)
@@ -170,9 +184,11 @@ class ScoreWorkload(Workload):
     def _held_out_split(self) -> str:
         split = self.first_split("test", "val")
         if split is None:
-            raise ValueError("the score workload's final metrics (swd_*) measure samples against the run's "
-                             "held-out split: set data.test.urls or data.val.urls (splits handed over: "
-                             f"{', '.join(sorted(self.splits)) or 'none'})")
+            raise ValueError(
+                "the score workload's final metrics (swd_*) measure samples against the run's "
+                "held-out split: set data.test.urls or data.val.urls (splits handed over: "
+                f"{', '.join(sorted(self.splits)) or 'none'})"
+            )
         return split
 
     def held_out_points(self) -> torch.Tensor:
@@ -184,18 +200,21 @@ class ScoreWorkload(Workload):
             raise ValueError(f"the {split} split has {len(points)} sample(s); swd_* need two at least")
         return torch.stack(points).float()
 
-    def truth_and_halves(self, held_out: torch.Tensor, generator: torch.Generator
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def truth_and_halves(
+        self, held_out: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The eval_samples held-out points the samplers are scored against (all of them at
         eval_samples 0), and two disjoint halves of the split for the reference distance."""
         n_all = len(held_out)
         n = self.cfg.eval_samples or n_all
         if n > n_all:
-            raise ValueError(f"model.eval_samples is {n}, more than the {n_all} samples of the held-out "
-                             f"split (data.test, else data.val); set it to {n_all} or less, or 0 for all")
+            raise ValueError(
+                f"model.eval_samples is {n}, more than the {n_all} samples of the held-out "
+                f"split (data.test, else data.val); set it to {n_all} or less, or 0 for all"
+            )
         truth = held_out if n == n_all else held_out[torch.randperm(n_all, generator=generator)[:n]]
         half, perm = n_all // 2, torch.randperm(n_all, generator=generator)
-        return truth, held_out[perm[:half]], held_out[perm[half:2 * half]]
+        return truth, held_out[perm[:half]], held_out[perm[half : 2 * half]]
 
     @torch.no_grad()
     def final_metrics(self, model: nn.Module, generator: torch.Generator) -> dict[str, float]:
@@ -210,17 +229,25 @@ class ScoreWorkload(Workload):
         truth = truth.to(device)
         out = {"swd_reference": S.sliced_wasserstein(half_a.to(device), half_b.to(device), generator=generator)}
         if self.sde is None:
-            x = S.annealed_langevin(score, shape, self.sigmas, steps_per_level=c.langevin_steps,
-                                    step_lr=c.langevin_lr, generator=g, device=device)
+            x = S.annealed_langevin(
+                score,
+                shape,
+                self.sigmas,
+                steps_per_level=c.langevin_steps,
+                step_lr=c.langevin_lr,
+                generator=g,
+                device=device,
+            )
             out["swd_langevin"] = S.sliced_wasserstein(x, truth, generator=generator)
             return out
         samplers = {
-            "euler_maruyama": lambda: S.euler_maruyama(score, self.sde, shape, steps=c.sampler_steps,
-                                                       generator=g, device=device),
-            "predictor_corrector": lambda: S.predictor_corrector(score, self.sde, shape, steps=c.sampler_steps,
-                                                                 generator=g, device=device),
-            "probability_flow": lambda: S.probability_flow(score, self.sde, shape, generator=g,
-                                                           device=device)[0],
+            "euler_maruyama": lambda: S.euler_maruyama(
+                score, self.sde, shape, steps=c.sampler_steps, generator=g, device=device
+            ),
+            "predictor_corrector": lambda: S.predictor_corrector(
+                score, self.sde, shape, steps=c.sampler_steps, generator=g, device=device
+            ),
+            "probability_flow": lambda: S.probability_flow(score, self.sde, shape, generator=g, device=device)[0],
         }
         for name, sample in samplers.items():
             out[f"swd_{name}"] = S.sliced_wasserstein(sample(), truth, generator=generator)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -18,15 +17,17 @@ class Palette:
     background: tuple[int, int, int]
 
     @classmethod
-    def load(cls, path: str | Path) -> "Palette":
+    def load(cls, path: str | Path) -> Palette:
         try:
             raw = json.loads(Path(path).read_text())
             return cls({k: tuple(v) for k, v in raw["colors"].items()}, tuple(raw["background"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"model.color_palette={path} is not a palette file "
-                             f"({{'colors': {{name: [r, g, b]}}, 'background': [r, g, b]}}): {exc}") from None
+            raise ValueError(
+                f"model.color_palette={path} is not a palette file "
+                f"({{'colors': {{name: [r, g, b]}}, 'background': [r, g, b]}}): {exc}"
+            ) from None
 
-    def dominant(self, image: np.ndarray, min_fraction: float = 0.02) -> Optional[str]:
+    def dominant(self, image: np.ndarray, min_fraction: float = 0.02) -> str | None:
         """The palette colour nearest to most non-background pixels of an (H, W, 3) uint8
         image, or None when fewer than `min_fraction` of the pixels differ from the background."""
         px = image.reshape(-1, 3).astype(np.float32)
@@ -37,7 +38,7 @@ class Palette:
         nearest = np.argmin(((px[coloured, None, :] - palette[None]) ** 2).sum(-1), axis=1)
         return list(self.colors)[int(np.bincount(nearest, minlength=len(self.colors)).argmax())]
 
-    def named(self, prompt: str) -> Optional[str]:
+    def named(self, prompt: str) -> str | None:
         """The one palette colour a prompt names, or None (none, or several)."""
         words = set(prompt.lower().replace(",", " ").split())
         found = [c for c in self.colors if c in words]

@@ -20,10 +20,13 @@ def load(path: str | Path, max_length: int):
     folder = Path(path)
     missing = [f for f in FILES if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"tokenizer folder {folder} lacks {', '.join(missing)} "
-                                f"(make one with `python -m launch.make_shards shapes`, which trains it)")
-    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
-                        model_max_length=max_length)
+        raise FileNotFoundError(
+            f"tokenizer folder {folder} lacks {', '.join(missing)} "
+            f"(make one with `python -m launch.make_shards shapes`, which trains it)"
+        )
+    tok = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=max_length
+    )
     probe = tok("a red circle").input_ids
     if len(set(probe[1:-1])) <= 1 and len(probe) > 3:
         raise ValueError(f"tokenizer in {folder} maps 'a red circle' to {probe}: its vocab did not load")

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data_pipelines.decode import image_tensor, to_unit
 from models.base import Workload
 from models.registry import register
-from data_pipelines.decode import image_tensor, to_unit
 
 
 @dataclass(kw_only=True)
@@ -44,13 +44,21 @@ def build_autoencoder(c: VAEConfig):
     if bad:
         raise ValueError(f"model.block_out_channels {bad} not divisible by model.norm_num_groups={c.norm_num_groups}")
     if c.image_size % 2 ** (levels - 1):
-        raise ValueError(f"model.image_size={c.image_size} is not divisible by 2^{levels - 1} "
-                         f"(model.block_out_channels has {levels} levels)")
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=c.latent_channels,
-                         down_block_types=("DownEncoderBlock2D",) * levels,
-                         up_block_types=("UpDecoderBlock2D",) * levels,
-                         block_out_channels=tuple(c.block_out_channels), layers_per_block=c.layers_per_block,
-                         norm_num_groups=c.norm_num_groups, sample_size=c.image_size)
+        raise ValueError(
+            f"model.image_size={c.image_size} is not divisible by 2^{levels - 1} "
+            f"(model.block_out_channels has {levels} levels)"
+        )
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=c.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_num_groups,
+        sample_size=c.image_size,
+    )
 
 
 class VAEModule(nn.Module):
@@ -92,16 +100,20 @@ class VAEWorkload(Workload):
         recon, _, z = model(images, sample=False)
         per_image = ((recon - images) ** 2).flatten(1).mean(1)
         n = torch.tensor(float(images.shape[0]), device=images.device)
-        return {"se": per_image.sum(), "count": n, "z_sum": z.double().sum(),
-                "z_sq": (z.double() ** 2).sum(), "z_count": torch.tensor(float(z.numel()), device=z.device)}
+        return {
+            "se": per_image.sum(),
+            "count": n,
+            "z_sum": z.double().sum(),
+            "z_sq": (z.double() ** 2).sum(),
+            "z_count": torch.tensor(float(z.numel()), device=z.device),
+        }
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         mse = sums["se"] / sums["count"]
         mean = sums["z_sum"] / sums["z_count"]
-        std = math.sqrt(max(sums["z_sq"] / sums["z_count"] - mean ** 2, 1e-12))
+        std = math.sqrt(max(sums["z_sq"] / sums["z_count"] - mean**2, 1e-12))
         # images span [-1, 1]: a peak-to-peak of 2
-        return {"mse": mse, "psnr": 10 * math.log10(4 / max(mse, 1e-12)), "latent_std": std,
-                "count": sums["count"]}
+        return {"mse": mse, "psnr": 10 * math.log10(4 / max(mse, 1e-12)), "latent_std": std, "count": sums["count"]}
 
     @torch.no_grad()
     def sample_images(self, model: nn.Module, n: int, generator: torch.Generator):
@@ -116,8 +128,9 @@ class VAEWorkload(Workload):
         """`out_dir/vae`: a diffusers AutoencoderKL folder with the measured scaling factor."""
         std = final.get("val/latent_std")
         if std is None:
-            raise ValueError("the vae workload needs data.val.urls: the latent scaling factor is "
-                             "measured on the validation split")
+            raise ValueError(
+                "the vae workload needs data.val.urls: the latent scaling factor is measured on the validation split"
+            )
         model = self.build_model()
         model.load_state_dict(weights)
         model.vae.register_to_config(scaling_factor=1.0 / std)

@@ -23,17 +23,17 @@ import io
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from data_pipelines.decode import fields, image_tensor
 from models.base import Workload
 from models.registry import register
 from models.sd import tokenizer as tok_lib
 from models.sd.color_match import Palette
-from data_pipelines.decode import fields, image_tensor
 
 PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -92,8 +92,10 @@ def prompt_list(value: Any) -> list[str]:
     if isinstance(value, str):
         path = Path(value)
         if not path.is_file():
-            raise FileNotFoundError(f"model.sample_prompts={value}: no such file (give a list of prompts, "
-                                    "or a text file of one prompt a line)")
+            raise FileNotFoundError(
+                f"model.sample_prompts={value}: no such file (give a list of prompts, "
+                "or a text file of one prompt a line)"
+            )
         lines = [line.strip() for line in path.read_text().splitlines()]
         value = [line for line in lines if line]
         if not value:
@@ -131,7 +133,7 @@ class LatentDiffusion(nn.Module):
             if cfg.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
         self.register_buffer("empty_ids", empty_ids, persistent=False)
-        self._empty_state: Optional[torch.Tensor] = None
+        self._empty_state: torch.Tensor | None = None
         self.latent_scale = float(vae.config.scaling_factor)
 
     def train(self, mode: bool = True):
@@ -189,9 +191,11 @@ class LatentDiffusion(nn.Module):
         ema = [p for p in self.ema_unet.parameters()]
         live = [p.detach() for p in self.unet.parameters()]
         if any(hasattr(p, "ds_status") for p in live):  # ZeRO-3 leaves empty placeholders here
-            raise RuntimeError("model.ema_decay > 0 under DeepSpeed ZeRO-3: the UNet's parameters are "
-                               "partitioned away from the module, so the EMA would silently stand still; "
-                               "use ZeRO-2, FSDP or model.ema_decay=0")
+            raise RuntimeError(
+                "model.ema_decay > 0 under DeepSpeed ZeRO-3: the UNet's parameters are "
+                "partitioned away from the module, so the EMA would silently stand still; "
+                "use ZeRO-2, FSDP or model.ema_decay=0"
+            )
         torch._foreach_lerp_(ema, live, 1 - decay)
 
     def pipeline(self, tokenizer, use_ema: bool = True):
@@ -199,11 +203,16 @@ class LatentDiffusion(nn.Module):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         unet = self.ema_unet if use_ema and self.ema_unet is not None else self.unet
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=tokenizer,
-                                       unet=unet, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config,
-                                                                                     set_alpha_to_one=False),
-                                       safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=DDIMScheduler.from_config(self.noise_scheduler.config, set_alpha_to_one=False),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -218,29 +227,40 @@ class SDWorkload(Workload):
         if cfg.prediction_type and cfg.prediction_type not in PREDICTIONS:
             raise ValueError(f"model.prediction_type '{cfg.prediction_type}' is not one of {', '.join(PREDICTIONS)}")
         if cfg.pretrained:
-            missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-                       if not (Path(cfg.pretrained) / s).is_dir()]
+            missing = [
+                s
+                for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                if not (Path(cfg.pretrained) / s).is_dir()
+            ]
             if missing:
-                raise FileNotFoundError(f"model.pretrained={cfg.pretrained} is not a diffusers Stable Diffusion "
-                                        f"folder: it lacks {', '.join(s + '/' for s in missing)}")
+                raise FileNotFoundError(
+                    f"model.pretrained={cfg.pretrained} is not a diffusers Stable Diffusion "
+                    f"folder: it lacks {', '.join(s + '/' for s in missing)}"
+                )
         else:
             for key in ("vae", "tokenizer"):
                 if not getattr(cfg, key):
-                    raise ValueError(f"model.{key} is empty: from scratch (no model.pretrained) it must name "
-                                     f"a folder (see configs/sd/)")
+                    raise ValueError(
+                        f"model.{key} is empty: from scratch (no model.pretrained) it must name "
+                        f"a folder (see configs/sd/)"
+                    )
             if not (Path(cfg.vae) / "config.json").is_file():
-                raise FileNotFoundError(f"model.vae={cfg.vae} is not an AutoencoderKL folder (no config.json): "
-                                        f"train stage one first, e.g. configs/sd/tiny_vae.yaml")
+                raise FileNotFoundError(
+                    f"model.vae={cfg.vae} is not an AutoencoderKL folder (no config.json): "
+                    f"train stage one first, e.g. configs/sd/tiny_vae.yaml"
+                )
         if not 0 <= cfg.caption_dropout < 1:
             raise ValueError(f"model.caption_dropout={cfg.caption_dropout} must be in [0, 1)")
         self.palette = None
         if cfg.color_match_samples > 0:
             if not cfg.color_palette:
-                raise ValueError(f"model.color_match_samples={cfg.color_match_samples} needs model.color_palette: "
-                                 "the palette.json of data whose captions name colours (make_shards shapes writes one)")
+                raise ValueError(
+                    f"model.color_match_samples={cfg.color_match_samples} needs model.color_palette: "
+                    "the palette.json of data whose captions name colours (make_shards shapes writes one)"
+                )
             self.palette = Palette.load(cfg.color_palette)
         self._recipe_prompts = prompt_list(cfg.sample_prompts)
-        self._prompts: Optional[list[str]] = None
+        self._prompts: list[str] | None = None
         self._tokenizer = None
 
     # ------------------------------------------------------------------ parts
@@ -281,8 +301,9 @@ class SDWorkload(Workload):
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         tok = self.tokenizer
-        return tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                   return_tensors="pt").input_ids
+        return tok(
+            texts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt"
+        ).input_ids
 
     def build_model(self) -> nn.Module:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -299,31 +320,49 @@ class SDWorkload(Workload):
         else:
             vae = AutoencoderKL.from_pretrained(c.vae)
             tok = self.tokenizer
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                vocab_size=len(tok), hidden_size=c.text_hidden, intermediate_size=4 * c.text_hidden,
-                num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
-                max_position_embeddings=c.max_length, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(tok),
+                    hidden_size=c.text_hidden,
+                    intermediate_size=4 * c.text_hidden,
+                    num_hidden_layers=c.text_layers,
+                    num_attention_heads=c.text_heads,
+                    max_position_embeddings=c.max_length,
+                    bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                )
+            )
             scale = 2 ** (len(vae.config.block_out_channels) - 1)
             if c.image_size % scale:
                 raise ValueError(f"model.image_size={c.image_size} is not a multiple of the VAE's factor {scale}")
             levels = len(c.unet_channels)
             unet = UNet2DConditionModel(
-                sample_size=c.image_size // scale, in_channels=vae.config.latent_channels,
-                out_channels=vae.config.latent_channels, block_out_channels=tuple(c.unet_channels),
+                sample_size=c.image_size // scale,
+                in_channels=vae.config.latent_channels,
+                out_channels=vae.config.latent_channels,
+                block_out_channels=tuple(c.unet_channels),
                 layers_per_block=c.unet_layers_per_block,
                 down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-                cross_attention_dim=c.text_hidden, attention_head_dim=c.attention_head_dim,
-                norm_num_groups=c.norm_num_groups, addition_embed_type="text" if c.text_time_embedding else None,
-                addition_embed_type_num_heads=c.text_heads)
+                cross_attention_dim=c.text_hidden,
+                attention_head_dim=c.attention_head_dim,
+                norm_num_groups=c.norm_num_groups,
+                addition_embed_type="text" if c.text_time_embedding else None,
+                addition_embed_type_num_heads=c.text_heads,
+            )
             # Settings go in at construction: diffusers' from_config (used to derive the
             # sampling scheduler) drops keys set later by register_to_config that were
             # defaults at construction, so a v-prediction model would be sampled as epsilon.
-            sched = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
-                                  beta_start=c.beta_start, beta_end=c.beta_end, clip_sample=False,
-                                  steps_offset=1,  # as Stable Diffusion's scheduler config
-                                  prediction_type=c.prediction_type or "epsilon")
+            sched = DDPMScheduler(
+                num_train_timesteps=c.num_train_timesteps,
+                beta_schedule=c.beta_schedule,
+                beta_start=c.beta_start,
+                beta_end=c.beta_end,
+                clip_sample=False,
+                steps_offset=1,  # as Stable Diffusion's scheduler config
+                prediction_type=c.prediction_type or "epsilon",
+            )
         return LatentDiffusion(c, unet, vae, text_encoder, sched, self.tokenize([""])[0])
 
     # ------------------------------------------------------------------ data
@@ -332,8 +371,10 @@ class SDWorkload(Workload):
         out: dict = {}
         if c.precomputed:
             if "latent.npy" not in sample:
-                raise KeyError(f"model.precomputed is set but the sample has no latent.npy "
-                               f"(fields: {fields(sample)}); make the shards with `make_shards latents`")
+                raise KeyError(
+                    f"model.precomputed is set but the sample has no latent.npy "
+                    f"(fields: {fields(sample)}); make the shards with `make_shards latents`"
+                )
             out["latents"] = torch.from_numpy(np.load(io.BytesIO(sample["latent.npy"]))).float()
             if "text.npy" in sample and not c.train_text_encoder:
                 out["text_states"] = torch.from_numpy(np.load(io.BytesIO(sample["text.npy"]))).float()
@@ -367,16 +408,30 @@ class SDWorkload(Workload):
         return {"loss": sums["loss_sum"] / sums["count"], "count": sums["count"]}
 
     # ------------------------------------------------------------------ samples
-    def generate(self, model: LatentDiffusion, prompts: list[str], generator: torch.Generator,
-                 guidance_scale: Optional[float] = None, batch: int = 32) -> np.ndarray:
+    def generate(
+        self,
+        model: LatentDiffusion,
+        prompts: list[str],
+        generator: torch.Generator,
+        guidance_scale: float | None = None,
+        batch: int = 32,
+    ) -> np.ndarray:
         """(n, H, W, 3) floats in [0, 1]; one seeded generator draws every batch's noise."""
         pipe = model.pipeline(self.tokenizer)
         g = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         out = []
         for i in range(0, len(prompts), batch):
-            out.append(pipe(prompts[i:i + batch], num_inference_steps=self.cfg.sample_steps, guidance_scale=g,
-                            generator=generator, output_type="np", height=self.cfg.image_size,
-                            width=self.cfg.image_size).images)
+            out.append(
+                pipe(
+                    prompts[i : i + batch],
+                    num_inference_steps=self.cfg.sample_steps,
+                    guidance_scale=g,
+                    generator=generator,
+                    output_type="np",
+                    height=self.cfg.image_size,
+                    width=self.cfg.image_size,
+                ).images
+            )
         return np.concatenate(out)
 
     @torch.no_grad()
@@ -398,11 +453,15 @@ class SDWorkload(Workload):
         prompts = [p for p, c in named if c is not None]
         colours = [c for _, c in named if c is not None]
         if not prompts:
-            raise ValueError(f"model.color_match_samples: none of the prompts names exactly one colour of "
-                             f"{self.cfg.color_palette} ({', '.join(self.palette.colors)})")
+            raise ValueError(
+                f"model.color_match_samples: none of the prompts names exactly one colour of "
+                f"{self.cfg.color_palette} ({', '.join(self.palette.colors)})"
+            )
         out = {}
-        for key, texts, scale in (("color_match_guided", prompts, None),
-                                  ("color_match_unconditional", [""] * len(prompts), 1.0)):
+        for key, texts, scale in (
+            ("color_match_guided", prompts, None),
+            ("color_match_unconditional", [""] * len(prompts), 1.0),
+        ):
             images = self.generate(model, texts, generator, guidance_scale=scale)
             found = [self.palette.dominant((im * 255).round().astype(np.uint8)) for im in images]
             out[key] = float(np.mean([f == w for f, w in zip(found, colours)]))

@@ -21,10 +21,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import kill_tree, wait_for
-from launching import (RECIPE, ROOT, STEPS, accelerate_cmd, assert_matches_reference, last_step, run_ok,
-                       smoke_overrides, train_records)
+from launching import (
+    RECIPE,
+    ROOT,
+    STEPS,
+    accelerate_cmd,
+    assert_matches_reference,
+    last_step,
+    run_ok,
+    smoke_overrides,
+    train_records,
+)
+
 from trainer.checkpoint import MARKER, complete_checkpoints, latest, verify
 from trainer.metrics import read_jsonl
 from trainer.sharded import read_all
@@ -139,7 +148,7 @@ def corrupt(ckpt: Path, rng: random.Random, flip: bool, name: str | None = None)
         data[at] ^= 1 << rng.randrange(8)
         how = f"bit flip at byte {at} of {name}"
     else:
-        data = data[:rng.randrange(len(data))]
+        data = data[: rng.randrange(len(data))]
         how = f"truncated {name} to {len(data)} bytes"
     path.write_bytes(bytes(data))
     return how
@@ -181,17 +190,24 @@ def test_sigkill_at_random_steps_and_inside_saves(tmp_path, digits_dir, cpu_env,
             newest = chain.root / f"step-{chain.resume_from}"
             # the first: a bit flip in rank 1's model and optimizer shard; then any file
             name = None if corrupted else "state/__1_0.distcp"
-            corrupted.append(corrupt(newest, rng, flip=not corrupted or (len(corrupted) + first_flip) % 2 == 0,
-                                     name=name))
+            corrupted.append(
+                corrupt(newest, rng, flip=not corrupted or (len(corrupted) + first_flip) % 2 == 0, name=name)
+            )
             assert verify(newest) is not None
             chain.damaged = str(newest)
             older = [int(p.name.split("-")[1]) for p in complete_checkpoints(chain.root)]
             chain.expect_latest(max([s for s in older if s < chain.resume_from], default=0))
     chain.finish()
-    report("kills", seed=rng.seed_value, random_step_kills=random_kills, kills_inside_save=save_kills,
-           corrupted_checkpoints=corrupted, launches=chain.launches,
-           resumed_exactly=f"{chain.launches - 1}/{chain.launches - 1}",
-           wrong_or_corrupt_checkpoint_chosen=chain.wrong_choice)
+    report(
+        "kills",
+        seed=rng.seed_value,
+        random_step_kills=random_kills,
+        kills_inside_save=save_kills,
+        corrupted_checkpoints=corrupted,
+        launches=chain.launches,
+        resumed_exactly=f"{chain.launches - 1}/{chain.launches - 1}",
+        wrong_or_corrupt_checkpoint_chosen=chain.wrong_choice,
+    )
     assert chain.wrong_choice == 0
 
 
@@ -216,9 +232,14 @@ def test_async_saves_killed_in_the_background(tmp_path, digits_dir, cpu_env, smo
         chain.expect_latest(step if renamed else below(step))
         kills.append(f"{stage}@{step}/{rank}")
     chain.finish()
-    report("async_kills", seed=rng.seed_value, kills_in_background=kills, launches=chain.launches,
-           resumed_exactly=f"{chain.launches - 1}/{chain.launches - 1}",
-           wrong_or_corrupt_checkpoint_chosen=chain.wrong_choice)
+    report(
+        "async_kills",
+        seed=rng.seed_value,
+        kills_in_background=kills,
+        launches=chain.launches,
+        resumed_exactly=f"{chain.launches - 1}/{chain.launches - 1}",
+        wrong_or_corrupt_checkpoint_chosen=chain.wrong_choice,
+    )
     assert chain.wrong_choice == 0
 
 
@@ -230,14 +251,22 @@ def _direct_ranks(run_dir: Path, digits_dir, env, failpoints: str, *more) -> lis
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "launch.train", "--config", RECIPE,
-           *smoke_overrides(run_dir, digits_dir, *more)]
+    cmd = [sys.executable, "-m", "launch.train", "--config", RECIPE, *smoke_overrides(run_dir, digits_dir, *more)]
     procs = []
     for rank in range(2):
-        e = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRIBUTARY_FAILPOINTS=failpoints)
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        e = dict(
+            env,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            TRIBUTARY_FAILPOINTS=failpoints,
+        )
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     return procs
 
 
@@ -248,8 +277,9 @@ def test_a_rank_dying_alone_stops_the_other_with_a_clear_message(how, tmp_path, 
     after step 50; rank 0 must exit with code 4 naming the cause and the checkpoint to
     resume from, within trainer.dist_timeout_s, not hang."""
     timeout_s = 10
-    r0, r1 = _direct_ranks(tmp_path / "run", digits_dir, cpu_env, "step.end@50/1=" + how,
-                           f"trainer.dist_timeout_s={timeout_s}")
+    r0, r1 = _direct_ranks(
+        tmp_path / "run", digits_dir, cpu_env, "step.end@50/1=" + how, f"trainer.dist_timeout_s={timeout_s}"
+    )
     start = time.time()
     try:
         out, _ = r0.communicate(timeout=180)
@@ -274,9 +304,18 @@ def test_nonfinite_loss_skip(tmp_path, digits_dir, cpu_env):
 
     run_dir = tmp_path / "run"
     env = dict(cpu_env, TRIBUTARY_FAILPOINTS="step.loss@41/1=nan,step.loss@45/0=inf")
-    out = run_ok(accelerate_cmd() + smoke_overrides(
-        run_dir, digits_dir, "trainer.nonfinite=skip", "trainer.max_steps=60",
-        "trainer.checkpoint_every=1", "trainer.keep_last_k=100"), env)
+    out = run_ok(
+        accelerate_cmd()
+        + smoke_overrides(
+            run_dir,
+            digits_dir,
+            "trainer.nonfinite=skip",
+            "trainer.max_steps=60",
+            "trainer.checkpoint_every=1",
+            "trainer.keep_last_k=100",
+        ),
+        env,
+    )
     assert "step 41: grad norm nan, step skipped (trainer.nonfinite=skip; 1 so far)" in out
     assert "step 45: grad norm " in out and "(trainer.nonfinite=skip; 2 so far)" in out
     ckpt = run_dir / "checkpoints"
@@ -304,8 +343,7 @@ def test_nonfinite_loss_halt(tmp_path, digits_dir, cpu_env):
     step 40 exists, so nothing poisoned can ever be resumed from."""
     run_dir = tmp_path / "run"
     env = dict(cpu_env, TRIBUTARY_FAILPOINTS="step.loss@45/1=inf")
-    cmd = accelerate_cmd() + smoke_overrides(run_dir, digits_dir, "trainer.log_every=10",
-                                             "trainer.checkpoint_every=20")
+    cmd = accelerate_cmd() + smoke_overrides(run_dir, digits_dir, "trainer.log_every=10", "trainer.checkpoint_every=20")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "exitcode  : 6" in text, text[-3000:]  # a rank's own code
@@ -351,11 +389,17 @@ def test_disk_full_or_read_only_during_a_save(mode, tmp_path, digits_dir, cpu_en
     (out_dir / "run").mkdir(parents=True)
     cmd = accelerate_cmd() + smoke_overrides(run_dir, digits_dir)
     as_root = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
-    env = dict(cpu_env, RUN=str(run_dir), OUT=str(out_dir), MODE=mode,
-               TRIBUTARY_FAILPOINTS=f"save.start@{2 * EVERY}/0=sleep",
-               TRIBUTARY_FAILPOINT_FLAG=str(tmp_path / "failpoint-hit"))
-    done = subprocess.run(as_root + ["bash", "-c", DISK_SCRIPT, "drill", *cmd], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        cpu_env,
+        RUN=str(run_dir),
+        OUT=str(out_dir),
+        MODE=mode,
+        TRIBUTARY_FAILPOINTS=f"save.start@{2 * EVERY}/0=sleep",
+        TRIBUTARY_FAILPOINT_FLAG=str(tmp_path / "failpoint-hit"),
+    )
+    done = subprocess.run(
+        as_root + ["bash", "-c", DISK_SCRIPT, "drill", *cmd], env=env, capture_output=True, text=True, timeout=300
+    )
     log = (out_dir / "job.log").read_text() if (out_dir / "job.log").exists() else ""
     assert done.returncode == 0, done.stderr[-2000:] + log[-3000:]
     rc = int((out_dir / "rc").read_text())  # the launcher's; a rank's own is in its report
@@ -382,5 +426,12 @@ def test_disk_full_or_read_only_during_a_save(mode, tmp_path, digits_dir, cpu_en
     assert f"resumed from {run_dir / 'checkpoints' / kept[-1]}" in out
     assert_matches_reference(run_dir, smoke_reference)
     codes = sorted({int(c) for c in re.findall(r"exitcode\s+:\s+(-?\d+)", log)})
-    report("disk", mode=mode, rank_exit_codes=codes, failed_save=80, kept=kept[-1], error=errors[0][:240],
-           resumed_exactly="1/1")
+    report(
+        "disk",
+        mode=mode,
+        rank_exit_codes=codes,
+        failed_save=80,
+        kept=kept[-1],
+        error=errors[0][:240],
+        resumed_exactly="1/1",
+    )

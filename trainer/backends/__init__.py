@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,20 +30,24 @@ class Backend(Protocol):
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]: ...
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self, model: nn.Module, optimizer: Any, max_norm: float,
-             skip_nonfinite: bool = False, measure: bool = True) -> Optional[torch.Tensor]: ...
+    def step(
+        self, model: nn.Module, optimizer: Any, max_norm: float, skip_nonfinite: bool = False, measure: bool = True
+    ) -> torch.Tensor | None: ...
     def unwrap(self, model: nn.Module) -> nn.Module: ...
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def reduce_max(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def broadcast_object(self, obj: Any) -> Any: ...
     def barrier(self) -> None: ...
+
     # checkpoints (trainer/checkpoint.py): `group` is the checkpointer's own gloo group
     checkpoint_layout: str  # what step-N/ holds the model and optimizer as: "dcp" | "deepspeed"
-    def checkpoint_writer(self, path: Path, model: nn.Module, optimizer: Any, *, step: int, group,
-                          stage: bool) -> Callable[[], list[str]]: ...
+
+    def checkpoint_writer(
+        self, path: Path, model: nn.Module, optimizer: Any, *, step: int, group, stage: bool
+    ) -> Callable[[], list[str]]: ...
     def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any, *, group) -> None: ...
     # consolidated weights, a tensor at a time (trainer/export.py)
-    def full_tensors(self, model: nn.Module) -> Iterator[tuple[str, Optional[torch.Tensor]]]: ...
+    def full_tensors(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor | None]]: ...
     def load_exported(self, model: nn.Module, path: Path, *, group) -> None: ...
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
@@ -55,9 +60,11 @@ def check_launch_env(trainer_cfg, micro_batch: int) -> None:
     check_launch_precision(trainer_cfg.mixed_precision)
     if trainer_cfg.backend == "accelerate":
         from trainer.backends.accelerate import check_launch_env as check
+
         check(trainer_cfg.accelerate)
     else:
         from trainer.backends.deepspeed import check_accelerate_launch_env, deepspeed_config
+
         check_accelerate_launch_env(trainer_cfg.deepspeed)
         deepspeed_config(trainer_cfg, micro_batch)  # a config_file that contradicts the recipe
 
@@ -69,9 +76,11 @@ def check_launch_precision(recipe: str) -> None:
     default when nothing was asked, so it never contradicts a recipe's bf16 or fp16."""
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if launched != "no" and launched != recipe:
-        raise ConfigError(f"accelerate launch was given --mixed_precision {launched} (ACCELERATE_MIXED_PRECISION), "
-                          f"but the recipe has trainer.mixed_precision={recipe}; set "
-                          f"trainer.mixed_precision={launched}, or launch with --mixed_precision {recipe}")
+        raise ConfigError(
+            f"accelerate launch was given --mixed_precision {launched} (ACCELERATE_MIXED_PRECISION), "
+            f"but the recipe has trainer.mixed_precision={recipe}; set "
+            f"trainer.mixed_precision={launched}, or launch with --mixed_precision {recipe}"
+        )
 
 
 def init_elastic_process_group(timeout_s: int) -> bool:
@@ -95,12 +104,16 @@ def init_elastic_process_group(timeout_s: int) -> bool:
         return False
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
-                          timeout=timeout)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
     start = store.add(f"tributary/starts/rank{rank}", 1)
     on_gpu = torch.cuda.is_available() and env.get("ACCELERATE_USE_CPU", "") not in ("1", "true", "True")
-    dist.init_process_group("cpu:gloo,cuda:nccl" if on_gpu else "gloo", rank=rank, world_size=world,
-                            store=dist.PrefixStore(f"tributary/start{start}", store), timeout=timeout)
+    dist.init_process_group(
+        "cpu:gloo,cuda:nccl" if on_gpu else "gloo",
+        rank=rank,
+        world_size=world,
+        store=dist.PrefixStore(f"tributary/start{start}", store),
+        timeout=timeout,
+    )
     return True
 
 

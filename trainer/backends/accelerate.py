@@ -6,7 +6,7 @@ import contextlib
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -23,9 +23,13 @@ def fsdp_plugin(acc_cfg):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(
-        fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="size_based_wrap",
-        min_num_params=acc_cfg.fsdp_min_params, state_dict_type="SHARDED_STATE_DICT",
-        cpu_ram_efficient_loading=False)
+        fsdp_version=2,
+        reshard_after_forward=True,
+        auto_wrap_policy="size_based_wrap",
+        min_num_params=acc_cfg.fsdp_min_params,
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
 
 
 def fsdp_units(model: nn.Module, min_params: int) -> list[str]:
@@ -58,13 +62,17 @@ def check_launch_env(acc_cfg) -> None:
     Accelerator would silently follow them over the recipe: refuse a contradiction."""
     env = os.environ
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ConfigError("accelerate launch was given a DeepSpeed config, but the recipe has "
-                         "trainer.backend=accelerate; set trainer.backend=deepspeed (and "
-                         "trainer.deepspeed.zero_stage), or launch with a non-DeepSpeed config")
+        raise ConfigError(
+            "accelerate launch was given a DeepSpeed config, but the recipe has "
+            "trainer.backend=accelerate; set trainer.backend=deepspeed (and "
+            "trainer.deepspeed.zero_stage), or launch with a non-DeepSpeed config"
+        )
     if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc_cfg.strategy != "fsdp":
-        raise ConfigError(f"accelerate launch was given an FSDP config, but the recipe has "
-                         f"trainer.accelerate.strategy={acc_cfg.strategy}; set "
-                         f"trainer.accelerate.strategy=fsdp, or launch with a non-FSDP config")
+        raise ConfigError(
+            f"accelerate launch was given an FSDP config, but the recipe has "
+            f"trainer.accelerate.strategy={acc_cfg.strategy}; set "
+            f"trainer.accelerate.strategy=fsdp, or launch with a non-FSDP config"
+        )
 
 
 class AccelerateBackend:
@@ -123,8 +131,9 @@ class AccelerateBackend:
         else:
             self.accelerator.backward(loss)  # fp16: the loss scaler's
 
-    def step(self, model: nn.Module, optimizer: Any, max_norm: float,
-             skip_nonfinite: bool = False, measure: bool = True) -> Optional[torch.Tensor]:
+    def step(
+        self, model: nn.Module, optimizer: Any, max_norm: float, skip_nonfinite: bool = False, measure: bool = True
+    ) -> torch.Tensor | None:
         """Clip to max_norm (0: no clipping), step, zero; the global norm before clipping,
         or None when there is no clipping and no `measure` (a norm costs a pass over the grads).
 
@@ -172,16 +181,22 @@ class AccelerateBackend:
     # ---------------------------------------------------------------- checkpoints
     checkpoint_layout = "dcp"
 
-    def checkpoint_writer(self, path: Path, model: nn.Module, optimizer: Any, *, step: int, group,
-                          stage: bool):
+    def checkpoint_writer(self, path: Path, model: nn.Module, optimizer: Any, *, step: int, group, stage: bool):
         """Model and optimizer as DCP shards (trainer/sharded.py): every rank writes what it
         holds; DDP's replicas are split over the ranks, FSDP2's shards stay where they are."""
         from trainer import sharded
 
         if stage and self._stager is None:
             self._stager = sharded.HostStager()
-        return sharded.writer(path, self.unwrap(model), optimizer.optimizer, step=step, rank=self.rank,
-                              group=group, stager=self._stager if stage else None)
+        return sharded.writer(
+            path,
+            self.unwrap(model),
+            optimizer.optimizer,
+            step=step,
+            rank=self.rank,
+            group=group,
+            stager=self._stager if stage else None,
+        )
 
     def load_model_and_optimizer(self, path: Path, model: nn.Module, optimizer: Any, *, group) -> None:
         from trainer import sharded
@@ -196,12 +211,16 @@ class AccelerateBackend:
             raise IncompatibleCheckpointError(
                 f"{path} holds no Accelerate model state (state/): it was written by DeepSpeed "
                 "(deepspeed/); resume it with trainer.backend=deepspeed, or export its weights "
-                "(python -m launch.export) and start a new run from them")
+                "(python -m launch.export) and start a new run from them"
+            )
 
     def _load_full_files(self, path: Path, model: nn.Module, optimizer: Any) -> None:
         """The earlier layout: model.safetensors + optimizer.pt, whole, written by rank 0."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         from trainer.export import check_shapes
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,7 @@ def weights_only_torch_load():
             yield
         finally:
             torch.load = real
+
 
 DS_TAG = "deepspeed"  # engine checkpoints live in <step-N>/deepspeed/
 
@@ -84,32 +85,41 @@ def deepspeed_config(trainer_cfg, micro_batch: int) -> dict:
             extra = json.loads(Path(ds.config_file).read_text())
         except (OSError, ValueError) as exc:
             what = "is not valid JSON" if isinstance(exc, ValueError) else "cannot be read"
-            raise ConfigError(f"config key 'trainer.deepspeed.config_file': {ds.config_file} "
-                              f"{what} ({exc})") from None
+            raise ConfigError(f"config key 'trainer.deepspeed.config_file': {ds.config_file} {what} ({exc})") from None
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             if key in extra and extra[key] != config[key]:
-                raise ConfigError(f"trainer.deepspeed.config_file {ds.config_file} sets {key}={extra[key]}, "
-                                 f"but the trainer config gives {config[key]}; set it in one place")
+                raise ConfigError(
+                    f"trainer.deepspeed.config_file {ds.config_file} sets {key}={extra[key]}, "
+                    f"but the trainer config gives {config[key]}; set it in one place"
+                )
         zero_extra = extra.pop("zero_optimization", {})
         if zero_extra.get("stage", ds.zero_stage) != ds.zero_stage:
-            raise ConfigError(f"trainer.deepspeed.config_file {ds.config_file} sets zero_optimization.stage="
-                             f"{zero_extra['stage']}, but trainer.deepspeed.zero_stage={ds.zero_stage}; "
-                             f"set it in one place")
-        for key, name, ours in (("offload_optimizer", "offload_optimizer", ds.offload_optimizer),
-                                ("offload_param", "offload_params", ds.offload_params)):
+            raise ConfigError(
+                f"trainer.deepspeed.config_file {ds.config_file} sets zero_optimization.stage="
+                f"{zero_extra['stage']}, but trainer.deepspeed.zero_stage={ds.zero_stage}; "
+                f"set it in one place"
+            )
+        for key, name, ours in (
+            ("offload_optimizer", "offload_optimizer", ds.offload_optimizer),
+            ("offload_param", "offload_params", ds.offload_params),
+        ):
             device = (zero_extra.get(key) or {}).get("device", "none")
             if (device != "none") != ours:
-                raise ConfigError(f"trainer.deepspeed.config_file {ds.config_file} sets zero_optimization."
-                                 f"{key}.device={device}, but trainer.deepspeed.{name}={ours}; set it "
-                                 f"in one place")
+                raise ConfigError(
+                    f"trainer.deepspeed.config_file {ds.config_file} sets zero_optimization."
+                    f"{key}.device={device}, but trainer.deepspeed.{name}={ours}; set it "
+                    f"in one place"
+                )
         zero.update(zero_extra)  # deep enough: zero_optimization is the only nested section we set
         config.update(extra)
     world = dist.get_world_size() if dist.is_initialized() else None
     want = micro_batch * trainer_cfg.grad_accum_steps * world if world else None
     if want and config.get("train_batch_size", want) != want:
-        raise ConfigError(f"trainer.deepspeed.config_file sets train_batch_size={config['train_batch_size']}, "
-                         f"but data.batch_size={micro_batch} x trainer.grad_accum_steps="
-                         f"{trainer_cfg.grad_accum_steps} x {world} ranks = {want}; set it in one place")
+        raise ConfigError(
+            f"trainer.deepspeed.config_file sets train_batch_size={config['train_batch_size']}, "
+            f"but data.batch_size={micro_batch} x trainer.grad_accum_steps="
+            f"{trainer_cfg.grad_accum_steps} x {world} ranks = {want}; set it in one place"
+        )
     return config
 
 
@@ -127,28 +137,48 @@ def check_accelerate_launch_env(ds_cfg) -> None:
     env = os.environ
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if stage not in (None, "") and int(stage) != ds_cfg.zero_stage:
-        raise ConfigError(f"accelerate launch config says zero_stage={stage}, the recipe's "
-                         f"trainer.deepspeed.zero_stage={ds_cfg.zero_stage}; make them agree")
-    for key, ours in (("OFFLOAD_OPTIMIZER_DEVICE", ds_cfg.offload_optimizer),
-                      ("OFFLOAD_PARAM_DEVICE", ds_cfg.offload_params)):
+        raise ConfigError(
+            f"accelerate launch config says zero_stage={stage}, the recipe's "
+            f"trainer.deepspeed.zero_stage={ds_cfg.zero_stage}; make them agree"
+        )
+    for key, ours in (
+        ("OFFLOAD_OPTIMIZER_DEVICE", ds_cfg.offload_optimizer),
+        ("OFFLOAD_PARAM_DEVICE", ds_cfg.offload_params),
+    ):
         theirs = env.get(f"ACCELERATE_DEEPSPEED_{key}", "none").lower()
         if theirs not in ("", "none") and (theirs == "cpu") != ours:
             name = "offload_optimizer" if "OPTIM" in key else "offload_params"
-            raise ConfigError(f"accelerate launch config says {key.lower()}={theirs}, the recipe's "
-                             f"trainer.deepspeed.{name}={ours}; make them agree")
+            raise ConfigError(
+                f"accelerate launch config says {key.lower()}={theirs}, the recipe's "
+                f"trainer.deepspeed.{name}={ours}; make them agree"
+            )
     theirs = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if theirs not in ("", "none") and not (
-            ds_cfg.config_file and Path(ds_cfg.config_file).resolve() == Path(theirs).resolve()):
-        raise ConfigError(f"accelerate launch config names deepspeed_config_file={theirs}; name it in "
-                         f"the recipe instead (trainer.deepspeed.config_file), which decides")
+        ds_cfg.config_file and Path(ds_cfg.config_file).resolve() == Path(theirs).resolve()
+    ):
+        raise ConfigError(
+            f"accelerate launch config names deepspeed_config_file={theirs}; name it in "
+            f"the recipe instead (trainer.deepspeed.config_file), which decides"
+        )
 
 
-def convert_to_universal(src: Path, dst: Path) -> Optional[str]:
+def convert_to_universal(src: Path, dst: Path) -> str | None:
     """DeepSpeed's ds_to_universal on one rank's behalf (a subprocess: it forks worker pools);
     None on success, else the converter's output tail."""
     shutil.rmtree(dst.parent, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-           "--output_folder", str(dst), "--num_extract_workers", "2", "--num_merge_workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(src),
+        "--output_folder",
+        str(dst),
+        "--num_extract_workers",
+        "2",
+        "--num_merge_workers",
+        "1",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         shutil.rmtree(dst.parent, ignore_errors=True)
@@ -163,8 +193,9 @@ class DeepSpeedBackend:
         check_accelerate_launch_env(trainer_cfg.deepspeed)
         self.cfg, self.micro_batch = trainer_cfg, micro_batch
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False,
-                                   timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))
+        deepspeed.init_distributed(
+            dist_backend=backend, verbose=False, timeout=timedelta(seconds=trainer_cfg.dist_timeout_s)
+        )
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         if torch.cuda.is_available():
@@ -182,7 +213,8 @@ class DeepSpeedBackend:
         import deepspeed
 
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(self.cfg, self.micro_batch))
+            model=model, optimizer=optimizer, config=deepspeed_config(self.cfg, self.micro_batch)
+        )
         self.engine = engine
         return engine, ds_optimizer
 
@@ -196,8 +228,9 @@ class DeepSpeedBackend:
         if self._pending < self.cfg.grad_accum_steps:
             self.engine.step()  # not a boundary: the engine only counts
 
-    def step(self, model: nn.Module, optimizer: Any, max_norm: float,
-             skip_nonfinite: bool = False, measure: bool = True) -> torch.Tensor:
+    def step(
+        self, model: nn.Module, optimizer: Any, max_norm: float, skip_nonfinite: bool = False, measure: bool = True
+    ) -> torch.Tensor:
         """Optimizer step at the boundary (clipping is the engine's); the global grad norm
         (the engine computes it every step anyway, so `measure` changes nothing)."""
         self.engine.step()
@@ -278,18 +311,20 @@ class DeepSpeedBackend:
                 with safe_open(str(files[name]), framework="pt") as f:
                     tensor.data.copy_(f.get_tensor(name))
 
-    def checkpoint_writer(self, path: Path, model: nn.Module, optimizer: Any, *, step: int, group,
-                          stage: bool):
+    def checkpoint_writer(self, path: Path, model: nn.Module, optimizer: Any, *, step: int, group, stage: bool):
         """DeepSpeed's engine checkpoint, every rank writing its partition. The whole weights
         are gathered beside it only with trainer.deepspeed.save_full_weights."""
         if stage:
-            raise ValueError("a DeepSpeed engine writes its checkpoint synchronously "
-                             "(trainer.checkpoint_async needs trainer.backend=accelerate)")
+            raise ValueError(
+                "a DeepSpeed engine writes its checkpoint synchronously "
+                "(trainer.checkpoint_async needs trainer.backend=accelerate)"
+            )
 
         def write() -> list[str]:
             # the marker below lets universal conversion (another world size) work
-            self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False,
-                                        client_state={"universal_checkpoint_info": {}})
+            self.engine.save_checkpoint(
+                str(path), tag=DS_TAG, save_latest=False, client_state={"universal_checkpoint_info": {}}
+            )
             if self.cfg.deepspeed.save_full_weights:
                 from trainer.export import SafetensorsShards
 
@@ -330,7 +365,8 @@ class DeepSpeedBackend:
             raise IncompatibleCheckpointError(
                 f"{path} holds no DeepSpeed engine state ({DS_TAG}/): it was written by the Accelerate "
                 "backend; resume it with trainer.backend=accelerate (DDP or FSDP2), or export its weights "
-                "(python -m launch.export) and start a new run from them")
+                "(python -m launch.export) and start a new run from them"
+            )
         saved_ranks = len(list((path / DS_TAG).glob("*optim_states.pt")))
         if not saved_ranks or saved_ranks == self.world_size:
             self._load(path, DS_TAG)
@@ -344,8 +380,10 @@ class DeepSpeedBackend:
             error = convert_to_universal(path / DS_TAG, universal / DS_TAG)
         error = self.broadcast_object(error)
         if error:
-            raise RuntimeError(f"{path}: written by {saved_ranks} DeepSpeed ranks, this run has "
-                               f"{self.world_size}; converting it to a universal checkpoint failed:\n{error}")
+            raise RuntimeError(
+                f"{path}: written by {saved_ranks} DeepSpeed ranks, this run has "
+                f"{self.world_size}; converting it to a universal checkpoint failed:\n{error}"
+            )
         self.engine._config.load_universal_checkpoint = True
         try:
             self._load(universal, DS_TAG)
@@ -353,7 +391,7 @@ class DeepSpeedBackend:
             # `step` tensor; torch's Adam increments it in place once per group, so the second
             # group would take its bias correction one step ahead. One tensor per group.
             inner = getattr(self.engine.optimizer, "optimizer", None)
-            for state in (inner.state.values() if inner is not None else []):
+            for state in inner.state.values() if inner is not None else []:
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].clone()
         finally:
@@ -364,8 +402,9 @@ class DeepSpeedBackend:
 
     def _load(self, path: Path, tag: str) -> None:
         with weights_only_torch_load():
-            load_path, _ = self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
+            load_path, _ = self.engine.load_checkpoint(
+                str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if load_path is None:
             raise RuntimeError(f"{path}: DeepSpeed found no engine checkpoint under '{tag}/'")
 
@@ -403,12 +442,17 @@ class AccelerateDeepSpeedBackend(DeepSpeedBackend):
         # check (docs/platform-notes.md)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         kwargs = InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=trainer_cfg.dist_timeout_s))
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(trainer_cfg, micro_batch),
-                                 gradient_accumulation_steps=trainer_cfg.grad_accum_steps)
-        self.accelerator = Accelerator(
-            deepspeed_plugin=plugin, mixed_precision=trainer_cfg.mixed_precision,
+        plugin = DeepSpeedPlugin(
+            hf_ds_config=deepspeed_config(trainer_cfg, micro_batch),
             gradient_accumulation_steps=trainer_cfg.grad_accum_steps,
-            step_scheduler_with_optimizer=False, kwargs_handlers=[kwargs])
+        )
+        self.accelerator = Accelerator(
+            deepspeed_plugin=plugin,
+            mixed_precision=trainer_cfg.mixed_precision,
+            gradient_accumulation_steps=trainer_cfg.grad_accum_steps,
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=[kwargs],
+        )
         state = self.accelerator.state
         self.rank, self.world_size = state.process_index, state.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -427,8 +471,9 @@ class AccelerateDeepSpeedBackend(DeepSpeedBackend):
         # the loop already divided the loss by the accumulation steps
         self.accelerator.backward(loss, scale_wrt_gas=False)
 
-    def step(self, model: nn.Module, optimizer: Any, max_norm: float,
-             skip_nonfinite: bool = False, measure: bool = True) -> torch.Tensor:
+    def step(
+        self, model: nn.Module, optimizer: Any, max_norm: float, skip_nonfinite: bool = False, measure: bool = True
+    ) -> torch.Tensor:
         self._pending = 0  # the engine stepped (and clipped) inside backward
         norm = self.engine.get_global_grad_norm()  # a tensor or a float, by stage and version
         if isinstance(norm, torch.Tensor):
