@@ -15,7 +15,7 @@ MODELS := factorized fvsbn nade made
 LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
 
-.PHONY: venv data data-lm data-shapes data-detr data-oad train train-sd train-detr train-oad test lint drills fault-drills \
+.PHONY: venv data data-lm data-lm-bpe data-shapes data-detr data-oad train train-sd train-detr train-oad test lint drills fault-drills \
         slurm-up slurm-down clean
 
 venv: $(STAMP)
@@ -40,6 +40,15 @@ data: venv
 data-lm: venv
 	@for n in 1024:1k 4096:4k 16384:16k 65536:64k; do \
 	  $(PY) -m launch.make_shards text stdlib --seq-len $${n%%:*} --out data/lm/stdlib-$${n##*:} || exit 1; \
+	done
+
+# subword windows of the standard library (1k and 4k tokens): a 4096-id byte-level BPE trained on
+# its train split (once, deterministically: the same standard library gives the same file), then its windows
+data-lm-bpe: venv
+	$(PY) -m launch.make_shards tokenizer stdlib --vocab-size 4096 --out data/lm/bpe/tokenizer.json
+	@for n in 1024:1k 4096:4k; do \
+	  $(PY) -m launch.make_shards text stdlib --seq-len $${n%%:*} --tokenizer data/lm/bpe/tokenizer.json \
+	    --out data/lm/bpe-$${n##*:} || exit 1; \
 	done
 
 # captioned 32x32 shapes for text-to-image, with the CLIP BPE tokenizer trained on their captions

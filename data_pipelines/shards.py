@@ -71,11 +71,13 @@ def write_shards(
     prefix: str = "shard",
     maxcount: int = 10_000,
     maxsize: float = 256e6,
+    extra: dict | None = None,
 ) -> dict:
     """Write `samples` (dicts with `__key__` and extension-named fields) as tar shards.
 
     Shards are named `<prefix>-000000.tar`, ... in `out_dir`; `manifest.json` is written
-    last, so a folder with a manifest is a finished one.
+    last, so a folder with a manifest is a finished one. `extra` adds entries to it (what
+    the samples are: a tokenizer, a sequence length).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,14 +118,15 @@ def write_shards(
                 "sha256": sha256_file(fname),
             }
         )
-    return _write_manifest(out, shards)
+    return _write_manifest(out, shards, extra)
 
 
-def _write_manifest(folder: Path, shards: list[dict]) -> dict:
+def _write_manifest(folder: Path, shards: list[dict], extra: dict | None = None) -> dict:
     manifest = {
         "format": MANIFEST_FORMAT,
         "total_samples": sum(s["samples"] for s in shards),
         "shards": shards,
+        **(extra or {}),
     }
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))

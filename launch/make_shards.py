@@ -8,6 +8,9 @@
     python -m launch.make_shards text stdlib --seq-len 4096 --out data/lm/stdlib-4k
     python -m launch.make_shards text /data/enwik8 --seq-len 4096 --val-fraction 0.05 --test-fraction 0.05 \\
         --out /data/shards/enwik8-4k
+    python -m launch.make_shards tokenizer stdlib --vocab-size 4096 --out data/lm/bpe/tokenizer.json
+    python -m launch.make_shards text stdlib --seq-len 1024 --tokenizer data/lm/bpe/tokenizer.json \\
+        --out data/lm/bpe-1k
     python -m launch.make_shards shapes --out data/shapes --size 32
     python -m launch.make_shards mixture2d --out data/mixture2d
     python -m launch.make_shards detection --out data/shapes-det
@@ -49,6 +52,24 @@ def _add_min_shards(p: argparse.ArgumentParser, default: int, own: str = "") -> 
         help=f"shards per split at least, where there are that many samples (default: "
         f"{own or default}); a training split needs one per rank x loader worker",
     )
+
+
+def _add_text_source(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument(
+        "source",
+        nargs="?" if default else None,
+        default=default,
+        help="'stdlib' (the Python standard library, no download), a folder of "
+        "text files, one file (e.g. enwik8), or a datasets folder with --column"
+        + (f" (default: {default})" if default else ""),
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.02, help="share of the documents (of one file: its bytes) in val"
+    )
+    p.add_argument("--test-fraction", type=float, default=0.02, help="and in test; train has the rest")
+    p.add_argument("--pattern", default="*", help="folder source: which files (glob, default all)")
+    p.add_argument("--column", help="datasets source: the text column")
+    p.add_argument("--split", help="datasets source: split of a DatasetDict")
 
 
 def _summary(
@@ -124,21 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_min_shards(p, 0, "8 per split")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
 
-    p = sub.add_parser("text", help="byte windows of text for language models (stdlib, folder, file, datasets column)")
-    p.add_argument(
-        "source",
-        help="'stdlib' (the Python standard library, no download), a folder of "
-        "text files, one file (e.g. enwik8), or a datasets folder with --column",
+    p = sub.add_parser(
+        "text", help="byte or token windows of text for language models (stdlib, folder, file, datasets column)"
     )
-    p.add_argument("--seq-len", type=int, required=True, help="bytes a model sees; samples hold seq_len + 1")
+    _add_text_source(p)
+    p.add_argument(
+        "--seq-len", type=int, required=True, help="bytes (or tokens) a model sees; samples hold seq_len + 1"
+    )
     p.add_argument("--out", required=True, help="folder to write train/, val/, test/ into")
-    p.add_argument("--val-fraction", type=float, default=0.02)
-    p.add_argument("--test-fraction", type=float, default=0.02)
-    p.add_argument("--pattern", default="*", help="folder source: which files (glob, default all)")
-    p.add_argument("--column", help="datasets source: the text column")
-    p.add_argument("--split", help="datasets source: split of a DatasetDict")
+    p.add_argument(
+        "--tokenizer", help="a tokenizer.json or a local transformers tokenizer folder: windows of ids, not bytes"
+    )
+    p.add_argument("--eos", help="with --tokenizer: the token that ends each document (default: the tokenizer's own)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="with --tokenizer: tokenizing processes (default: one per 8 MB of text, one per CPU at most)",
+    )
     _add_min_shards(p, MIN_SHARDS)
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE on the train split of a text source (deterministic)")
+    _add_text_source(p, default="stdlib")
+    p.add_argument("--vocab-size", type=int, default=4096, help="ids in all, <|endoftext|> and the 256 bytes included")
+    p.add_argument("--out", required=True, help="the tokenizer.json to write")
+    p.add_argument("--force", action="store_true", help="retrain even if --out exists")
 
     p = sub.add_parser("index", help="write manifest.json for existing tars (e.g. img2dataset's)")
     p.add_argument("folder")
@@ -267,10 +298,46 @@ def run(args: argparse.Namespace) -> int:
             column=args.column,
             split=args.split,
             min_shards=args.min_shards,
+            tokenizer=args.tokenizer,
+            eos=args.eos,
+            workers=args.workers,
         )
         for split, m in built.items():
-            tail = f", {m['dropped_tail_bytes']} tail bytes dropped" if m["dropped_tail_bytes"] else ""
-            print(_summary(out / split, m) + f" of {args.seq_len + 1} bytes{tail}")
+            if args.tokenizer is None:
+                tail = f", {m['dropped_tail_bytes']} tail bytes dropped" if m["dropped_tail_bytes"] else ""
+                print(_summary(out / split, m) + f" of {args.seq_len + 1} bytes{tail}")
+                continue
+            tail = f", {m['dropped_tail_tokens']} tail tokens dropped" if m["dropped_tail_tokens"] else ""
+            print(
+                _summary(out / split, m) + f" of {args.seq_len + 1} {m['dtype']} ids{tail}; {m['tokens']} tokens "
+                f"of {m['text_bytes']} text bytes ({m['text_bytes'] / m['tokens']:.2f} bytes per token)"
+            )
+        return 0
+
+    if args.command == "tokenizer":
+        import time
+
+        from data_pipelines.sources import text
+        from data_pipelines.text_tokenizer import train_byte_bpe
+
+        if Path(args.out).exists() and not args.force:
+            print(f"{args.out}: already trained (use --force to retrain)")
+            return 0
+        start = time.perf_counter()
+        texts = text.split_texts(
+            args.source,
+            "train",
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            pattern=args.pattern,
+            column=args.column,
+            split=args.split,
+        )
+        info = train_byte_bpe(texts, args.out, vocab_size=args.vocab_size)
+        print(
+            f"{args.out}: byte-level BPE of {info.vocab_size} ids trained on the train split of {args.source} "
+            f"in {time.perf_counter() - start:.0f} s; sha256 {info.sha256}"
+        )
         return 0
 
     if args.command == "index":
