@@ -14,6 +14,7 @@ COMMANDS = {
     "doctor": ("launch.doctor", "check a recipe against the planned launch before it queues"),
     "submit": ("launch.submit", "render a slurm/*.sbatch template for a recipe and sbatch it"),
     "export": ("launch.export", "export a run's weights as safetensors plus its config"),
+    "generate": ("launch.generate", "continue a prompt with a trained language model"),
     "report": ("launch.report", "print the final metrics of finished runs side by side"),
 }
 

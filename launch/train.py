@@ -72,6 +72,29 @@ def preflight(cfg) -> None:
     check_launch_env(cfg.trainer, cfg.data.batch_size)
 
 
+def split_manifests(cfg) -> dict[str, tuple[str, dict]]:
+    """Config key of each split's urls -> (path, manifest) of the manifest beside its shards, for
+    the workload's data check (`Workload.check_data`); splits without a local manifest are left out."""
+    import braceexpand
+
+    from data_pipelines.shards import MANIFEST, read_manifest
+
+    d = cfg.data
+    splits = training_splits(d) + [(f"data.{s}.urls", getattr(d, s)) for s in ("val", "test") if getattr(d, s).urls]
+    found = {}
+    for key, split in splits:
+        if split.manifest:
+            path = Path(split.manifest)
+        elif Path(split.urls).is_dir():
+            path = Path(split.urls) / MANIFEST
+        else:
+            first = next(iter(braceexpand.braceexpand(split.urls.split("::")[0])), "")
+            path = Path(first).parent / MANIFEST
+        if path.is_file():
+            found[key] = (str(path), read_manifest(path))
+    return found
+
+
 def main(argv=None) -> int:
     try:
         return _main(argv)
@@ -102,6 +125,7 @@ def _main(argv=None) -> int:
         cfg = load_recipe(args.config, args.overrides)
         preflight(cfg)
         workload = build_workload(cfg.model)  # a model.* value it refuses, before any process group
+        workload.check_data(split_manifests(cfg))  # data its config cannot read (another vocabulary)
         # one launch per run dir: rank 0 holds it, before any process group (when rank 0 is
         # refused and exits, the launcher stops the other ranks)
         lock = (

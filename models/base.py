@@ -45,6 +45,17 @@ class Workload:
         """The first of `names` the run has (e.g. "test", "val": the held-out split), or None."""
         return next((s for s in names if s in self.splits), None)
 
+    def check_data(self, manifests: Mapping[str, tuple[str, dict]]) -> None:
+        """Refuse data this workload's config cannot read, before any process group starts:
+        `manifests` maps the config key of each split's urls ("data.train.urls", "data.mix.0.urls",
+        "data.val.urls", "data.test.urls") to (its manifest's path, the manifest), for the splits
+        that have one. Raise ValueError naming the keys and values that disagree."""
+
+    def records(self) -> dict[str, str]:
+        """Text files (name -> content) that travel with the run: rank 0 adds them to every
+        checkpoint and to best/ (e.g. the tokenizer the model was trained with)."""
+        return {}
+
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "shards", "doctor", "submit", "export", "report")
+COMMANDS = ("train", "shards", "doctor", "submit", "export", "generate", "report")
 
 
 def requirement_names(path: Path) -> set[str]:

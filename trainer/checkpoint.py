@@ -424,7 +424,7 @@ class Checkpointer:
                 torch.save(b.extra_state(), tmp / "extra.pt")
                 write_json(tmp / "trainer_state.json", trainer_state)
                 for name, text in records.items():
-                    (tmp / name).write_text(text)
+                    (tmp / name).write_text(text, encoding="utf-8")
 
         self._phase("save.start", step, tmp, start)
         self._phase("save.files", step, tmp, rank_files)

@@ -407,7 +407,11 @@ class Trainer:
     def _save(self, state: TrainState, session_start: float) -> None:
         saved = TrainState(**asdict(state))
         saved.train_time_s += time.perf_counter() - session_start
-        records = {CONFIG_RECORD: self.config_text, MODEL_RECORD: json.dumps({"shapes": self.model_shapes})}
+        records = {
+            **self.workload.records(),
+            CONFIG_RECORD: self.config_text,
+            MODEL_RECORD: json.dumps({"shapes": self.model_shapes}),
+        }
         self.checkpointer.save(
             state.step,
             model=self.model,
@@ -516,6 +520,8 @@ class Trainer:
                 shards.close()
                 write_json(tmp / "meta.json", meta)
                 (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+                for name, text in self.workload.records().items():
+                    (tmp / name).write_text(text, encoding="utf-8")
                 shutil.rmtree(out, ignore_errors=True)
                 tmp.rename(out)
             except OSError as exc:

@@ -1,16 +1,23 @@
-"""Residual blocks for the byte-level LM family; `attention:` picks one of four kinds.
+"""Residual blocks for the LM family; `attention:` picks one of four kinds, `block:` the style.
 
 Every block maps x (B, N, D) -> (B, N, D), normalises its own input (pre-norm) and adds
 its own residual, so a model is embedding -> blocks -> final norm -> head.
 
-- softmax: multi-head softmax attention (SDPA, flash kernels on GPU) + GELU MLP.
+- softmax: multi-head softmax attention (SDPA, flash kernels on GPU) + an MLP; a key/value
+  cache (`SoftmaxBlock.extend`) for generation.
 - linear: Katharopoulos et al. 2020, phi(x) = elu(x) + 1, chunk-wise causal form and an
-  RNN form (`LinearBlock.step`) for generation.
+  RNN form (`LinearBlock.step`, `LinearBlock.extend`) for generation.
 - flash / flash_quad: Hua et al. 2022's gated attention unit (GAU), which replaces
   attention + MLP, with mixed chunk attention (FLASH) or full relu^2 attention (FLASH-Quad).
+
+Block styles: `classic` (LayerNorm with biases, GELU MLP of mlp_ratio x dim) and `llama`
+(Touvron et al. 2023: RMSNorm, no biases, SwiGLU MLP), whose softmax model has the module
+names and shapes of a Llama decoder.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +25,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTENTION_KINDS = ("softmax", "linear", "flash", "flash_quad")
+BLOCK_KINDS = ("classic", "llama")
 # softmax attention's SDPA kernel (`model.sdpa_backend`); auto lets torch choose per call
 SDPA_BACKENDS = {
     "auto": None,
@@ -87,6 +95,51 @@ class Rotary(nn.Module):
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+# ---------------------------------------------------------------- norms and MLPs
+
+
+class RMSNorm(nn.Module):
+    """Zhang & Sennrich 2019: weight * x / rms(x), computed in float32 for half-precision x."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        exact = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        normed = exact * torch.rsqrt(exact.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Shazeer 2020's gated MLP: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def swiglu_hidden(dim: int, mlp_ratio: int, mlp_hidden: int = 0) -> int:
+    """The SwiGLU width: `mlp_hidden`, else 2/3 of the classic mlp_ratio x dim (the same parameter
+    count with three matrices instead of two) rounded up to a multiple of 256 (64 below dim 1024)."""
+    if mlp_hidden:
+        return mlp_hidden
+    multiple = 256 if dim >= 1024 else 64
+    raw = math.ceil(2 * mlp_ratio * dim / 3)
+    return -(-raw // multiple) * multiple
+
+
+def make_norm(block: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    """The block style's normalisation: LayerNorm (classic) or RMSNorm (llama)."""
+    return RMSNorm(dim, eps) if block == "llama" else nn.LayerNorm(dim, eps=eps)
+
+
 # ---------------------------------------------------------------- linear attention
 
 
@@ -132,20 +185,42 @@ def linear_attention(q, k, v, causal: bool, chunk_size: int = 256, eps: float = 
 
 
 class _MultiHeadBlock(nn.Module):
-    """LayerNorm -> q, k, v (RoPE on q, k) -> mix -> out proj -> residual; then the GELU MLP.
-    Dropout is on the residual branches only, the same for every kind."""
+    """norm -> q, k, v (RoPE on q, k) -> mix -> out proj -> residual; then norm -> MLP -> residual.
+    classic: LayerNorm and a GELU MLP with biases; llama: RMSNorm and a SwiGLU MLP, no biases.
+    Dropout is on the residual branches only, the same for every kind.
 
-    def __init__(self, dim: int, heads: int, causal: bool, mlp_ratio: int, dropout: float):
+    `forward(x)` is the whole sequence; `forward(x, state)` continues a causal sequence from
+    `state` (from `init_state`) and returns (y, new state), for generation: x then holds only
+    the new tokens. Both go through forward, so wrappers' hooks (FSDP) run for either."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        causal: bool,
+        mlp_ratio: int,
+        dropout: float,
+        *,
+        block: str = "classic",
+        mlp_hidden: int = 0,
+        norm_eps: float = 1e-5,
+        rope_base: float = 10000.0,
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if block not in BLOCK_KINDS:
+            raise ValueError(f"unknown block style {block!r}; choose one of {', '.join(BLOCK_KINDS)}")
         self.heads, self.head_dim, self.causal = heads, dim // heads, causal
-        self.attn_norm = nn.LayerNorm(dim)
+        self.attn_norm = make_norm(block, dim, norm_eps)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
-        self.rotary = Rotary(self.head_dim)
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.rotary = Rotary(self.head_dim, base=rope_base)
+        self.mlp_norm = make_norm(block, dim, norm_eps)
+        if block == "llama":
+            self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio, mlp_hidden))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         self.drop = nn.Dropout(dropout)
 
     def _qkv(self, x: torch.Tensor, offset: int = 0):
@@ -159,22 +234,54 @@ class _MultiHeadBlock(nn.Module):
     def mix(self, q, k, v) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None):
+        if state is not None:
+            if not self.causal:
+                raise RuntimeError("a state continues a causal sequence; this block is bidirectional")
+            return self.extend(x, state)
         return self._finish(x, self.mix(*self._qkv(x)))
 
 
 class SoftmaxBlock(_MultiHeadBlock):
     def __init__(
-        self, dim: int, heads: int, causal: bool, mlp_ratio: int = 4, dropout: float = 0.0, sdpa_backend: str = "auto"
+        self,
+        dim: int,
+        heads: int,
+        causal: bool,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        sdpa_backend: str = "auto",
+        **style,
     ):
-        super().__init__(dim, heads, causal, mlp_ratio, dropout)
+        super().__init__(dim, heads, causal, mlp_ratio, dropout, **style)
         self.sdpa_backend = SDPA_BACKENDS[sdpa_backend]
 
-    def mix(self, q, k, v):
+    def _attend(self, q, k, v, *, is_causal: bool, mask: torch.Tensor | None = None):
         if self.sdpa_backend is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         with sdpa_kernel(self.sdpa_backend):  # here: activation checkpointing recomputes with the same kernel
-            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+    def mix(self, q, k, v):
+        return self._attend(q, k, v, is_causal=self.causal)
+
+    def init_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> dict:
+        """An empty key/value cache: k, v (B, H, 0, d) after RoPE, pos (tokens seen)."""
+        empty = torch.zeros(batch, self.heads, 0, self.head_dim, device=device, dtype=dtype)
+        return {"k": empty, "v": empty, "pos": 0}
+
+    def extend(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """The new tokens x (B, n, D) attend to the cache and to each other causally."""
+        pos, n = state["pos"], x.shape[1]
+        q, k, v = self._qkv(x, offset=pos)
+        if pos:  # (an empty cache is not joined: under autocast its dtype may not be the new keys')
+            k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)
+        if pos == 0 or n == 1:  # the whole prefix, or one token that sees everything
+            mixed = self._attend(q, k, v, is_causal=pos == 0 and n > 1)
+        else:  # query i sits at pos + i; SDPA's is_causal aligns to the top left, not to the end
+            mask = torch.arange(pos + n, device=x.device) <= torch.arange(pos, pos + n, device=x.device)[:, None]
+            mixed = self._attend(q, k, v, is_causal=False, mask=mask)
+        return self._finish(x, mixed), {"k": k, "v": v, "pos": pos + n}
 
 
 class LinearBlock(_MultiHeadBlock):
@@ -183,9 +290,16 @@ class LinearBlock(_MultiHeadBlock):
     eps = 1e-6
 
     def __init__(
-        self, dim: int, heads: int, causal: bool, chunk_size: int = 256, mlp_ratio: int = 4, dropout: float = 0.0
+        self,
+        dim: int,
+        heads: int,
+        causal: bool,
+        chunk_size: int = 256,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        **style,
     ):
-        super().__init__(dim, heads, causal, mlp_ratio, dropout)
+        super().__init__(dim, heads, causal, mlp_ratio, dropout, **style)
         self.chunk_size = chunk_size
 
     def mix(self, q, k, v):
@@ -214,6 +328,21 @@ class LinearBlock(_MultiHeadBlock):
         mixed = (num / (den + self.eps)).to(v.dtype)
         y = self._finish(x_t[:, None], mixed[:, :, None])[:, 0]
         return y, {"S": S, "z": z, "pos": state["pos"] + 1}
+
+    def extend(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """New tokens x (B, n, D): from the empty state in the chunk-wise parallel form (a prompt),
+        else token by token."""
+        if state["pos"] > 0 or x.shape[1] == 1:
+            ys = []
+            for t in range(x.shape[1]):
+                y, state = self.step(x[:, t], state)
+                ys.append(y)
+            return torch.stack(ys, 1), state
+        q, k, v = self._qkv(x)
+        y = self._finish(x, linear_attention(q, k, v, True, self.chunk_size, self.eps))
+        acc = state["S"].dtype
+        k = _phi(k).to(acc)
+        return y, {"S": k.transpose(-1, -2) @ v.to(acc), "z": k.sum(-2), "pos": x.shape[1]}
 
 
 # ---------------------------------------------------------------- GAU / FLASH
@@ -264,7 +393,8 @@ class FlashBlock(nn.Module):
     It replaces attention + MLP, so a FLASH model stacks about twice as many of them. The
     kernel scale is 1/chunk_size in both modes: the paper's 1/N would make a causal prefix's
     outputs depend on how many tokens follow it. RoPE carries position; there is no extra
-    relative-position bias.
+    relative-position bias. The llama style takes RMSNorm and drops the biases of W and W_o
+    (ScaleOffset's per-dimension offsets stay: they make the queries and keys differ).
     """
 
     def __init__(
@@ -276,15 +406,22 @@ class FlashBlock(nn.Module):
         chunk_size: int = 256,
         quad: bool = False,
         dropout: float = 0.0,
+        *,
+        block: str = "classic",
+        norm_eps: float = 1e-5,
+        rope_base: float = 10000.0,
     ):
         super().__init__()
+        if block not in BLOCK_KINDS:
+            raise ValueError(f"unknown block style {block!r}; choose one of {', '.join(BLOCK_KINDS)}")
         self.causal, self.chunk_size, self.quad = causal, chunk_size, quad
         self.split = (expansion * dim, expansion * dim, qk_dim)
-        self.norm = nn.LayerNorm(dim)
-        self.hidden = nn.Linear(dim, sum(self.split))
+        bias = block == "classic"
+        self.norm = make_norm(block, dim, norm_eps)
+        self.hidden = nn.Linear(dim, sum(self.split), bias=bias)
         self.qk = ScaleOffset(qk_dim, 2 if quad else 4)  # (quad_q, quad_k[, lin_q, lin_k])
-        self.rotary = Rotary(qk_dim)
-        self.out = nn.Linear(expansion * dim, dim)
+        self.rotary = Rotary(qk_dim, base=rope_base)
+        self.out = nn.Linear(expansion * dim, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,11 +449,34 @@ def make_block(
     mlp_ratio: int = 4,
     dropout: float = 0.0,
     sdpa_backend: str = "auto",
+    block: str = "classic",
+    mlp_hidden: int = 0,
+    norm_eps: float = 1e-5,
+    rope_base: float = 10000.0,
 ) -> nn.Module:
+    style = {"block": block, "norm_eps": norm_eps, "rope_base": rope_base}
     if kind == "softmax":
-        return SoftmaxBlock(dim, heads, causal, mlp_ratio=mlp_ratio, dropout=dropout, sdpa_backend=sdpa_backend)
+        return SoftmaxBlock(
+            dim,
+            heads,
+            causal,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            sdpa_backend=sdpa_backend,
+            mlp_hidden=mlp_hidden,
+            **style,
+        )
     if kind == "linear":
-        return LinearBlock(dim, heads, causal, chunk_size=chunk_size, mlp_ratio=mlp_ratio, dropout=dropout)
+        return LinearBlock(
+            dim,
+            heads,
+            causal,
+            chunk_size=chunk_size,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            mlp_hidden=mlp_hidden,
+            **style,
+        )
     if kind in ("flash", "flash_quad"):
         return FlashBlock(
             dim,
@@ -326,6 +486,7 @@ def make_block(
             chunk_size=chunk_size,
             quad=kind == "flash_quad",
             dropout=dropout,
+            **style,
         )
     raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(ATTENTION_KINDS)}")
 
@@ -341,21 +502,25 @@ def attention_flops_per_token(
     qk_dim: int = 128,
     mlp_ratio: int = 4,
     causal: bool,
+    block: str = "classic",
+    mlp_hidden: int = 0,
 ) -> float:
     """Forward matmul FLOPs (2 x multiply-adds) per token of one block, for MFU.
 
     With D = dim, N = tokens, d = D / heads, C = min(chunk_size, N), e = expansion D, s = qk_dim,
     and c = 1/2 on quadratic (masked) terms when causal, else 1:
-      softmax:     2 [(4 + 2 mlp_ratio) D^2 + 2 c N D]          (q, k, v, out, MLP; q k^T, A v)
-      linear:      2 [(4 + 2 mlp_ratio) D^2 + 2 D d + 2 c C D [causal]]  (k v^T, q S; in-chunk terms)
+      softmax:     2 [4 D^2 + M + 2 c N D]                     (q, k, v, out, MLP; q k^T, A v)
+      linear:      2 [4 D^2 + M + 2 D d + 2 c C D [causal]]    (k v^T, q S; in-chunk terms)
       flash:       2 [3 e D + s D + c C (s + e) + 2 s e]        (W, W_o; in-chunk relu^2; k^T v, q S)
       flash_quad:  2 [3 e D + s D + c N (s + e)]
+    where the MLP's M = 2 mlp_ratio D^2 (classic) or 3 D h with h the SwiGLU width (llama).
     Norms, activations, RoPE and normalisers are left out.
     """
     D, c = dim, 0.5 if causal else 1.0
     C = min(chunk_size, tokens)
     if kind in ("softmax", "linear"):
-        macs = (4 + 2 * mlp_ratio) * D * D
+        mlp = 3 * D * swiglu_hidden(D, mlp_ratio, mlp_hidden) if block == "llama" else 2 * mlp_ratio * D * D
+        macs = 4 * D * D + mlp
         if kind == "softmax":
             macs += 2 * c * tokens * D
         else:
