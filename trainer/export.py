@@ -15,13 +15,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# renames a tensor, or turns it into several or none (an export to another library's layout)
+Convert = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _UNITS = {
@@ -78,6 +80,10 @@ class SafetensorsShards:
         self.held = 0
         self.shards: list[list[str]] = []
         self.total = 0
+
+    def add_converted(self, name: str, tensor: torch.Tensor, convert: Convert | None) -> None:
+        for new_name, new_tensor in [(name, tensor)] if convert is None else convert(name, tensor):
+            self.add(new_name, new_tensor)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -163,7 +169,7 @@ def check_shapes(saved: Path, model: torch.nn.Module, where: Path | None = None)
 
 
 # ---------------------------------------------------------------- from checkpoints
-def export_dcp(state_dir: Path, out: Path, max_shard_size: int | str) -> list[Path]:
+def export_dcp(state_dir: Path, out: Path, max_shard_size: int | str, convert: Convert | None = None) -> list[Path]:
     """A DCP checkpoint's model tensors -> safetensors, one shard's tensors read at a time."""
     from trainer import sharded
 
@@ -172,40 +178,51 @@ def export_dcp(state_dir: Path, out: Path, max_shard_size: int | str) -> list[Pa
     sizes = {n: nbytes(m.size, m.properties.dtype) for n, m in specs.items()}
     writer = SafetensorsShards(out, max_shard_size)
     for group in shard_groups(sizes, writer.max):
-        for name, tensor in sharded.read_model_tensors(state_dir, group, metadata).items():
-            writer.add(name, tensor)
+        tensors = sharded.read_model_tensors(state_dir, group, metadata)
+        for name in group:  # popped: a converted copy does not keep its source alive
+            writer.add_converted(name, tensors.pop(name), convert)
         writer.flush()
     return writer.close()
 
 
-def export_deepspeed(checkpoint: Path, out: Path, max_shard_size: int | str) -> list[Path]:
-    """DeepSpeed's ZeRO partitions -> fp32 safetensors with DeepSpeed's own converter (ZeRO-3:
-    one tensor at a time from memory-mapped partitions; ZeRO-1/2: it joins the flat fp32
-    partitions first, one fp32 copy of the model)."""
-    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+def export_deepspeed(
+    checkpoint: Path, out: Path, max_shard_size: int | str, convert: Convert | None = None
+) -> list[Path]:
+    """DeepSpeed's ZeRO partitions -> fp32 safetensors: DeepSpeed's own reader joins each tensor
+    (its lazy mode; ZeRO-3: one tensor at a time from the partitions; ZeRO-1/2: it joins the flat
+    fp32 partitions first, one fp32 copy of the model), our writer cuts the shards. Ours because
+    DeepSpeed's writer refuses tied weights (one tensor under two names)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from trainer.backends.deepspeed import DS_TAG, weights_only_torch_load
 
     if not (checkpoint / DS_TAG).is_dir():
         raise FileNotFoundError(f"{checkpoint}: no DeepSpeed engine checkpoint ({DS_TAG}/)")
-    Path(out).mkdir(parents=True, exist_ok=True)
     with weights_only_torch_load():
-        convert_zero_checkpoint_to_fp32_state_dict(
-            str(checkpoint), str(out), max_shard_size=str(max_shard_size), safe_serialization=True, tag=DS_TAG
-        )
-    return sorted(Path(out).glob("model*.safetensors"))
-
-
-def export_files(src: Path, out: Path, max_shard_size: int | str) -> list[Path]:
-    """A safetensors export or an earlier-layout checkpoint's model.safetensors, re-cut."""
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG, lazy_mode=True)
     writer = SafetensorsShards(out, max_shard_size)
-    for name, tensor in iter_exported(src):
-        writer.add(name, tensor)
+    for name in list(lazy):
+        tensor = lazy.pop(name).contiguous()
+        # a copy of its own: ZeRO-1/2's tensors are views into one flat vector, and a file's
+        # tensors may not share storage
+        tensor = tensor.to(torch.float32, copy=True) if tensor.is_floating_point() else tensor.clone()
+        writer.add_converted(name, tensor, convert)
     return writer.close()
 
 
-def export_checkpoint(src: Path, out: Path, max_shard_size: int | str = "5GB") -> list[Path]:
-    """Any of the trainer's checkpoint layouts, or a best/ export, as safetensors in `out`."""
+def export_files(src: Path, out: Path, max_shard_size: int | str, convert: Convert | None = None) -> list[Path]:
+    """A safetensors export or an earlier-layout checkpoint's model.safetensors, re-cut."""
+    writer = SafetensorsShards(out, max_shard_size)
+    for name, tensor in iter_exported(src):
+        writer.add_converted(name, tensor, convert)
+    return writer.close()
+
+
+def export_checkpoint(
+    src: Path, out: Path, max_shard_size: int | str = "5GB", convert: Convert | None = None
+) -> list[Path]:
+    """Any of the trainer's checkpoint layouts, or a best/ export, as safetensors in `out`;
+    each tensor passes through `convert` on its way, if given."""
     from trainer import sharded
     from trainer.backends.deepspeed import DS_TAG
 
@@ -213,7 +230,7 @@ def export_checkpoint(src: Path, out: Path, max_shard_size: int | str = "5GB") -
     for stale in [*Path(out).glob("model*.safetensors"), Path(out) / INDEX]:
         stale.unlink(missing_ok=True)
     if (src / sharded.STATE_DIR).is_dir():
-        return export_dcp(src / sharded.STATE_DIR, out, max_shard_size)
+        return export_dcp(src / sharded.STATE_DIR, out, max_shard_size, convert)
     if (src / DS_TAG).is_dir():
-        return export_deepspeed(src, out, max_shard_size)
-    return export_files(src, out, max_shard_size)
+        return export_deepspeed(src, out, max_shard_size, convert)
+    return export_files(src, out, max_shard_size, convert)
