@@ -177,6 +177,22 @@ def count_params(model_cfg) -> ModelSize:
     return model_size(model)
 
 
+def check_workload_data(cfg, say: Say) -> None:
+    """What the workload itself asks of the shards (an LM: the vocabulary its tokenizer and the
+    shards' manifests name), as launch.train checks it at start; silent when it has no objection."""
+    from launch.train import split_manifests
+    from models.registry import build_workload
+
+    try:
+        workload = build_workload(cfg.model)
+    except Exception:  # noqa: BLE001 - the model check below reports it
+        return
+    try:
+        workload.check_data(split_manifests(cfg))
+    except (ValueError, OSError) as exc:
+        say("FAIL", "data", str(exc))
+
+
 def model_size(model) -> ModelSize:
     params = list(model.parameters())  # each shared parameter once
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
@@ -493,6 +509,7 @@ def main(argv=None) -> int:
         say("ok", "config", f"{args.config}: workload {cfg.model.name}, backend {cfg.trainer.backend}")
         global_batch = check_batch(cfg, world, say)
         check_shards(cfg, world, global_batch, say)
+        check_workload_data(cfg, say)
         try:
             size = count_params(cfg.model)
         except Exception as exc:
