@@ -135,7 +135,10 @@ def test_text_samples_continue_the_prompt(token_corpus):  # noqa: F811
     assert text.startswith('"""Text wrap') and "[" in text and "]" in text, text
 
 
-def test_launch_generate_continues_a_prompt_from_a_finished_run(tmp_path, token_corpus, cpu_env):  # noqa: F811
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_launch_generate_continues_a_prompt_from_a_finished_run(tmp_path, token_corpus, cpu_env, attention):  # noqa: F811
+    """launch.generate on a finished run: cached (softmax's key/value cache, linear attention's
+    recurrent state) and --no-cache give the same text, from best/ and from a DCP checkpoint."""
     import subprocess
 
     from launch.generate import main
@@ -154,6 +157,8 @@ def test_launch_generate_continues_a_prompt_from_a_finished_run(tmp_path, token_
         f"data.test.urls={shards}/test",
         f"model.tokenizer={tokenizer}",
         "model.seq_len=64",
+        f"model.attention={attention}",
+        "model.chunk_size=16",
         "model.dim=32",
         "model.depth=2",
         "model.heads=2",

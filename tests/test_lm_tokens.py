@@ -376,3 +376,84 @@ def test_prompts_start_a_document_as_the_shards_do(token_corpus, tmp_path):
     wrapped.save(str(tmp_path / "wrapped/tokenizer.json"))
     templated = workload(tokenizer=str(tmp_path / "wrapped"))
     assert templated.encode_text("def f():") == [0, *ids] and templated.encode_text("") == [0]
+
+
+def test_bpe_flash_recipe_trains_at_tiny_width(tmp_path, token_corpus, cpu_env):
+    """configs/lm/bpe_flash_4k.yaml's short form: FLASH in the Llama style on 2 ranks, at tiny width
+    and context, reports bits per byte and bits per token on val and test."""
+    tokenizer, shards = token_corpus
+    small = [
+        f"model.tokenizer={tokenizer}",
+        *SMALL,
+        "model.chunk_size=16",
+        "model.qk_dim=16",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.sample_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.max_steps=6",
+        "optim.warmup_steps=2",
+        "model.sample_bytes=8",
+    ]
+    run(torchrun(tmp_path, "bpe_flash_4k.yaml", shards, *small), cpu_env)
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    for split in ("val", "test"):
+        assert math.isfinite(final[f"{split}/bits_per_byte"]) and final[f"{split}/bits_per_token"] > 0
+        assert final[f"{split}/bits_per_byte"] < final[f"{split}/bits_per_token"]
+
+
+@pytest.fixture(scope="session")
+def stdlib_windows(tmp_path_factory):
+    """`make data-lm-bpe`'s tokenizer and 1k/4k windows and `make data-lm`'s byte windows of the
+    same text, read from data/lm/ or built here when missing: {(kind, context): folder}."""
+    data, built = ROOT / "data/lm", {}
+    root = tmp_path_factory.mktemp("stdlib")
+    tokenizer = data / "bpe/tokenizer.json"
+    if not tokenizer.exists():
+        tokenizer = root / "bpe/tokenizer.json"
+        make_shards("tokenizer", "stdlib", "--vocab-size", 4096, "--out", tokenizer)
+    for n, suffix in ((1024, "1k"), (4096, "4k")):
+        for kind, name, extra in (
+            ("bpe", f"bpe-{suffix}", ["--tokenizer", tokenizer]),
+            ("bytes", f"stdlib-{suffix}", []),
+        ):
+            folder = data / name
+            if not (folder / "test/manifest.json").exists() or (kind == "bpe" and tokenizer.parent.parent != data):
+                folder = root / name
+                make_shards("text", "stdlib", *extra, "--seq-len", n, "--out", folder)
+            built[kind, n] = folder
+    return tokenizer, built
+
+
+@pytest.mark.drill
+@pytest.mark.parametrize(
+    "recipe,twin,seq", [("bpe_causal_1k.yaml", "causal_1k.yaml", 1024), ("bpe_flash_4k.yaml", "causal_4k.yaml", 4096)]
+)
+def test_bpe_recipe_at_full_width_beside_its_byte_twin(tmp_path, stdlib_windows, cpu_env, recipe, twin, seq):
+    """The BPE recipe as shipped (full width, the stdlib's 4096-id BPE) and the byte recipe of the
+    same context, each for the same 30 steps on 2 ranks: both report test bits per byte on the same
+    text, printed side by side (not a quality claim: 30 steps; benchmarks/lm_quality.py compares)."""
+    tokenizer, shards = stdlib_windows
+    short = ["trainer.max_steps=30", "trainer.log_every=5", "trainer.eval_every=0", "trainer.checkpoint_every=0"]
+    short += ["trainer.sample_every=0", "optim.warmup_steps=5", "model.sample_bytes=16"]
+    run(
+        torchrun(tmp_path / "bpe", recipe, shards["bpe", seq], f"model.tokenizer={tokenizer}", *short),
+        cpu_env,
+        timeout=1800,
+    )
+    run(torchrun(tmp_path / "bytes", twin, shards["bytes", seq], *short), cpu_env, timeout=1800)
+    bpe = json.loads((tmp_path / "bpe/final_metrics.json").read_text())
+    byte = json.loads((tmp_path / "bytes/final_metrics.json").read_text())
+    print(
+        json.dumps(
+            {
+                "recipe": recipe,
+                "bpe_test_bpb": bpe["test/bits_per_byte"],
+                "twin": twin,
+                "bytes_test_bpb": byte["test/bits_per_byte"],
+            }
+        )
+    )
+    for final in (bpe, byte):
+        assert final["step"] == 30 and 0 < final["test/bits_per_byte"] < 9
+    assert bpe["test/bits_per_byte"] < bpe["test/bits_per_token"]
