@@ -1,14 +1,12 @@
-"""Sample bytes as model input: an image field decoded, resized on its shorter side and center cropped."""
+"""Sample bytes as model input: an image field decoded, resized and cropped to its size."""
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import torch
-from PIL import Image
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+from data_pipelines.image_transforms import IMAGE_FIELDS, image_with_info
+
+__all__ = ["IMAGE_FIELDS", "fields", "image_tensor", "to_unit"]
 
 
 def fields(sample: dict) -> list[str]:
@@ -16,19 +14,10 @@ def fields(sample: dict) -> list[str]:
 
 
 def image_tensor(sample: dict, size: int) -> torch.Tensor:
-    """(3, size, size) float in [-1, 1] from the sample's image bytes."""
-    field = next((f for f in IMAGE_FIELDS if f in sample), None)
-    if field is None:
-        raise KeyError(f"no image field ({'/'.join(IMAGE_FIELDS)}); the sample has {fields(sample)}")
-    img = Image.open(io.BytesIO(sample[field])).convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    if scale != 1:
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    """(3, H, W) float in [-1, 1] from the sample's image bytes: size x size, or the
+    sample's `__bucket__`, through the recipe's `__transforms__` when the stream gave them
+    (data_pipelines.image_transforms; without them: scaled to cover, center cropped)."""
+    return image_with_info(sample, size)[0]
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

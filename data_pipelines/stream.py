@@ -25,6 +25,17 @@ with other ranks or workers pools what the old readers had left of the epochs in
 readers: every remaining sample of those epochs comes exactly once, in a different order;
 after that, epochs are planned for the new layout. Partially read shards are re-read up
 to their offset (bounded by one shard per reader); consumed shards are never rescanned.
+
+Buckets (data.buckets). Each reader routes its samples, in stream order, to the bucket
+their size picks (data_pipelines.buckets) and sends a batch when a bucket holds
+batch_size of them: every batch has one bucket. A bucket still partly filled at an
+epoch's end is carried on, and fills up with samples of the next epochs: nothing is
+padded or dropped, each sample still comes in exactly one batch (named by its own
+epoch), and every rank keeps a next batch at every step as before. The held samples are
+part of the reader's state by name (`pending`): an exact resume reads them back (their
+shards' prefixes), an elastic one pools them with the buffers. A reader holds at most
+(buckets x (batch_size - 1)) undecoded samples; a bucket rarer than batch_size samples
+per reader and epoch waits over several epochs.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data_pipelines.buckets import Buckets
 from data_pipelines.shards import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
@@ -551,6 +563,8 @@ class ShardStream(IterableDataset):
         resampled: bool = False,
         with_keys: bool = False,
         key: str = "data.train.urls",
+        buckets: Buckets | None = None,
+        transforms: Any = None,
     ):
         self.sources = [Source(shards)] if isinstance(shards, ShardList) else list(shards)
         for src in self.sources:  # a mixture's sources are named by their config key
@@ -563,6 +577,9 @@ class ShardStream(IterableDataset):
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.on_error, self.resampled, self.with_keys = on_error, resampled, with_keys
+        # handed to decode in each sample: `__bucket__`, and `__transforms__` with the
+        # `__seed__` and `__epoch__` that seed its random choices (image_transforms)
+        self.buckets, self.transforms = buckets, transforms
         ErrorPolicy(on_error, {})  # validates the policy name
         self.reader_states: dict[int, dict | None] = {}  # by role; set on resume
         self.start_batch = 0  # batches consumed under this layout; rotates the round-robin
@@ -617,6 +634,7 @@ class ShardStream(IterableDataset):
             while True:
                 i = int(mix.choice(len(readers), p=self.weights)) if len(readers) > 1 else 0
                 name, raw = readers[i].next_raw()
+                self._annotate(raw, name[0])
                 try:
                     sample = decode_or_explain(self.decode, raw)
                 except DataError as exc:
@@ -636,6 +654,93 @@ class ShardStream(IterableDataset):
 
         return samples(), snapshot
 
+    def _annotate(self, raw: dict, epoch: int) -> None:
+        if self.transforms is not None:
+            raw["__transforms__"], raw["__seed__"], raw["__epoch__"] = self.transforms, self.seed, epoch
+
+    def _place(self, raw: dict, epoch: int) -> str:
+        """The sample's bucket group; its bucket and transform settings go into it for decode."""
+        group, bucket = self.buckets.group_of(raw)
+        self._annotate(raw, epoch)
+        if bucket is not None:
+            raw["__bucket__"] = bucket
+        return group
+
+    def bucket_batches(
+        self, role: int, state: dict | None = None
+    ) -> tuple[Iterator[tuple[list, list]], Callable[[], dict]]:
+        """(decoded samples, names) of one reader's batches, each from one bucket, endless;
+        and a function giving its state (the readers' and the samples held per bucket)."""
+        readers, mix = self._readers(role, state)
+        policy = ErrorPolicy(self.on_error, readers[0].stats)
+        failing_since: dict[int, int] = {}
+        held: dict[str, list[tuple[list, dict]]] = self._refetch_held(readers, (state or {}).get("pending", {}))
+
+        def where(name: list) -> str:
+            return f"sample '{name[4]}' in shard '{readers[name[0]].source.shards.urls[name[2]]}'"
+
+        def batches():
+            while True:
+                i = int(mix.choice(len(readers), p=self.weights)) if len(readers) > 1 else 0
+                name, raw = readers[i].next_raw()
+                name = [i, *name, raw.get("__key__")]
+                try:
+                    group = self._place(raw, name[1])
+                except Exception as exc:
+                    policy("bad_samples", f"{where(name)}: no size for its bucket ({type(exc).__name__}: {exc})")
+                    continue
+                group_items = held.setdefault(group, [])
+                group_items.append((name, raw))
+                if len(group_items) < self.batch_size:
+                    continue
+                del held[group]  # the state after this batch no longer holds them
+                samples, names = [], []
+                for nm, rw in group_items:
+                    try:
+                        samples.append(decode_or_explain(self.decode, rw))
+                        names.append(nm)
+                        failing_since.pop(nm[0], None)
+                    except DataError as exc:
+                        policy("missing_key" if "missing key" in str(exc) else "bad_samples", str(exc))
+                        if nm[1] - failing_since.setdefault(nm[0], nm[1]) >= 2:
+                            raise DataError(
+                                f"rank {self.rank} worker {role}: no sample of source "
+                                f"'{readers[nm[0]].source.name}' decodes for two epochs in "
+                                f"a row; the last: {exc}"
+                            ) from None
+                if len(samples) < self.batch_size:  # some did not decode: wait for more
+                    held[group] = [(nm, rw) for nm, rw in group_items if nm in names]
+                    continue
+                yield samples, names
+
+        def snapshot():
+            return {
+                "sources": [r.state_dict() for r in readers],
+                "mix_rng": mix.bit_generator.state,
+                "pending": {g: [nm for nm, _ in items] for g, items in held.items()},
+            }
+
+        return batches(), snapshot
+
+    def _refetch_held(self, readers: list[SourceReader], pending: dict[str, list]) -> dict[str, list]:
+        """Read back the samples a saved state held per bucket, in their order."""
+        found: dict[tuple, dict] = {}
+        for i, reader in enumerate(readers):
+            names = [nm[1:4] for names in pending.values() for nm in names if nm[0] == i]
+            for name, raw in reader._refetch(names):
+                found[(i, *name)] = raw
+        held = {}
+        for group, names in pending.items():
+            items = []
+            for nm in names:
+                raw = found.get(tuple(nm[:4]))
+                if raw is not None:
+                    self._place(raw, nm[1])
+                    items.append((list(nm), raw))
+            if items:
+                held[group] = items
+        return held
+
     def __iter__(self) -> Iterator[StreamBatch]:
         info = get_worker_info()
         worker, nworkers = (info.id, info.num_workers) if info else (0, 1)
@@ -644,6 +749,11 @@ class ShardStream(IterableDataset):
         # The DataLoader restarts its round-robin at worker 0, so worker w plays the reader
         # that owned the batch start_batch + w in the uninterrupted order.
         role = (worker + self.start_batch) % nworkers
+        if self.buckets is not None:
+            batches, snapshot = self.bucket_batches(role, self.reader_states.get(role))
+            for samples, names in batches:
+                yield StreamBatch(self.collate(samples), role, snapshot(), names if self.with_keys else None)
+            return
         samples, snapshot = self.role_samples(role, self.reader_states.get(role))
         batch, names = [], []
         for sample, name in samples:
@@ -697,6 +807,14 @@ def _deal(items: list[list], n_readers: int, sizes: list[int] | None) -> list[li
     return dealt
 
 
+def _with_held(role_state: dict, source: int) -> dict:
+    """A reader's state of one source, with the samples its role held in buckets counted as
+    buffered: read but not delivered, so pooled like the buffer."""
+    state = role_state["sources"][source]
+    held = [nm[1:4] for names in role_state.get("pending", {}).values() for nm in names if nm[0] == source]
+    return {**state, "buffer": list(state["buffer"]) + held} if held else state
+
+
 def elastic_reader_states(stream: ShardStream, old_rank_states: list[dict]) -> dict[int, dict]:
     """New reader states (by role, for `stream`'s rank) from all old ranks' saved states."""
     old_layout = old_rank_states[0]
@@ -706,7 +824,7 @@ def elastic_reader_states(stream: ShardStream, old_rank_states: list[dict]) -> d
     next_epochs = []
     for i, src in enumerate(stream.sources):
         old = [rs["readers"].get(str(w)) for rs in old_rank_states for w in range(old_workers)]
-        old = [o["sources"][i] if o else None for o in old]
+        old = [_with_held(o, i) if o else None for o in old]
         items, next_epoch = _pool_remaining(
             old, old_layout, len(src.shards.urls), stream.seed + 7919 * i, stream.resampled
         )
@@ -806,6 +924,7 @@ class StreamLoader:
             "shuffle_buffer": s.shuffle_buffer,
             "resampled": s.resampled,
             "num_shards": [len(src.shards.urls) for src in s.sources],
+            "buckets": s.buckets.signature() if s.buckets is not None else None,
         }
 
     def state_dict(self) -> dict:
@@ -834,7 +953,7 @@ class StreamLoader:
                 )
         self.total_batches = old["total_batches"]
         self.samples_seen = old["samples_seen"]
-        if all(old[k] == now[k] for k in now):
+        if all(old.get(k) == now[k] for k in now):  # `buckets` is absent from older positions
             mine = rank_states[self.stream.rank]
             self.batches = mine["batches"]
             self.base_stats = dict(mine["base_stats"])

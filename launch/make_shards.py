@@ -4,6 +4,7 @@
     python -m launch.make_shards from-datasets /data/saved --split train --out /data/shards/train \\
         --columns image:jpg,caption:txt,meta:json
     python -m launch.make_shards from-folder /data/pictures --out /data/shards/train
+    python -m launch.make_shards from-folder /data/imagefolder/train --out /data/shards/train  # metadata.jsonl
     python -m launch.make_shards index /data/img2dataset_out
     python -m launch.make_shards text stdlib --seq-len 4096 --out data/lm/stdlib-4k
     python -m launch.make_shards text /data/enwik8 --seq-len 4096 --val-fraction 0.05 --test-fraction 0.05 \\
@@ -104,12 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-column", help="column whose values become sample keys (default: row index)")
     _add_shard_size(p)
 
-    p = sub.add_parser("from-folder", help="images with .txt/.json sidecars of the same name")
+    p = sub.add_parser(
+        "from-folder",
+        help="images with .txt/.json sidecars of the same name, or a Hugging Face imagefolder (metadata.jsonl/.csv)",
+    )
     p.add_argument("folder")
     p.add_argument(
         "--require-caption",
         action="store_true",
-        help="an image without a .txt caption is an error (default: a warning)",
+        help="an image without a caption is an error (default: a warning)",
+    )
+    p.add_argument(
+        "--caption-column",
+        default="text",
+        help="imagefolder: the metadata column holding the caption (default: text)",
     )
     _add_shard_size(p)
 
@@ -229,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
             args.folder,
             args.out,
             require_caption=args.require_caption,
+            caption_column=args.caption_column,
             maxcount=args.maxcount,
             maxsize=args.maxsize,
             min_shards=args.min_shards,

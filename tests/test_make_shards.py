@@ -278,6 +278,76 @@ def test_folder_require_caption_and_bad_files(tmp_path, capsys, caplog):
         folder_to_shards(src, tmp_path / "c")
 
 
+# --- Hugging Face imagefolder (metadata.jsonl), as the diffusers scripts read it ----------
+
+
+def write_imagefolder(root, n):
+    images, labels = digit_arrays(n)
+    (root / "pics").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        name = f"pics/{i:03d}.png" if i % 2 else f"{i:03d}.jpg"
+        (root / name).write_bytes(png_bytes(images[i]) if i % 2 else jpeg_bytes(images[i]))
+        rows.append({"file_name": name, "text": f"a handwritten {labels[i]}", "label": int(labels[i])})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_imagefolder_with_metadata_jsonl(tmp_path, capsys, caplog):
+    src = tmp_path / "train"
+    rows = write_imagefolder(src, 6)
+    (src / "stray.png").write_bytes(png_bytes(digit_arrays(1)[0][0]))  # not in the metadata
+    with caplog.at_level(logging.WARNING):
+        assert make_shards(["from-folder", str(src), "--out", str(tmp_path / "out"), "--maxcount", "4"]) == 0
+    assert "1 other file(s) ignored (images not in metadata.jsonl)" in caplog.text
+    _, got = read_back(tmp_path / "out")
+    by_key = {s["__key__"]: s for s in got}
+    assert sorted(by_key) == ["000", "002", "004", "pics__001", "pics__003", "pics__005"]
+    for i, row in enumerate(rows):
+        sample = by_key[row["file_name"].rsplit(".", 1)[0].replace("/", "__")]
+        assert sample["txt"].decode() == row["text"]
+        field = "png" if i % 2 else "jpg"
+        assert sample[field] == (src / row["file_name"]).read_bytes(), "image bytes changed"
+        assert json.loads(sample["json"]) == {"label": row["label"]}
+
+
+def test_imagefolder_other_caption_column_and_csv(tmp_path):
+    src = tmp_path / "csv"
+    src.mkdir()
+    images, _ = digit_arrays(2)
+    for i in range(2):
+        (src / f"{i}.png").write_bytes(png_bytes(images[i]))
+    (src / "metadata.csv").write_text('file_name,prompt\n0.png,"a zero, small"\n1.png,a one\n')
+    m = folder_to_shards(src, tmp_path / "out", caption_column="prompt")
+    assert m["total_samples"] == 2
+    _, got = read_back(tmp_path / "out")
+    assert sorted(s["txt"].decode() for s in got) == ["a one", "a zero, small"]
+    assert all("json" not in s for s in got)  # no column beyond file_name and the caption
+
+
+def test_imagefolder_problems_are_named(tmp_path, capsys):
+    src = tmp_path / "train"
+    rows = write_imagefolder(src, 4)
+    (src / rows[2]["file_name"]).unlink()
+    assert make_shards(["from-folder", str(src), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "metadata.jsonl:3: file_name '002.jpg' does not exist" in err
+    assert not (tmp_path / "a" / "manifest.json").exists()
+
+    rows[2] = {"file_name": rows[1]["file_name"]}  # listed twice, and without a caption
+    (src / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        ValueError, match=r"metadata.jsonl:3: file_name 'pics/001.png' is listed again \(first at .*:2\)"
+    ):
+        folder_to_shards(src, tmp_path / "b")
+    rows[2] = {"file_name": "003.jpg"}
+    rows[3] = {"file_name": "pics/003.png"}
+    (src / "003.jpg").write_bytes(jpeg_bytes(digit_arrays(1)[0][0]))
+    (src / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert make_shards(["from-folder", str(src), "--out", str(tmp_path / "c"), "--require-caption"]) == 2
+    assert "image(s) without a 'text' in metadata.jsonl: 003.jpg, pics/003.png" in capsys.readouterr().err
+
+
 # --- shard counts that fit a cluster -----------------------------------------------------
 
 

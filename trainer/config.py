@@ -40,6 +40,34 @@ class SplitConfig:
 
 
 @dataclass(kw_only=True)
+class BucketsConfig:
+    """Aspect-ratio buckets (docs/data.md, "Aspect-ratio buckets"): give `area` (or `side`,
+    meaning side x side) to generate them, or `sizes` to list them; none = off."""
+
+    area: int = 0  # pixels per bucket, e.g. 262144 (512 x 512)
+    side: int = 0  # the same as area = side * side
+    step: int = 64  # bucket sides are multiples of this
+    min_side: int = 0  # 0 = step
+    max_side: int = 0  # 0 = bounded by max_ratio only
+    max_ratio: float = 2.0  # the longer side over the shorter, at most
+    sizes: list[list[int]] = field(default_factory=list)  # explicit [[width, height], ...]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.area or self.side or self.sizes)
+
+
+@dataclass(kw_only=True)
+class TransformsConfig:
+    """How an image becomes its bucket (or model.image_size square); random choices are
+    seeded by (data.seed, epoch, sample key)."""
+
+    resize: str = "cover"  # cover (scale to cover, then crop) | stretch (to the size exactly)
+    crop: str = "center"  # center | random
+    hflip: float = 0.0  # probability of a horizontal flip
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
@@ -58,6 +86,8 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (no epochs, no exactly-once)
     on_error: str = "skip"  # skip (count, warn, go on) | fail
     key_ledger: bool = False  # append consumed sample names to run.dir/ledger/ (audits)
+    buckets: BucketsConfig = field(default_factory=BucketsConfig)  # one image shape per batch
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
 
 
 @dataclass(kw_only=True)
@@ -406,6 +436,36 @@ def validate(cfg: RunConfig) -> None:
         _check(m.weight > 0, f"data.mix.{i}.weight", "must be > 0")
     if t.eval_every > 0:
         _check(bool(d.val.urls), "data.val.urls", "trainer.eval_every > 0 needs validation shards")
+    _check_buckets(d.buckets)
+    tr = d.transforms
+    _check(tr.resize in ("cover", "stretch"), "data.transforms.resize", f"'{tr.resize}' is not cover or stretch")
+    _check(tr.crop in ("center", "random"), "data.transforms.crop", f"'{tr.crop}' is not center or random")
+    _check(0 <= tr.hflip <= 1, "data.transforms.hflip", f"{tr.hflip} is not a probability in [0, 1]")
+
+
+def _check_buckets(b: BucketsConfig) -> None:
+    k = "data.buckets"
+    _check(not (b.area and b.side), f"{k}.side", "give area or side, not both")
+    _check(not (b.sizes and (b.area or b.side)), f"{k}.sizes", "give sizes, or area/side to generate them, not both")
+    for name in ("area", "side", "min_side", "max_side"):
+        _check(getattr(b, name) >= 0, f"{k}.{name}", "must be >= 0")
+    _check(b.step >= 1, f"{k}.step", "must be >= 1")
+    _check(b.max_ratio >= 1, f"{k}.max_ratio", "must be >= 1 (the longer side over the shorter)")
+    for i, wh in enumerate(b.sizes):
+        _check(len(wh) == 2 and min(wh) >= 1, f"{k}.sizes.{i}", f"{list(wh)} is not [width, height] with sides >= 1")
+    if b.area or b.side:
+        from data_pipelines.buckets import generate_buckets
+
+        try:
+            generate_buckets(**bucket_generation(b))
+        except ValueError as exc:
+            raise ConfigError(f"config key '{k}': {exc}") from None
+
+
+def bucket_generation(b: BucketsConfig) -> dict:
+    """Keyword arguments of data_pipelines.buckets.generate_buckets for this config."""
+    area = b.area or b.side * b.side
+    return dict(area=area, step=b.step, min_side=b.min_side, max_side=b.max_side, max_ratio=b.max_ratio)
 
 
 def training_splits(d: DataConfig) -> list[tuple[str, SplitConfig]]:

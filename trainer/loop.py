@@ -23,6 +23,8 @@ import torch
 import yaml
 from accelerate.utils import send_to_device
 
+from data_pipelines.buckets import Buckets, generate_buckets
+from data_pipelines.image_transforms import ImageTransforms
 from data_pipelines.stream import (
     ShardStream,
     Source,
@@ -41,7 +43,7 @@ from trainer.checkpoint import (
     newest_complete,
     write_json,
 )
-from trainer.config import RunConfig, to_yaml, training_splits
+from trainer.config import BucketsConfig, RunConfig, bucket_generation, to_yaml, training_splits
 from trainer.export import SafetensorsShards
 from trainer.faults import failpoint
 from trainer.guard import NonFiniteGuard
@@ -91,6 +93,13 @@ def optimizer_impl(impl: str) -> dict:
     return {"foreach": foreach, "fused": fused}
 
 
+def make_buckets(b: BucketsConfig) -> Buckets | None:
+    if not b.enabled:
+        return None
+    sizes = b.sizes or generate_buckets(**bucket_generation(b))
+    return Buckets(tuple((int(w), int(h)) for w, h in sizes))
+
+
 def build_loader(cfg: RunConfig, workload, rank: int, world_size: int, ledger: Path | None = None) -> StreamLoader:
     """This rank's training batches from every training source of the recipe."""
     d = cfg.data
@@ -111,6 +120,8 @@ def build_loader(cfg: RunConfig, workload, rank: int, world_size: int, ledger: P
         on_error=d.on_error,
         resampled=d.resampled,
         with_keys=d.key_ledger,
+        buckets=make_buckets(d.buckets),
+        transforms=ImageTransforms(**asdict(d.transforms)),
     )
     return StreamLoader(stream, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, ledger=ledger)
 
