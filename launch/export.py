@@ -2,6 +2,7 @@
 
     python -m launch.export RUN_DIR [--step N | --which best|latest|PATH] [--max-shard-size 5GB] [--out DIR]
                                     [--format safetensors|hf]
+    python -m launch.export RUN_DIR --pipeline [--step N | --which ...] [--out DIR] [--no-ema] [--fuse-lora]
 
 The source is the run's best/ export (the default when there is one), its newest complete
 checkpoint (`latest`, the default otherwise), `--step N`, or any step-N folder. Checkpoints of
@@ -18,6 +19,13 @@ with no custom code, for causal softmax-attention LMs (the classic block as GPT-
 llama block as Llama; models/lm/hf.py), the tensors renamed on their way, shard by shard.
 Models without a transformers class (FLASH, linear attention, masked) get the standard export
 plus the tokenizer files, and a line that says so.
+
+`--pipeline` writes a workload's own folder from the same sources (the sd workload: a diffusers
+folder that StableDiffusionPipeline.from_pretrained loads, default RUN_DIR/pipeline-<source>),
+with the code that writes pipeline/ at the end of a run: the EMA UNet when there is one
+(--no-ema: the trained one); a LoRA run's base components plus pytorch_lora_weights.safetensors
+(load_lora_weights), or with --fuse-lora a UNet with the adapters merged in. It holds the
+checkpoint's model tensors in memory (a Stable Diffusion model's are a few GB).
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from launch.cli import program
 from launch.recipes import load_recipe
 from trainer.checkpoint import check_model_shapes, latest, verify
-from trainer.export import check_shapes, export_checkpoint, parse_size, shapes_in
+from trainer.export import check_shapes, export_checkpoint, iter_exported, parse_size, shapes_in
 
 FORMATS = ("safetensors", "hf")
 
@@ -134,6 +143,36 @@ def export(
     return out, files, f"from {src}; checked against {checked}; loads into model.name of {out}/config.yaml"
 
 
+def export_pipeline(
+    run_dir: Path,
+    which: str | None = None,
+    out: Path | None = None,
+    *,
+    step: int | None = None,
+    use_ema: bool = True,
+    fuse_lora: bool = False,
+) -> tuple[Path, str]:
+    """(output folder, what was written): the workload's `write_pipeline` on a checkpoint's weights."""
+    from models.registry import build_workload
+
+    src = source(run_dir, which, step)
+    recipe = src / "config.yaml" if (src / "config.yaml").is_file() else run_dir / "config.yaml"
+    cfg = load_recipe(recipe, ["trainer.resume=never"])
+    workload = build_workload(cfg.model)
+    if getattr(workload, "write_pipeline", None) is None:
+        raise ValueError(f"--pipeline: model.name={cfg.model.name} of {recipe} has no pipeline export (sd has)")
+    if fuse_lora and getattr(getattr(cfg.model, "lora", None), "rank", 0) == 0:
+        raise ValueError(f"--fuse-lora: the run of {recipe} has no LoRA adapters (model.lora.rank=0)")
+    out = Path(out or run_dir / f"pipeline-{src.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # every checkpoint layout becomes safetensors first (trainer/export.py), then one dict
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-weights-") as tmp:
+        export_checkpoint(src, Path(tmp))
+        weights = dict(iter_exported(Path(tmp)))
+    how = workload.write_pipeline(weights, out, use_ema=use_ema, fuse_lora=fuse_lora)
+    return out, f"{how}, from {src}; StableDiffusionPipeline.from_pretrained('{out}') loads it"
+
+
 def _export_hf(src: Path, recipe: Path, model_cfg, model, tokenizer: Path | None, out: Path, max_shard_size: str):
     if model_cfg.name != "lm":
         raise ValueError(f"--format hf exports the lm workload's models; this run's model.name is {model_cfg.name}")
@@ -189,9 +228,30 @@ def main(argv=None) -> int:
         default="safetensors",
         help="safetensors: our tensors + config.yaml (default); hf: a transformers model folder",
     )
+    parser.add_argument(
+        "--pipeline", action="store_true", help="the workload's own folder (sd: a diffusers pipeline), not tensors"
+    )
+    parser.add_argument("--no-ema", action="store_true", help="--pipeline: the trained weights, not their EMA")
+    parser.add_argument(
+        "--fuse-lora", action="store_true", help="--pipeline: merge a LoRA run's adapters into the UNet"
+    )
     args = parser.parse_args(argv)
     if args.step is not None and args.which is not None:
         parser.error("give --step or --which, not both")
+    if not args.pipeline and (args.no_ema or args.fuse_lora):
+        parser.error("--no-ema and --fuse-lora go with --pipeline")
+    if args.pipeline and args.format != "safetensors":
+        parser.error("--pipeline writes the workload's own format; it takes no --format")
+    if args.pipeline:
+        try:
+            out, how = export_pipeline(
+                args.run_dir, args.which, args.out, step=args.step, use_ema=not args.no_ema, fuse_lora=args.fuse_lora
+            )
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{out}: {how}")
+        return 0
     try:
         out, files, how = export(
             args.run_dir, args.which, args.out, step=args.step, max_shard_size=args.max_shard_size, format=args.format

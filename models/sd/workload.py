@@ -12,12 +12,16 @@ Training: epsilon or v prediction, min-SNR weighting, caption dropout (the empty
 which classifier-free guidance uses at sampling), noise offset, an EMA of the UNet that
 lives in the model's state (so checkpoints and exact resume carry it), gradient
 checkpointing, and optional precomputed latents / text states from shards
-(`make_shards latents`). Samples come from a StableDiffusionPipeline built on the EMA UNet;
-the end of a run writes `pipeline/`, which `StableDiffusionPipeline.from_pretrained` loads.
+(`make_shards latents`). Or LoRA adapters on a pretrained UNet (`model.lora`, models/sd/lora.py),
+the frozen base left out of checkpoints. Samples come from a StableDiffusionPipeline built on
+the EMA UNet (or EMA adapters); the end of a run writes `pipeline/` (`write_pipeline`, which
+`launch.export --pipeline` runs on any checkpoint), which `StableDiffusionPipeline.from_pretrained`
+loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import itertools
@@ -29,9 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipelines.decode import fields, image_tensor
+from data_pipelines.decode import fields
 from models.base import Workload
 from models.registry import register
+from models.sd import lora as lora_lib
 from models.sd import tokenizer as tok_lib
 from models.sd.color_match import Palette
 
@@ -60,6 +65,8 @@ class SDConfig:
     text_layers: int = 2
     text_heads: int = 2
     train_text_encoder: bool = False
+    # LoRA adapters on the UNet (models/sd/lora.py); rank 0: the whole UNet trains
+    lora: lora_lib.LoRAConfig = field(default_factory=lora_lib.LoRAConfig)
     # objective
     prediction_type: str = ""  # epsilon | v_prediction; empty: the pretrained scheduler's, else epsilon
     num_train_timesteps: int = 1000
@@ -70,6 +77,9 @@ class SDConfig:
     caption_dropout: float = 0.1
     noise_offset: float = 0.0
     ema_decay: float = 0.999  # 0: no EMA
+    # update the EMA every N optimizer steps, with decay**N: the same averaging horizon in steps
+    # for 1/N of the EMA's cost (a whole-UNet lerp each step is memory-bound on large models)
+    ema_every: int = 1
     activation_checkpointing: bool = False  # diffusers' gradient checkpointing of the UNet (and a trained text encoder)
     channels_last: bool = False  # the UNet's convolutions in NHWC memory format (weights' shapes unchanged)
     precomputed: bool = False  # shards carry latent.npy (and text.npy) from `make_shards latents`
@@ -112,6 +122,12 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
     return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
 
 
+@torch.no_grad()
+def copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    for d, s in zip(dst, src, strict=True):  # one by one: DTensor (FSDP2) has no foreach copy
+        d.copy_(s)
+
+
 class LatentDiffusion(nn.Module):
     """The trained parts and the frozen ones, in one module so that a backend wraps, saves
     and restores them together. `forward(batch)` is the training loss."""
@@ -123,10 +139,15 @@ class LatentDiffusion(nn.Module):
         self.noise_scheduler = noise_scheduler
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(cfg.train_text_encoder)
+        self.lora = lora_lib.enabled(cfg.lora)
+        if self.lora:
+            lora_lib.add_adapters(self.unet, cfg.lora)
         if cfg.channels_last:  # before the EMA copy, which then samples in the same format
             self.unet.to(memory_format=torch.channels_last)
-        self.ema_unet = None
-        if cfg.ema_decay > 0:
+        self.ema_unet = self.ema_lora = None
+        if cfg.ema_decay > 0 and self.lora:
+            self.ema_lora = lora_lib.AdapterEMA(self.unet)
+        elif cfg.ema_decay > 0:
             self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
         if cfg.activation_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -135,6 +156,33 @@ class LatentDiffusion(nn.Module):
         self.register_buffer("empty_ids", empty_ids, persistent=False)
         self._empty_state: torch.Tensor | None = None
         self.latent_scale = float(vae.config.scaling_factor)
+        # a LoRA run's state: what trains and its EMA; the frozen base comes from model.pretrained
+        self._saved: set[str] | None = None
+        if self.lora:
+            self._saved = {n for n, p in self.named_parameters() if p.requires_grad}
+            self._saved |= {n for n, _ in self.named_parameters() if n.startswith("ema_lora.")}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self._saved is None:
+            return full
+        for key in [k for k in full if k.startswith(prefix) and k[len(prefix) :] not in self._saved]:
+            del full[key]
+        return full
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self._saved is None:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        missing = sorted(self._saved - set(state_dict))
+        unexpected = sorted(set(state_dict) - self._saved)
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"a LoRA model's state (model.lora.rank={self.cfg.lora.rank}) does not match: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]} (a full fine-tune's checkpoint, "
+                "or other model.lora.target_modules?)"
+            )
+        super().load_state_dict(state_dict, strict=False, assign=assign)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -185,21 +233,42 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, step: int) -> None:
-        if self.ema_unet is None:
+        if self.ema_unet is None and self.ema_lora is None:
             return
-        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))  # short memory early on
-        ema = [p for p in self.ema_unet.parameters()]
-        live = [p.detach() for p in self.unet.parameters()]
-        if any(hasattr(p, "ds_status") for p in live):  # ZeRO-3 leaves empty placeholders here
+        every = self.cfg.ema_every
+        if step % every:
+            return
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step)) ** every  # short memory early on
+        if self.ema_lora is not None:
+            ema, params = self.ema_lora.averages(), list(self.ema_lora.live(self.unet))
+        else:
+            ema, params = list(self.ema_unet.parameters()), list(self.unet.parameters())
+        # ZeRO-3 leaves empty placeholders here; its mark is on the Parameter, not on a detached view
+        if any(hasattr(p, "ds_status") for p in params):
             raise RuntimeError(
                 "model.ema_decay > 0 under DeepSpeed ZeRO-3: the UNet's parameters are "
                 "partitioned away from the module, so the EMA would silently stand still; "
                 "use ZeRO-2, FSDP or model.ema_decay=0"
             )
-        torch._foreach_lerp_(ema, live, 1 - decay)
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+
+    @contextlib.contextmanager
+    def ema_adapters(self):
+        """Inside: the UNet's adapters hold their EMA (a LoRA run with EMA); restored after."""
+        if self.ema_lora is None:
+            yield
+            return
+        live = self.ema_lora.live(self.unet)
+        kept = [p.detach().clone() for p in live]
+        copy_into(live, self.ema_lora.averages())
+        try:
+            yield
+        finally:
+            copy_into(live, kept)
 
     def pipeline(self, tokenizer, use_ema: bool = True):
-        """A StableDiffusionPipeline on these modules (the EMA UNet when there is one)."""
+        """A StableDiffusionPipeline on these modules (the EMA UNet when there is one; a LoRA
+        run's EMA adapters are put in place by `ema_adapters`)."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         unet = self.ema_unet if use_ema and self.ema_unet is not None else self.unet
@@ -249,6 +318,9 @@ class SDWorkload(Workload):
                     f"model.vae={cfg.vae} is not an AutoencoderKL folder (no config.json): "
                     f"train stage one first, e.g. configs/sd/tiny_vae.yaml"
                 )
+        lora_lib.check(cfg.lora, pretrained=cfg.pretrained)
+        if cfg.ema_every < 1:
+            raise ValueError(f"model.ema_every={cfg.ema_every} must be >= 1 (update the EMA every N steps)")
         if not 0 <= cfg.caption_dropout < 1:
             raise ValueError(f"model.caption_dropout={cfg.caption_dropout} must be in [0, 1)")
         self.palette = None
@@ -379,7 +451,12 @@ class SDWorkload(Workload):
             if "text.npy" in sample and not c.train_text_encoder:
                 out["text_states"] = torch.from_numpy(np.load(io.BytesIO(sample["text.npy"]))).float()
         else:
-            out["images"] = image_tensor(sample, c.image_size)
+            from data_pipelines.image_transforms import image_with_info
+
+            # the bucket and data.transforms come with the sample from the stream
+            out["images"], info = image_with_info(sample, c.image_size)
+            out["original_size"] = torch.tensor(info.original_size)  # (height, width)
+            out["crop_top_left"] = torch.tensor(info.crop_top_left)  # (top, left) after resize
         if "text_states" not in out:
             if "txt" not in sample:
                 raise KeyError(f"no 'txt' caption; the sample has {fields(sample)}")
@@ -420,18 +497,19 @@ class SDWorkload(Workload):
         pipe = model.pipeline(self.tokenizer)
         g = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         out = []
-        for i in range(0, len(prompts), batch):
-            out.append(
-                pipe(
-                    prompts[i : i + batch],
-                    num_inference_steps=self.cfg.sample_steps,
-                    guidance_scale=g,
-                    generator=generator,
-                    output_type="np",
-                    height=self.cfg.image_size,
-                    width=self.cfg.image_size,
-                ).images
-            )
+        with model.ema_adapters():
+            for i in range(0, len(prompts), batch):
+                out.append(
+                    pipe(
+                        prompts[i : i + batch],
+                        num_inference_steps=self.cfg.sample_steps,
+                        guidance_scale=g,
+                        generator=generator,
+                        output_type="np",
+                        height=self.cfg.image_size,
+                        width=self.cfg.image_size,
+                    ).images
+                )
         return np.concatenate(out)
 
     @torch.no_grad()
@@ -468,8 +546,37 @@ class SDWorkload(Workload):
         return out
 
     def export(self, weights: dict, out_dir: Path, final: dict) -> None:
-        """`out_dir/pipeline`: a diffusers folder for StableDiffusionPipeline.from_pretrained
-        (the EMA UNet as its unet when EMA is on)."""
+        """The end of a run: `out_dir/pipeline` (see `write_pipeline`)."""
+        self.write_pipeline(weights, out_dir / "pipeline")
+
+    def write_pipeline(self, weights: dict, folder: Path, *, use_ema: bool = True, fuse_lora: bool = False) -> str:
+        """A diffusers folder that StableDiffusionPipeline.from_pretrained loads, from the model's
+        state (a checkpoint's or the live one's); returns what it holds, in words.
+
+        The UNet is the EMA's when there is one (use_ema). A LoRA run writes the base model's
+        components plus `pytorch_lora_weights.safetensors` (diffusers' format, for
+        `pipe.load_lora_weights(folder)`), or with fuse_lora a UNet with the adapters merged into
+        its weights (no LoRA file; loads as a plain fine-tuned pipeline)."""
         model = self.build_model()
         model.load_state_dict(weights)
-        model.pipeline(self.tokenizer).save_pretrained(out_dir / "pipeline", safe_serialization=True)
+        folder = Path(folder)
+        ema = use_ema and (model.ema_unet is not None or model.ema_lora is not None)
+        if not model.lora:
+            model.pipeline(self.tokenizer, use_ema=use_ema).save_pretrained(folder, safe_serialization=True)
+            return f"the {'EMA' if ema else 'trained'} UNet"
+        if ema:  # the EMA adapters become the adapters, for good: this model is ours
+            copy_into(model.ema_lora.live(model.unet), model.ema_lora.averages())
+        pipe = model.pipeline(self.tokenizer, use_ema=False)
+        (folder / lora_lib.LORA_FILE).unlink(missing_ok=True)
+        which = "EMA" if ema else "trained"
+        if fuse_lora:
+            model.unet.fuse_lora()
+            model.unet.unload_lora()
+            pipe.save_pretrained(folder, safe_serialization=True)
+            return f"the base model with the {which} LoRA adapters fused into its UNet"
+        unet = model.unet
+        folder.mkdir(parents=True, exist_ok=True)
+        lora_lib.write_lora_file(unet, folder)
+        unet.unload_lora()  # the folder's unet/ is the base one
+        pipe.save_pretrained(folder, safe_serialization=True)
+        return f"the base model and the {which} LoRA adapters in {lora_lib.LORA_FILE} (load_lora_weights)"

@@ -33,14 +33,24 @@ def fsdp_plugin(acc_cfg):
 
 
 def fsdp_units(model: nn.Module, min_params: int) -> list[str]:
-    """Class names of the model's repeated blocks, each its own FSDP2 unit: every member of an
-    outermost ModuleList / Sequential / ModuleDict holding at least `min_params` parameters,
-    plus what submodules list in `_no_split_modules` (the transformers/diffusers convention).
-    Accelerate's size-based policy would also pick the ModuleList itself, which fully_shard
-    refuses (a container has no forward)."""
+    """Class names of the model's FSDP2 units: every member of an outermost ModuleList /
+    Sequential / ModuleDict holding at least `min_params` parameters, the blocks that
+    submodules list in `_no_split_modules` (the transformers/diffusers convention) and those
+    submodules themselves. Accelerate's size-based policy would also pick the ModuleList
+    itself, which fully_shard refuses (a container has no forward).
+
+    A whole library model inside ours (a latent diffusion model's UNet, its EMA copy, VAE
+    and text encoder) is its own unit, so that it gathers its parameters when it is called
+    on its own, outside the root's forward (a sampling pipeline decoding with the VAE or
+    denoising with the EMA UNet), and a frozen part shares no unit with a trained one."""
+    present = {type(m).__name__ for m in model.modules()}
     names: set[str] = set()
     for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
+        blocks = getattr(module, "_no_split_modules", None)
+        if blocks and module is not model:
+            names.add(type(module).__name__)
+        # only classes the model holds: CLIPTextModel also names its vision tower's blocks
+        names.update(n for n in blocks or () if n in present)
 
     def walk(module: nn.Module) -> None:
         for child in module.children():
@@ -55,6 +65,32 @@ def fsdp_units(model: nn.Module, min_params: int) -> list[str]:
 
     walk(model)
     return sorted(names)
+
+
+def forward_methods(module: nn.Module) -> list[str]:
+    """The methods other than `forward` that a library declares as entry points of a module:
+    diffusers marks them with `apply_forward_hook` (AutoencoderKL's encode and decode) so that
+    offload hooks run on them; FSDP2 must gather the parameters there too."""
+    cls = type(module)  # under FSDP2 a subclass of the library's class
+    if not any(c.__module__.startswith("diffusers.") for c in cls.__mro__):
+        return []
+    from diffusers.utils.accelerate_utils import apply_forward_hook
+
+    marked = apply_forward_hook(lambda self: None).__code__  # one code object for every wrapper
+    return sorted(
+        name for name in dir(cls) if name != "forward" and getattr(getattr(cls, name, None), "__code__", None) is marked
+    )
+
+
+def register_forward_methods(model: nn.Module) -> None:
+    """FSDP2 gathers a unit's parameters around `forward` only: a unit called another way
+    (`vae.encode(images)`) would meet its own parameters still sharded."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            for name in forward_methods(module):
+                register_fsdp_forward_method(module, name)
 
 
 def check_launch_env(acc_cfg) -> None:
@@ -115,6 +151,8 @@ class AccelerateBackend:
             plugin.auto_wrap_policy = transformer_auto_wrap_policy if units else None
             plugin.transformer_cls_names_to_wrap = units or None
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.fsdp:
+            register_forward_methods(model)
         if self.world_size == 1 and isinstance(model, nn.parallel.DistributedDataParallel):
             # a launcher's group of one makes Accelerate wrap DDP anyway, whose buffer
             # broadcast and gradient buckets cost ~0.7 ms a step (MADE, CPU) for nothing; the inner
