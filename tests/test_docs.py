@@ -287,7 +287,7 @@ def test_the_doctor_output_shown_is_what_it_prints(which, args, digits_dir, tmp_
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert out.returncode == (0 if which == 0 else 1), out.stdout + out.stderr
 
