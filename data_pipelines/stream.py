@@ -101,6 +101,20 @@ def _is_local(url: str) -> bool:
     return urlparse(url).scheme in ("", "file") and not url.startswith("pipe:")
 
 
+def manifest_path(spec: str, manifest: str = "") -> Path | None:
+    """The manifest describing a recipe's `urls`: the recipe's own `manifest`, else the one of a
+    local folder, else the one beside the first local shard when it exists; None otherwise."""
+    if manifest:
+        return Path(manifest)
+    if _is_local(spec) and Path(spec).is_dir():
+        return Path(spec) / MANIFEST
+    first = next((u for part in spec.split("::") for u in braceexpand.braceexpand(part) if u), "")
+    if first and _is_local(first):
+        candidate = Path(first).parent / MANIFEST
+        return candidate if candidate.exists() else None
+    return None
+
+
 def resolve_shards(spec: str, manifest: str = "", *, key: str = "data.urls") -> ShardList:
     """Turn a recipe's `urls` into a shard list.
 
@@ -111,7 +125,7 @@ def resolve_shards(spec: str, manifest: str = "", *, key: str = "data.urls") -> 
     if not spec:
         raise DataError(f"{key}: empty URL list")
     if _is_local(spec) and Path(spec).is_dir():
-        mpath = Path(manifest) if manifest else Path(spec) / MANIFEST
+        mpath = manifest_path(spec, manifest)
         if not mpath.exists():
             raise DataError(
                 f"{key}: folder '{spec}' has no {MANIFEST}; give a brace list of "
@@ -136,10 +150,7 @@ def resolve_shards(spec: str, manifest: str = "", *, key: str = "data.urls") -> 
     if not urls:
         raise DataError(f"{key}: '{spec}' expands to no URLs")
     counts = None
-    mpath = Path(manifest) if manifest else None
-    if mpath is None and _is_local(urls[0]):
-        candidate = Path(urls[0]).parent / MANIFEST
-        mpath = candidate if candidate.exists() else None
+    mpath = manifest_path(spec, manifest)
     if mpath is not None:
         m = read_manifest(mpath)
         by_name = {s["url"]: s["samples"] for s in m["shards"]}

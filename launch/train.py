@@ -75,22 +75,15 @@ def preflight(cfg) -> None:
 def split_manifests(cfg) -> dict[str, tuple[str, dict]]:
     """Config key of each split's urls -> (path, manifest) of the manifest beside its shards, for
     the workload's data check (`Workload.check_data`); splits without a local manifest are left out."""
-    import braceexpand
-
-    from data_pipelines.shards import MANIFEST, read_manifest
+    from data_pipelines.shards import read_manifest
+    from data_pipelines.stream import manifest_path
 
     d = cfg.data
     splits = training_splits(d) + [(f"data.{s}.urls", getattr(d, s)) for s in ("val", "test") if getattr(d, s).urls]
     found = {}
     for key, split in splits:
-        if split.manifest:
-            path = Path(split.manifest)
-        elif Path(split.urls).is_dir():
-            path = Path(split.urls) / MANIFEST
-        else:
-            first = next(iter(braceexpand.braceexpand(split.urls.split("::")[0])), "")
-            path = Path(first).parent / MANIFEST
-        if path.is_file():
+        path = manifest_path(split.urls, split.manifest)
+        if path is not None and path.is_file():
             found[key] = (str(path), read_manifest(path))
     return found
 
