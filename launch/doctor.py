@@ -8,8 +8,10 @@ the config; the global batch at this world size; every split's shards (there, re
 enough for ranks x workers) and how many steps an epoch gives; room in run.dir for
 trainer.keep_last_k + 1 checkpoints and the best export; a rough memory per rank for the
 backend (weights, grads, AdamW state, DeepSpeed's fp32 master copy and the reduction buffers
-that live as long; activations excluded), each number naming its estimator: DeepSpeed's own
-where it has one, ours elsewhere. Reads nothing remote.
+that live as long; frozen parameters as weights only, an EMA copy as one more set of weights),
+each number naming its estimator: DeepSpeed's own where it has one, ours elsewhere.
+Activations are left out, except the SD workload's UNet's, measured on the meta device
+(models/sd/memory.py). Reads nothing remote.
 
 Exit codes: 0 no FAIL (warnings allowed); 1 some check failed; 2 usage error.
 """
@@ -42,11 +44,68 @@ def _size(n: float) -> str:
     return f"{int(n)} bytes"
 
 
+class Group(NamedTuple):
+    """A top-level submodule's parameters: a latent diffusion model's unet, vae, text_encoder, ema_unet."""
+
+    name: str
+    trainable: int
+    frozen: int
+
+
 class ModelSize(NamedTuple):
     total: int
     trainable: int
     largest_layer: int  # one module's own parameters, the most of any: ZeRO-3 gathers a module at a time
     numels: tuple[int, ...]  # each parameter's size, in model order: ZeRO-3 keeps the small ones whole
+    groups: tuple[Group, ...] = ()  # by top-level submodule; one named ema or ema_* is an EMA copy
+
+
+# how the memory line names a model's submodules; others by their attribute name
+LABELS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "ema_unet": "UNet", "ema_lora": "LoRA adapters"}
+
+
+class Layout(NamedTuple):
+    """A model's parameters as the memory line names them: what trains, what is frozen
+    (weights only: no grads, no AdamW state), and an EMA copy (weights only)."""
+
+    trained: str  # "UNet", "UNet LoRA adapters"
+    frozen: str  # "VAE+text encoder", "VAE+text encoder+base UNet"
+    frozen_params: int
+    ema: str
+    ema_params: int
+
+
+def is_ema(group: Group) -> bool:
+    return group.name == "ema" or group.name.startswith("ema_")
+
+
+def label(group: Group) -> str:
+    return LABELS.get(group.name, group.name)
+
+
+def layout(size: ModelSize) -> Layout | None:
+    """None for a model whose parameters all train and which keeps no EMA: one line part."""
+    if size.trainable == size.total or not size.groups:
+        return None
+    ema = [g for g in size.groups if is_ema(g)]
+    rest = [g for g in size.groups if not is_ema(g)]
+    trained = [label(g) + (" LoRA adapters" if g.frozen and g.name == "unet" else "") for g in rest if g.trainable]
+    frozen = [("base " if g.trainable else "") + label(g) for g in rest if g.frozen]
+    ema_params = sum(g.trainable + g.frozen for g in ema)
+    return Layout(
+        "+".join(trained) or "trained",
+        "+".join(frozen) or "weights",
+        size.total - size.trainable - ema_params,
+        "+".join(label(g) for g in ema),
+        ema_params,
+    )
+
+
+def frozen_bytes(trainer_cfg, model_cfg) -> int:
+    """Bytes per frozen weight under Accelerate: 16-bit under bf16/fp16 when the workload stores
+    its frozen parts so (the SD workload's `model.frozen_dtype: auto`), else fp32."""
+    sixteen = trainer_cfg.mixed_precision in ("bf16", "fp16")
+    return 2 if sixteen and getattr(model_cfg, "frozen_dtype", "fp32") == "auto" else 4
 
 
 class Part(NamedTuple):
@@ -60,16 +119,24 @@ OURS = "ours"
 
 
 def memory_per_rank(
-    trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool = False, zero=None
+    trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool = False, zero=None, model_cfg=None
 ) -> list[Part]:
     """What one rank holds from step to step, part by part: weights, grads, AdamW state,
     DeepSpeed's fp32 master partition, and the reduction buffers that stay allocated (DDP's
     buckets, ZeRO-3's reduce bucket). Activations and buffers that live only inside backward
     are left out. `zero`: the engine's DeepSpeedZeroConfig (bucket sizes, thresholds;
     DeepSpeed's defaults when None); `cpu_ranks`: a buffer counts only the pages it touches,
-    not its whole allocation as on a GPU."""
+    not its whole allocation as on a GPU; `model_cfg`: the workload's keys on frozen weights and
+    the EMA (`frozen_dtype`, `ema_offload`; absent: fp32, on the device).
+
+    Frozen parameters hold weights only, an EMA copy (a submodule named ema_*) fp32 weights only:
+    4 B a weight, 2 B for frozen ones stored in 16-bit (frozen_bytes); what trains 16 B (fp32
+    weights, grads, AdamW's two moments)."""
     world = nodes * per_node
     P, T = size.total, size.trainable
+    parts_of = layout(size)
+    if trainer_cfg.backend == "accelerate" and parts_of:
+        return accelerate_parts(trainer_cfg, parts_of, T, world, model_cfg)
     if trainer_cfg.backend == "accelerate":  # Accelerate keeps fp32 weights under mixed precision (autocast)
         if trainer_cfg.accelerate.strategy == "fsdp":
             return [Part("device", "fp32 weights, grads and AdamW state, sharded", (4 * P + 12 * T) / world, OURS)]
@@ -79,7 +146,27 @@ def memory_per_rank(
             # 25 MB each, together as large as the trained parameters
             parts.append(Part("device", "DDP gradient buckets", 4 * T, OURS))
         return parts
-    return deepspeed_memory(trainer_cfg, size, nodes, per_node, cpu_ranks, zero)
+    return deepspeed_memory(trainer_cfg, size, nodes, per_node, cpu_ranks, zero, model_cfg)
+
+
+def accelerate_parts(trainer_cfg, parts_of: Layout, T: int, world: int, model_cfg) -> list[Part]:
+    """DDP or FSDP2 over a model with frozen parts and an EMA, part by part. FSDP2 shards every
+    submodule, the frozen ones and the EMA copy included (trainer/backends/accelerate.py, fsdp_units)."""
+    fsdp = trainer_cfg.accelerate.strategy == "fsdp"
+    share, sharded = (world, ", sharded") if fsdp else (1, "")
+    wf = frozen_bytes(trainer_cfg, model_cfg)
+    parts = [Part("device", f"{parts_of.trained} fp32 weights, grads and AdamW state{sharded}", 16 * T / share, OURS)]
+    if parts_of.frozen_params:
+        dtype = trainer_cfg.mixed_precision if wf == 2 else "fp32"
+        parts.append(
+            Part("device", f"frozen {parts_of.frozen} ({dtype}){sharded}", wf * parts_of.frozen_params / share, OURS)
+        )
+    if parts_of.ema_params:
+        at = "host" if getattr(model_cfg, "ema_offload", False) else "device"
+        parts.append(Part(at, f"EMA of the {parts_of.ema} (fp32){sharded}", 4 * parts_of.ema_params / share, OURS))
+    if world > 1 and not fsdp:
+        parts.append(Part("device", "DDP gradient buckets", 4 * T, OURS))
+    return parts
 
 
 def import_deepspeed() -> None:
@@ -89,7 +176,9 @@ def import_deepspeed() -> None:
         import deepspeed  # noqa: F401
 
 
-def deepspeed_memory(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool, zero) -> list[Part]:
+def deepspeed_memory(
+    trainer_cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool, zero, model_cfg=None
+) -> list[Part]:
     """The DeepSpeed engine's parts. Ours first, as the engine allocates them
     (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py); where DeepSpeed's own estimator covers
     a 16-bit layout, its number replaces the parts it counts."""
@@ -107,10 +196,17 @@ def deepspeed_memory(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cp
     # it keeps them whole in between (benchmarks/RESULTS.md, zero_memory)
     accumulating = stage == 1 and trainer_cfg.grad_accum_steps > 1
     parts = [Part("host" if ds.offload_params else "device", "weights", w * T / weight_share, OURS)]
-    if P > T:
-        parts.append(
-            Part("host" if ds.offload_params else "device", "frozen weights", w * (P - T) / weight_share, OURS)
-        )
+    # (P - T: frozen weights and any EMA copy, counted below)
+    weights_at = "host" if ds.offload_params else "device"
+    parts_of = layout(size)
+    if parts_of:  # the engine casts the whole module's parameters, frozen parts too
+        if parts_of.frozen_params:
+            parts.append(Part(weights_at, f"frozen {parts_of.frozen}", w * parts_of.frozen_params / weight_share, OURS))
+        if parts_of.ema_params:  # fp32: the SD workload holds it as buffers, which the cast leaves be
+            at = "host" if getattr(model_cfg, "ema_offload", False) else weights_at
+            parts.append(Part(at, f"EMA of the {parts_of.ema} (fp32)", 4 * parts_of.ema_params / weight_share, OURS))
+    elif P > T:
+        parts.append(Part(weights_at, "frozen weights", w * (P - T) / weight_share, OURS))
     if w == 2 or stage >= 1:  # DeepSpeed clones the fp32 master even from fp32 weights
         parts.append(Part(opt_at, "fp32 master", 4 * T / opt_share, OURS))
     whole = stage == 0 or accumulating  # grads at full size on every rank
@@ -163,18 +259,49 @@ def deepspeed_memory(trainer_cfg, size: ModelSize, nodes: int, per_node: int, cp
     return [Part("device", ", ".join(p.what for p in theirs), gpu, f"DeepSpeed's {estimate.__name__}"), *ours]
 
 
-def count_params(model_cfg) -> ModelSize:
-    """Parameter counts, the model built on the meta device: no memory, no init time."""
+def meta_model(model_cfg):
+    """The workload's model on the meta device: built there (no memory, no init time), or, for
+    one that reads its weights from disk (from_pretrained refuses the meta device), built for
+    real and then moved there."""
     import torch
 
     from models.registry import build_workload
 
     try:
         with torch.device("meta"):
-            model = build_workload(model_cfg).build_model()
+            return build_workload(model_cfg).build_model()
     except Exception:  # a model that reads its init from disk or needs real tensors
-        model = build_workload(model_cfg).build_model()
-    return model_size(model)
+        return build_workload(model_cfg).build_model().to("meta")
+
+
+def count_params(model_cfg) -> ModelSize:
+    """Parameter counts, requires_grad included, of the meta-device model."""
+    return model_size(meta_model(model_cfg))
+
+
+def activations(cfg, model) -> tuple[str, float]:
+    """The memory line's word on activations: measured for the SD workload's UNet
+    (models/sd/memory.py) at data.batch_size and model.image_size, else not estimated."""
+    m, t = cfg.model, cfg.trainer
+    if m.name != "sd" or model is None:
+        return "activations not included", 0
+    import torch
+
+    from models.sd.memory import unet_activation_bytes
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
+    ckpt = m.activation_checkpointing
+    try:
+        n = unet_activation_bytes(model.to(dtype), cfg.data.batch_size, m.image_size, ckpt)
+    except Exception as exc:  # noqa: BLE001 - a UNet the meta device cannot run: say so, keep the rest
+        return f"activations not estimated: the UNet's meta forward failed: {type(exc).__name__}: {exc}", 0
+    how = "with" if ckpt else "without"
+    extra = ", a trained text encoder's not estimated" if m.train_text_encoder else ""
+    return (
+        f"+ UNet activations ~{_size(n)} more at its peak, {cfg.data.batch_size} x {m.image_size}px "
+        f"a micro-batch, {t.mixed_precision if dtype != torch.float32 else 'fp32'}, {how} "
+        f"gradient checkpointing, measured on the meta device{extra}"
+    ), n
 
 
 def check_workload_data(cfg, say: Say) -> None:
@@ -196,11 +323,21 @@ def check_workload_data(cfg, say: Say) -> None:
 def model_size(model) -> ModelSize:
     params = list(model.parameters())  # each shared parameter once
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    groups = tuple(
+        Group(
+            name,
+            sum(p.numel() for p in child.parameters() if p.requires_grad),
+            sum(p.numel() for p in child.parameters() if not p.requires_grad),
+        )
+        for name, child in model.named_children()
+        if any(True for _ in child.parameters())
+    )
     return ModelSize(
         sum(p.numel() for p in params),
         sum(p.numel() for p in params if p.requires_grad),
         largest,
         tuple(p.numel() for p in params),
+        groups,
     )
 
 
@@ -418,8 +555,16 @@ def check_lock(cfg, say: Say) -> None:
 
 
 def check_memory(
-    cfg, size: ModelSize, nodes: int, per_node: int, cpu_ranks: bool, gpu_mem_gb: float | None, say: Say
+    cfg,
+    size: ModelSize,
+    nodes: int,
+    per_node: int,
+    cpu_ranks: bool,
+    gpu_mem_gb: float | None,
+    say: Say,
+    model=None,
 ) -> None:
+    """`model`: the meta-device model, for a workload whose activations are measured (`activations`)."""
     t, world = cfg.trainer, nodes * per_node
     zero = None
     if t.backend == "deepspeed":
@@ -443,7 +588,7 @@ def check_memory(
                 f"refuses its zero_optimization: {' '.join(str(exc).splitlines()[1:3])}",
             )
             return
-    parts = memory_per_rank(t, size, nodes, per_node, cpu_ranks, zero)
+    parts = memory_per_rank(t, size, nodes, per_node, cpu_ranks, zero, cfg.model)
     device, host = (sum(p.bytes for p in parts if p.place == place) for place in ("device", "host"))
     ds = t.deepspeed
     offloaded = [name for name, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params)) if on]
@@ -455,6 +600,7 @@ def check_memory(
     if t.backend == "deepspeed" and t.mixed_precision != "no":
         what += f", {t.mixed_precision}"
     frozen = f" ({size.total - size.trainable:,} frozen)" if size.trainable < size.total else ""
+    acts, act_bytes = activations(cfg, model)
 
     def listing(place: str) -> str:  # "by DeepSpeed's estimate_...: a 1 MB; by ours: b 2 MB, c 3 MB"
         by = {}
@@ -467,9 +613,9 @@ def check_memory(
         f"{size.total:,} params{frozen}, {what} on {world} rank(s): ~{_size(device)} per rank on its "
         f"device [{listing('device')}]"
         + (f" + {_size(host)} in host memory [{listing('host')}]" if host else "")
-        + " (activations not included)"
+        + f" ({acts})"
     )
-    if gpu_mem_gb and device > 0.8 * gpu_mem_gb * 1e9:
+    if gpu_mem_gb and device + act_bytes > 0.8 * gpu_mem_gb * 1e9:
         say("warn", "memory", f"{text}: over 80% of --gpu-mem-gb {gpu_mem_gb:g}")
     else:
         say("ok", "memory", text)
@@ -511,13 +657,14 @@ def main(argv=None) -> int:
         check_shards(cfg, world, global_batch, say)
         check_workload_data(cfg, say)
         try:
-            size = count_params(cfg.model)
+            model = meta_model(cfg.model)
+            size = model_size(model)
         except Exception as exc:
-            size = None
+            model = size = None
             say("FAIL", "model", f"model.name={cfg.model.name} does not build: {type(exc).__name__}: {exc}")
         check_run_dir(cfg, size, world, say)
         if size:
-            check_memory(cfg, size, args.nodes, per_node, args.procs_per_node is not None, args.gpu_mem_gb, say)
+            check_memory(cfg, size, args.nodes, per_node, args.procs_per_node is not None, args.gpu_mem_gb, say, model)
     if problems:
         print(f"verdict: {problems} problem(s); fix them before submitting")
         return 1

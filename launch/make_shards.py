@@ -17,6 +17,8 @@
     python -m launch.make_shards detection --out data/shapes-det
     python -m launch.make_shards action-streams --out data/action-streams
     python -m launch.make_shards latents data/shapes --vae runs/sd/tiny_vae/vae --out data/shapes-latents
+    python -m launch.make_shards latents /data/shards --pretrained /models/sd15 --bucket-area 262144 \\
+        --bucket-step 64 --out /data/latents  # aspect-ratio buckets, as data.buckets
     python -m launch.make_shards verify data/digits/train
 
 Every tool that writes shards takes --min-shards: a training split needs a shard per reader
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -53,6 +56,72 @@ def _add_min_shards(p: argparse.ArgumentParser, default: int, own: str = "") -> 
         help=f"shards per split at least, where there are that many samples (default: "
         f"{own or default}); a training split needs one per rank x loader worker",
     )
+
+
+# the data.buckets key each --bucket-* flag of `latents` stands for (for errors)
+BUCKET_FLAGS = {
+    "area": "--bucket-area",
+    "side": "--bucket-side",
+    "step": "--bucket-step",
+    "min_side": "--bucket-min-side",
+    "max_side": "--bucket-max-side",
+    "max_ratio": "--bucket-max-ratio",
+    "sizes": "--buckets",
+}
+
+
+def _add_bucket_flags(p: argparse.ArgumentParser) -> None:
+    from trainer.config import BucketsConfig
+
+    d = BucketsConfig()
+    g = p.add_argument_group(
+        "aspect-ratio buckets (as data.buckets, docs/data.md; the train split only, val/test stay square)"
+    )
+    g.add_argument("--bucket-area", type=int, default=d.area, help="pixels per generated bucket, e.g. 262144")
+    g.add_argument("--bucket-side", type=int, default=d.side, help="the same as --bucket-area side x side")
+    g.add_argument("--bucket-step", type=int, default=d.step, help=f"bucket sides are multiples of this ({d.step})")
+    g.add_argument("--bucket-min-side", type=int, default=d.min_side, help="0: the step")
+    g.add_argument("--bucket-max-side", type=int, default=d.max_side, help="0: bounded by the ratio only")
+    g.add_argument("--bucket-max-ratio", type=float, default=d.max_ratio, help="longer side over shorter, at most")
+    g.add_argument("--buckets", type=_bucket_sizes, default=[], help="or list them: WIDTHxHEIGHT,... e.g. 32x32,48x24")
+
+
+def _bucket_sizes(text: str) -> list[list[int]]:
+    sizes = []
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
+        if not m:
+            raise argparse.ArgumentTypeError(f"'{item}' is not WIDTHxHEIGHT (e.g. 48x24)")
+        sizes.append([int(m[1]), int(m[2])])
+    return sizes
+
+
+def _buckets(args: argparse.Namespace):
+    """The buckets the --bucket-* flags give, by data.buckets' own checks and generation
+    (an error names the flag), or None."""
+    from data_pipelines.buckets import Buckets, generate_buckets
+    from trainer.config import BucketsConfig, ConfigError, bucket_generation, check_buckets
+
+    b = BucketsConfig(
+        area=args.bucket_area,
+        side=args.bucket_side,
+        step=args.bucket_step,
+        min_side=args.bucket_min_side,
+        max_side=args.bucket_max_side,
+        max_ratio=args.bucket_max_ratio,
+        sizes=args.buckets,
+    )
+    try:
+        check_buckets(b)
+    except ConfigError as exc:  # "config key 'data.buckets.<key>[.<i>]': why" -> "--<flag>[ (entry i)]: why"
+        m = re.match(r"config key 'data\.buckets(?:\.(\w+))?(?:\.(\d+))?': (.*)", str(exc), re.S)
+        if m is None:
+            raise
+        flag = BUCKET_FLAGS.get(m[1], "--bucket-area/--bucket-side") + (f" (entry {m[2]})" if m[2] else "")
+        raise ValueError(f"{flag}: {m[3]}") from None
+    if not b.enabled:
+        return None
+    return Buckets(tuple(map(tuple, b.sizes)) if b.sizes else tuple(generate_buckets(**bucket_generation(b))))
 
 
 def _add_text_source(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -144,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--vae", default="", help="AutoencoderKL folder (a `vae` run's vae/)")
     p.add_argument("--pretrained", default="", help="diffusers SD folder: its VAE, and its frozen text encoder")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=32, help="the square side without buckets (and of val/test)")
+    p.add_argument("--batch", type=int, default=64, help="images per VAE batch (of one bucket)")
     p.add_argument("--maxcount", type=int, default=0, help="samples per shard (default: as in the source)")
     _add_min_shards(p, 0, "as many as the source has")
+    _add_bucket_flags(p)
 
     p = sub.add_parser("mixture2d", help="points of a 2-D Gaussian mixture (score-based models)")
     p.add_argument("--out", default="data/mixture2d")
@@ -255,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
             vae_dir=args.vae,
             pretrained=args.pretrained,
             image_size=args.image_size,
+            buckets=_buckets(args),
             batch=args.batch,
             maxcount=args.maxcount,
             min_shards=args.min_shards,
@@ -266,7 +337,8 @@ def run(args: argparse.Namespace) -> int:
         if not out:
             raise FileNotFoundError(f"{args.src}: neither a shard folder ({MANIFEST}) nor train/val/test of them")
         for folder, m in out.items():
-            print(_summary(folder, m))
+            per_bucket = ", ".join(f"{b}: {n}" for b, n in m.get("buckets", {}).items())
+            print(_summary(folder, m) + (f" (per bucket: {per_bucket})" if per_bucket else ""))
         return 0
 
     if args.command == "shapes":

@@ -28,9 +28,17 @@ class Workload:
     throughput_unit: ClassVar[str] = "samples"
     # the run's splits, handed over by the trainer (bind_splits); none until then
     splits: Mapping[str, Callable[..., Iterator]] = MappingProxyType({})
+    # the run's trainer section (bind_trainer); None outside a training run
+    trainer_cfg: Any = None
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    def bind_trainer(self, trainer_cfg: Any) -> None:
+        """The run's `trainer` section, handed over before `build_model` on every rank (e.g. to
+        build frozen parts in `trainer.mixed_precision`'s dtype). Other callers (export, doctor,
+        generate) build the model without it: in fp32, as a checkpoint is read back."""
+        self.trainer_cfg = trainer_cfg
 
     def bind_splits(self, splits: Mapping[str, Callable[..., Iterator]]) -> None:
         """The run's splits before training starts, on every rank: `splits[name]()` iterates

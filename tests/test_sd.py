@@ -6,6 +6,7 @@ is a drill."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -186,6 +187,117 @@ def test_precomputed_latents_and_text_states(shapes_dir, pretrained_dir, tmp_pat
     assert torch.isfinite(model(batch))
     with pytest.raises(KeyError, match="latent.npy"):
         w.decode(src)
+
+
+def noise_png(width, height, seed):
+    """Pixels with structure everywhere, so a crop one pixel off changes the latent."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_precomputed_latents_keep_their_bucket(shapes_dir, tiny_vae, tmp_path, capsys):
+    """`make_shards latents --buckets`: each image's latent has the shape of the bucket the
+    image stream picks (over the VAE factor 4), holds the encoding of the same center-cropped
+    pixels, and the bucketed stream batches the latents one shape at a time."""
+    import itertools
+
+    from diffusers import AutoencoderKL
+    from test_buckets import BUCKETS, SIZES
+
+    from data_pipelines.buckets import image_size
+    from data_pipelines.image_transforms import ImageTransforms, image_with_info
+    from data_pipelines.sources.folder import folder_to_shards
+    from data_pipelines.stream import ShardStream, iter_raw_samples, resolve_shards
+    from launch import make_shards
+
+    sizes = {**SIZES, "odd": (50, 22)}  # 16x16, 24x12, 12x24; odd: 27x12 after the resize, cropped to 24x12
+    counts = {"sq": 7, "wide": 5, "tall": 3, "odd": 2}
+    src = tmp_path / "images"
+    src.mkdir()
+    for kind, n in counts.items():
+        for j in range(n):
+            (src / f"{kind}{j}.png").write_bytes(noise_png(*sizes[kind], seed=len(kind) * 100 + j))
+            (src / f"{kind}{j}.txt").write_text(f"a {kind} picture")
+    for split in ("train", "val"):
+        folder_to_shards(src, tmp_path / "shards" / split, min_shards=2)
+    buckets = ",".join("{}x{}".format(*b) for b in BUCKETS.sizes)
+    argv = ["latents", str(tmp_path / "shards"), "--vae", str(tiny_vae), "--out", str(tmp_path / "latents")]
+    assert make_shards.main([*argv, "--batch", "4", "--buckets", buckets]) == 0
+    assert "per bucket: " in capsys.readouterr().out
+    out = tmp_path / "latents" / "train"
+    for s in iter_raw_samples(resolve_shards(str(tmp_path / "latents" / "val")).urls):  # eval is not bucketed
+        assert np.load(io.BytesIO(s["latent.npy"])).shape == (4, 8, 8) and "json" not in s
+
+    source = {s["__key__"]: s for s in iter_raw_samples(resolve_shards(str(tmp_path / "shards" / "train")).urls)}
+    shards = resolve_shards(str(out))
+    written = list(iter_raw_samples(shards.urls))
+    assert sorted(s["__key__"] for s in written) == sorted(source)
+    for s in written:  # (a) the image path's bucket, over the VAE factor
+        w, h = BUCKETS.nearest(*image_size(source[s["__key__"]]))
+        assert np.load(io.BytesIO(s["latent.npy"])).shape == (4, h // 4, w // 4), s["__key__"]
+        assert json.loads(s["json"])["latent"]["bucket"] == [w, h]
+    # (b) the histogram of latent shapes is that of the image buckets (and the manifest's)
+    images = BUCKETS.histogram(source.values())
+    assert images == {"16x16": 7, "24x12": 7, "12x24": 3}
+    assert BUCKETS.histogram(written) == {"latent:4x4x4": 7, "latent:4x3x6": 7, "latent:4x6x3": 3}  # (C, H/4, W/4)
+    assert json.loads((out / "manifest.json").read_text())["buckets"] == images
+
+    # (c) the latent of a cropped image is the VAE mean of the image stream's pixels
+    vae = AutoencoderKL.from_pretrained(tiny_vae)
+    for name in ("odd1", "tall2"):
+        raw = next(s for k, s in source.items() if k.endswith(name))
+        bucket = BUCKETS.nearest(*image_size(raw))
+        pixels, info = image_with_info({**raw, "__bucket__": bucket, "__transforms__": ImageTransforms()}, 32)
+        assert pixels.shape == (3, bucket[1], bucket[0])
+        with torch.no_grad():
+            expected = vae.encode(pixels[None]).latent_dist.mean[0] * vae.config.scaling_factor
+        got = next(s for s in written if s["__key__"] == raw["__key__"])
+        assert torch.allclose(torch.from_numpy(np.load(io.BytesIO(got["latent.npy"]))), expected, atol=1e-5)
+        record = json.loads(got["json"])["latent"]
+        assert (record["original_size"], record["crop_top_left"]) == (
+            list(info.original_size),
+            list(info.crop_top_left),
+        )
+    assert json.loads(next(s for s in written if s["__key__"].endswith("odd0"))["json"])["latent"] == {
+        "bucket": [24, 12],
+        "original_size": [22, 50],
+        "crop_top_left": [0, 1],
+    }
+
+    # (d) the bucketed stream gives one-shape batches that the workload collates
+    w = scratch_workload(shapes_dir, tiny_vae, precomputed=True)
+    stream = ShardStream(
+        shards,
+        decode=w.decode,
+        collate=w.collate,
+        batch_size=2,
+        seed=0,
+        shuffle_buffer=4,
+        rank=0,
+        world_size=1,
+        num_workers=1,
+        buckets=BUCKETS,
+        transforms=ImageTransforms(),
+    )
+    batches = [b.data for b in itertools.islice(iter(stream), 12)]
+    shapes = [tuple(b["latents"].shape) for b in batches]
+    assert set(shapes) == {(2, 4, 4, 4), (2, 4, 3, 6), (2, 4, 6, 3)}, shapes
+    # how each latent was cropped comes with it, as from images
+    assert all(b["original_size"].shape == (2, 2) and b["crop_top_left"].shape == (2, 2) for b in batches)
+    # without data.buckets a batch would mix shapes: refused, naming the key
+    mixed = [w.decode(s) for s in written[:8]]
+    assert len({tuple(s["latents"].shape) for s in mixed}) > 1
+    with pytest.raises(ValueError, match="need data.buckets set"):
+        w.collate(mixed)
+
+    # the same flags' mistakes are named by flag
+    assert make_shards.main([*argv, "--buckets", "18x18"]) == 2
+    assert "multiples of 4" in capsys.readouterr().err
+    assert make_shards.main([*argv, "--bucket-area", "256", "--bucket-side", "16"]) == 2
+    assert "--bucket-side: give area or side" in capsys.readouterr().err
 
 
 def torchrun(run_dir, *overrides, nproc=2):

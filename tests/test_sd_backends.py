@@ -150,10 +150,39 @@ def check_layout(ckpt, backend):
         assert frozen == {"ema_unet", "vae", "text_encoder"}
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "zero2"])
+# make test: the full fine-tune under FSDP2 and a bf16 LoRA under ZeRO-2; the drills swap them
+@pytest.mark.parametrize("backend", ["fsdp", pytest.param("zero2", marks=pytest.mark.drill)])
 def test_finetune_resumes_exactly_and_exports_ema(tmp_path, backend, pretrained_dir, shapes_dir, cpu_env):  # noqa: F811
     small = finetune(pretrained_dir, shapes_dir, steps=6, checkpoint_every=3)
     check_killed_resume_and_export(tmp_path, backend, small, cpu_env, 6, 3, 4, pretrained_dir)
+
+
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.dropout=0.1", "trainer.mixed_precision=bf16"]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("fsdp", marks=pytest.mark.drill), "zero2"])
+def test_bf16_lora_resumes_exactly_and_exports(tmp_path, backend, pretrained_dir, shapes_dir, cpu_env):  # noqa: F811
+    """bf16 LoRA with an EMA of the adapters: under DeepSpeed the engine casts the whole module
+    to bf16 (the VAE gets bf16 pixels); under FSDP2 the frozen base is bf16 beside fp32 adapters.
+    Killed after a checkpoint, the resumed run has the unbroken run's losses and LoRA file, and
+    that file loads onto the base pipeline."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    small = finetune(pretrained_dir, shapes_dir, steps=6, checkpoint_every=3) + LORA
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    run(torchrun(ref, backend, *small), cpu_env)
+    kill_past_checkpoint(torchrun(killed, backend, *small), cpu_env, killed, checkpoint=3, past=4)
+    out = run(torchrun(killed, backend, *small), cpu_env)
+    assert "resumed from" in out.stdout + out.stderr
+    assert len(losses(ref)) == 6 and losses(killed) == losses(ref)
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in losses(ref))
+    a, b = (load_file(str(d / "pipeline" / "pytorch_lora_weights.safetensors")) for d in (ref, killed))
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora.up.weight") and a[k].abs().sum() > 0 for k in a)  # B trained
+    pipe = StableDiffusionPipeline.from_pretrained(killed / "pipeline")
+    pipe.load_lora_weights(killed / "pipeline")
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}  # the export is fp32
 
 
 @pytest.mark.drill
@@ -176,7 +205,8 @@ def test_ema_update_refuses_zero3_placeholders():
     from models.sd.workload import LatentDiffusion
 
     live, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    fake = SimpleNamespace(unet=live, ema_unet=ema, ema_lora=None, cfg=SimpleNamespace(ema_every=1, ema_decay=0.5))
+    cfg = SimpleNamespace(ema_every=1, ema_decay=0.5)
+    fake = SimpleNamespace(unet=live, ema_unet=ema, ema_lora=None, ema_offload=False, cfg=cfg)
     before = ema.weight.clone()
     LatentDiffusion.ema_update(fake, 100)
     assert not torch.equal(ema.weight, before)  # it moved towards the live weights

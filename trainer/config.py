@@ -436,14 +436,14 @@ def validate(cfg: RunConfig) -> None:
         _check(m.weight > 0, f"data.mix.{i}.weight", "must be > 0")
     if t.eval_every > 0:
         _check(bool(d.val.urls), "data.val.urls", "trainer.eval_every > 0 needs validation shards")
-    _check_buckets(d.buckets)
+    check_buckets(d.buckets)
     tr = d.transforms
     _check(tr.resize in ("cover", "stretch"), "data.transforms.resize", f"'{tr.resize}' is not cover or stretch")
     _check(tr.crop in ("center", "random"), "data.transforms.crop", f"'{tr.crop}' is not center or random")
     _check(0 <= tr.hflip <= 1, "data.transforms.hflip", f"{tr.hflip} is not a probability in [0, 1]")
 
 
-def _check_buckets(b: BucketsConfig) -> None:
+def check_buckets(b: BucketsConfig) -> None:
     k = "data.buckets"
     _check(not (b.area and b.side), f"{k}.side", "give area or side, not both")
     _check(not (b.sizes and (b.area or b.side)), f"{k}.sizes", "give sizes, or area/side to generate them, not both")

@@ -147,6 +147,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, b, t = self.cfg, self.backend, self.cfg.trainer
         seed_all(t.seed)  # identical initial weights on every rank
+        self.workload.bind_trainer(t)
         model = self.workload.build_model().to(b.device)
         # names and shapes of the whole model, recorded in each checkpoint for the resume check
         self.model_shapes = {n: list(v.shape) for n, v in model.state_dict().items()}

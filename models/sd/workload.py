@@ -25,6 +25,7 @@ import contextlib
 import copy
 import io
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from data_pipelines.decode import fields
 from models.base import Workload
@@ -41,6 +43,7 @@ from models.sd import tokenizer as tok_lib
 from models.sd.color_match import Palette
 
 PREDICTIONS = ("epsilon", "v_prediction")
+FROZEN_DTYPES = ("auto", "fp32")
 
 
 @dataclass(kw_only=True)
@@ -80,6 +83,14 @@ class SDConfig:
     # update the EMA every N optimizer steps, with decay**N: the same averaging horizon in steps
     # for 1/N of the EMA's cost (a whole-UNet lerp each step is memory-bound on large models)
     ema_every: int = 1
+    # keep the EMA in host memory (fp32, updated from a device-to-host copy of the weights): a
+    # UNet's worth of device memory saved, at one copy per update (pair it with ema_every);
+    # DDP and DeepSpeed ZeRO-1/2 only (under FSDP the EMA is sharded with the UNet already)
+    ema_offload: bool = False
+    # the frozen VAE and text encoder (and a LoRA run's base UNet): "auto" stores them in the
+    # training dtype under trainer.mixed_precision=bf16|fp16 (half their memory, as the diffusers
+    # scripts do), fp32 without it; "fp32" keeps them fp32 (a VAE that overflows in fp16, SDXL's)
+    frozen_dtype: str = "auto"
     activation_checkpointing: bool = False  # diffusers' gradient checkpointing of the UNet (and a trained text encoder)
     channels_last: bool = False  # the UNet's convolutions in NHWC memory format (weights' shapes unchanged)
     precomputed: bool = False  # shards carry latent.npy (and text.npy) from `make_shards latents`
@@ -122,6 +133,17 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
     return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
 
 
+def params_to_buffers(module: nn.Module) -> None:
+    """Hold a module's parameters as persistent buffers under the same names (the state dict,
+    and the module's forward, see no difference): an EMA that DeepSpeed's 16-bit cast of the
+    engine's parameters leaves in fp32, where its small steps are not rounded away."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                del m._parameters[name]
+                m.register_buffer(name, p.detach())
+
+
 @torch.no_grad()
 def copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     for d, s in zip(dst, src, strict=True):  # one by one: DTensor (FSDP2) has no foreach copy
@@ -132,7 +154,17 @@ class LatentDiffusion(nn.Module):
     """The trained parts and the frozen ones, in one module so that a backend wraps, saves
     and restores them together. `forward(batch)` is the training loss."""
 
-    def __init__(self, cfg: SDConfig, unet, vae, text_encoder, noise_scheduler, empty_ids: torch.Tensor):
+    def __init__(
+        self,
+        cfg: SDConfig,
+        unet,
+        vae,
+        text_encoder,
+        noise_scheduler,
+        empty_ids: torch.Tensor,
+        frozen_dtype: torch.dtype = torch.float32,
+        ema_as_buffers: bool = False,
+    ):
         super().__init__()
         self.cfg = cfg
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
@@ -142,6 +174,16 @@ class LatentDiffusion(nn.Module):
         self.lora = lora_lib.enabled(cfg.lora)
         if self.lora:
             lora_lib.add_adapters(self.unet, cfg.lora)
+        self.frozen_dtype = frozen_dtype
+        if frozen_dtype != torch.float32:  # what never trains needs no fp32 copy (autocast runs it)
+            # nn.Module's own `to`: diffusers' warns of fp32-kept modules even when it has none
+            nn.Module.to(self.vae, frozen_dtype)
+            if not cfg.train_text_encoder:
+                nn.Module.to(self.text_encoder, frozen_dtype)
+            if self.lora:  # the base UNet under the adapters, which stay fp32
+                for p in self.unet.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(frozen_dtype)
         if cfg.channels_last:  # before the EMA copy, which then samples in the same format
             self.unet.to(memory_format=torch.channels_last)
         self.ema_unet = self.ema_lora = None
@@ -149,6 +191,15 @@ class LatentDiffusion(nn.Module):
             self.ema_lora = lora_lib.AdapterEMA(self.unet)
         elif cfg.ema_decay > 0:
             self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        if ema_as_buffers:  # DeepSpeed casts every parameter to 16 bits, and leaves buffers be
+            for ema in (self.ema_unet, self.ema_lora):
+                if ema is not None:
+                    params_to_buffers(ema)
+        self.ema_offload = cfg.ema_offload and (self.ema_unet is not None or self.ema_lora is not None)
+        if self.ema_offload:
+            # DDP neither checks the host-side EMA's device nor broadcasts it (the same on every rank)
+            self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_parameters() if n.startswith("ema_")]
+        # a LoRA run saves what trains and its EMA (parameters or, see above, buffers)
         if cfg.activation_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
@@ -160,7 +211,20 @@ class LatentDiffusion(nn.Module):
         self._saved: set[str] | None = None
         if self.lora:
             self._saved = {n for n, p in self.named_parameters() if p.requires_grad}
-            self._saved |= {n for n, _ in self.named_parameters() if n.startswith("ema_lora.")}
+            held = itertools.chain(self.named_parameters(), self.named_buffers())
+            self._saved |= {n for n, _ in held if n.startswith("ema_lora.")}
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(device)`, `.bfloat16()` and the like move everything but an offloaded EMA, which
+        stays fp32 in host memory."""
+        if not getattr(self, "ema_offload", False):
+            return super()._apply(fn, recurse)
+        name = "ema_unet" if self.ema_unet is not None else "ema_lora"
+        ema = self._modules.pop(name)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._modules[name] = ema
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
@@ -197,13 +261,20 @@ class LatentDiffusion(nn.Module):
         with torch.set_grad_enabled(self.cfg.train_text_encoder and torch.is_grad_enabled()):
             return self.text_encoder(ids)[0]
 
+    def train_dtype(self) -> torch.dtype:
+        """The dtype of the UNet's trained parameters (a LoRA run's base may be 16-bit)."""
+        return next(p.dtype for p in self.unet.parameters() if p.requires_grad)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).latent_dist.sample() * self.latent_scale
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample() * self.latent_scale
 
     def forward(self, batch: dict) -> torch.Tensor:
         c, sched = self.cfg, self.noise_scheduler
         latents = batch["latents"] if "latents" in batch else self.encode_images(batch["images"])
+        # in the dtype of what trains: fp32 under autocast, the engine's 16 bits under DeepSpeed
+        dtype = self.train_dtype()
+        latents = latents.to(dtype)
         b = latents.shape[0]
         drop = torch.rand(b, device=latents.device) < c.caption_dropout
         if "text_states" in batch:  # precomputed with the frozen encoder
@@ -211,13 +282,13 @@ class LatentDiffusion(nn.Module):
             if self._empty_state is None:  # the frozen encoder's empty prompt, once
                 with torch.no_grad():
                     self._empty_state = self.encode_text(self.empty_ids[None])
-            states = torch.where(drop[:, None, None], self._empty_state.to(states.dtype), states)
+            states = torch.where(drop[:, None, None], self._empty_state.to(dtype), states.to(dtype))
         else:
             ids = torch.where(drop[:, None], self.empty_ids[None], batch["input_ids"])
-            states = self.encode_text(ids)
+            states = self.encode_text(ids).to(dtype)
         noise = torch.randn_like(latents)
         if c.noise_offset:
-            noise = noise + c.noise_offset * torch.randn(b, latents.shape[1], 1, 1, device=latents.device)
+            noise = noise + c.noise_offset * torch.randn(b, latents.shape[1], 1, 1, device=latents.device, dtype=dtype)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=latents.device)
         noisy = sched.add_noise(latents, noise, t)
         if c.channels_last:
@@ -242,7 +313,14 @@ class LatentDiffusion(nn.Module):
         if self.ema_lora is not None:
             ema, params = self.ema_lora.averages(), list(self.ema_lora.live(self.unet))
         else:
-            ema, params = list(self.ema_unet.parameters()), list(self.unet.parameters())
+            held = dict(self.ema_unet.named_parameters()) | dict(self.ema_unet.named_buffers())
+            names, params = zip(*self.unet.named_parameters(), strict=True)
+            ema = [held[n] for n in names]
+        if self.ema_offload and any(isinstance(p, DTensor) for p in params):
+            raise RuntimeError(
+                "model.ema_offload=true under FSDP: the EMA is sharded with the UNet already "
+                "(1/world of it per rank); set model.ema_offload=false"
+            )
         # ZeRO-3 leaves empty placeholders here; its mark is on the Parameter, not on a detached view
         if any(hasattr(p, "ds_status") for p in params):
             raise RuntimeError(
@@ -250,7 +328,10 @@ class LatentDiffusion(nn.Module):
                 "partitioned away from the module, so the EMA would silently stand still; "
                 "use ZeRO-2, FSDP or model.ema_decay=0"
             )
-        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        # an offloaded EMA: one device-to-host copy of the weights per update; a fp32 one beside
+        # DeepSpeed's 16-bit weights: the weights upcast
+        live = [p.detach().to(e.device, e.dtype) for p, e in zip(params, ema, strict=True)]
+        torch._foreach_lerp_(ema, live, 1 - decay)
 
     @contextlib.contextmanager
     def ema_adapters(self):
@@ -319,6 +400,10 @@ class SDWorkload(Workload):
                     f"train stage one first, e.g. configs/sd/tiny_vae.yaml"
                 )
         lora_lib.check(cfg.lora, pretrained=cfg.pretrained)
+        if cfg.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"model.frozen_dtype={cfg.frozen_dtype!r} is not one of {', '.join(FROZEN_DTYPES)}")
+        if cfg.ema_offload and cfg.ema_decay <= 0:
+            raise ValueError("model.ema_offload=true needs an EMA (model.ema_decay > 0)")
         if cfg.ema_every < 1:
             raise ValueError(f"model.ema_every={cfg.ema_every} must be >= 1 (update the EMA every N steps)")
         if not 0 <= cfg.caption_dropout < 1:
@@ -378,6 +463,11 @@ class SDWorkload(Workload):
         ).input_ids
 
     def build_model(self) -> nn.Module:
+        t = self.trainer_cfg  # under DeepSpeed's 16-bit engine the EMA is held as fp32 buffers
+        deepspeed_16 = t is not None and t.backend == "deepspeed" and t.mixed_precision != "no"
+        return self._build(self.frozen_dtype(), ema_as_buffers=deepspeed_16)
+
+    def _build(self, frozen_dtype: torch.dtype, ema_as_buffers: bool = False) -> LatentDiffusion:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -435,7 +525,24 @@ class SDWorkload(Workload):
                 steps_offset=1,  # as Stable Diffusion's scheduler config
                 prediction_type=c.prediction_type or "epsilon",
             )
-        return LatentDiffusion(c, unet, vae, text_encoder, sched, self.tokenize([""])[0])
+        return LatentDiffusion(c, unet, vae, text_encoder, sched, self.tokenize([""])[0], frozen_dtype, ema_as_buffers)
+
+    def frozen_dtype(self) -> torch.dtype:
+        """The frozen parts' dtype in this run (model.frozen_dtype): 16 bits under a 16-bit
+        trainer.mixed_precision with "auto"; fp32 outside a training run (export, doctor)."""
+        t = self.trainer_cfg
+        precision = t.mixed_precision if t is not None else "no"
+        if precision == "no":
+            return torch.float32
+        if self.cfg.frozen_dtype == "fp32":
+            if t.backend == "deepspeed":
+                raise ValueError(
+                    f"model.frozen_dtype=fp32 under trainer.backend=deepspeed with "
+                    f"trainer.mixed_precision={precision}: DeepSpeed's engine casts the whole model, "
+                    "frozen parts included, to 16 bits; use model.frozen_dtype=auto, or the accelerate backend"
+                )
+            return torch.float32
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     # ------------------------------------------------------------------ data
     def decode(self, sample: dict) -> dict:
@@ -448,6 +555,10 @@ class SDWorkload(Workload):
                     f"(fields: {fields(sample)}); make the shards with `make_shards latents`"
                 )
             out["latents"] = torch.from_numpy(np.load(io.BytesIO(sample["latent.npy"]))).float()
+            made = json.loads(sample["json"]).get("latent") if "json" in sample else None
+            if isinstance(made, dict) and "original_size" in made:  # written with buckets: how it was cropped
+                out["original_size"] = torch.tensor(made["original_size"])
+                out["crop_top_left"] = torch.tensor(made["crop_top_left"])
             if "text.npy" in sample and not c.train_text_encoder:
                 out["text_states"] = torch.from_numpy(np.load(io.BytesIO(sample["text.npy"]))).float()
         else:
@@ -462,6 +573,16 @@ class SDWorkload(Workload):
                 raise KeyError(f"no 'txt' caption; the sample has {fields(sample)}")
             out["input_ids"] = self.tokenize([sample["txt"].decode("utf-8")])[0]
         return out
+
+    def collate(self, samples: list[dict]) -> dict:
+        shapes = {tuple(s["latents"].shape) for s in samples if "latents" in s}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"a batch mixes precomputed latent shapes {sorted(shapes)}: latents written with "
+                "`make_shards latents --bucket-*` need data.buckets set in the recipe (the stream then "
+                "batches latents of one shape)"
+            )
+        return super().collate(samples)
 
     # ------------------------------------------------------------------ steps
     throughput_unit = "images"
@@ -497,7 +618,12 @@ class SDWorkload(Workload):
         pipe = model.pipeline(self.tokenizer)
         g = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         out = []
-        with model.ema_adapters():
+        # 16-bit frozen parts beside a fp32 UNet: the pipeline calls each module on its own, so
+        # autocast (which the backend's forward has) mixes them, as the diffusers scripts sample
+        dev = next(model.parameters()).device
+        mixed = model.frozen_dtype != torch.float32
+        autocast = torch.autocast(dev.type, dtype=model.frozen_dtype) if mixed else contextlib.nullcontext()
+        with model.ema_adapters(), autocast:
             for i in range(0, len(prompts), batch):
                 out.append(
                     pipe(
@@ -557,7 +683,13 @@ class SDWorkload(Workload):
         components plus `pytorch_lora_weights.safetensors` (diffusers' format, for
         `pipe.load_lora_weights(folder)`), or with fuse_lora a UNet with the adapters merged into
         its weights (no LoRA file; loads as a plain fine-tuned pipeline)."""
-        model = self.build_model()
+        model = self._build(torch.float32)
+        # the frozen parts that come from a folder are taken from it, in fp32, not from the
+        # run's state (which a 16-bit model.frozen_dtype rounded); a frozen random text encoder
+        # (from scratch) exists only in the state
+        fresh = model.state_dict()
+        reloaded = ("vae.", "text_encoder.") if self.cfg.pretrained and not self.cfg.train_text_encoder else ("vae.",)
+        weights = {k: fresh[k] if k.startswith(reloaded) and k in fresh else v for k, v in weights.items()}
         model.load_state_dict(weights)
         folder = Path(folder)
         ema = use_ema and (model.ema_unet is not None or model.ema_lora is not None)
