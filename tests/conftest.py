@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,3 +113,57 @@ def smoke_reference(tmp_path_factory, digits_dir, cpu_env):
     run_dir = tmp_path_factory.mktemp("smoke-reference")
     run_ok(accelerate_cmd() + smoke_overrides(run_dir, digits_dir), cpu_env)
     return run_dir
+
+
+# ---------------------------------------------------------------- latent diffusion
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small captioned-shapes build (with its tokenizer), once per session, for every SD test."""
+    from data_pipelines.sources import shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.build(out, size=32, counts={"train": (160, 0), "val": (40, 1)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """An untrained AutoencoderKL folder (factor 4: 32x32 images -> 4x8x8 latents)."""
+    from models.sd.vae import VAEConfig, build_autoencoder
+
+    torch.manual_seed(0)
+    vae = build_autoencoder(VAEConfig(block_out_channels=[16, 32, 32], norm_num_groups=8))
+    vae.register_to_config(scaling_factor=0.5)
+    out = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(out)
+    return out
+
+
+def scratch_workload(shapes_dir, tiny_vae, **overrides):
+    from models.sd.workload import SDConfig, SDWorkload
+
+    cfg = dict(
+        vae=str(tiny_vae),
+        tokenizer=str(shapes_dir / "tokenizer"),
+        unet_channels=[32, 32],
+        text_hidden=32,
+        ema_decay=0.9,
+        color_match_samples=0,
+    )
+    cfg.update(overrides)
+    return SDWorkload(SDConfig(**cfg))
+
+
+@pytest.fixture(scope="session")
+def pretrained_dir(tmp_path_factory, shapes_dir, tiny_vae):
+    """A tiny Stable Diffusion folder in diffusers layout: what `model.pretrained` reads for
+    SD 1.5, at toy size and random weights."""
+    torch.manual_seed(0)
+    model = scratch_workload(shapes_dir, tiny_vae, ema_decay=0).build_model()
+    out = tmp_path_factory.mktemp("pretrained")
+    from models.sd.tokenizer import load
+
+    pipe = model.pipeline(load(shapes_dir / "tokenizer", 16))
+    pipe.scheduler = type(model.noise_scheduler).from_config(model.noise_scheduler.config)  # DDPM, as SD ships
+    pipe.save_pretrained(out)
+    return out

@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-from test_sd import pretrained_dir, shapes_dir, tiny_vae  # noqa: F401 - session fixtures
 
 from launch import doctor
 from trainer.config import TrainerConfig
@@ -38,7 +37,7 @@ def one(ps, start):
     return p
 
 
-def test_lora_trains_only_the_adapters(pretrained_dir):  # noqa: F811
+def test_lora_trains_only_the_adapters(pretrained_dir):
     full, full_size = parts(sd_cfg(pretrained_dir, ema_decay=0))
     lora, lora_size = parts(sd_cfg(pretrained_dir, ema_decay=0, lora_rank=4))
     from models.sd.workload import SDWorkload
@@ -54,7 +53,7 @@ def test_lora_trains_only_the_adapters(pretrained_dir):  # noqa: F811
     assert frozen.bytes == 4 * (unet + full_size.total - full_size.trainable)  # fp32 (mixed_precision no)
 
 
-def test_ema_is_a_weights_copy_on_device_or_host(pretrained_dir):  # noqa: F811
+def test_ema_is_a_weights_copy_on_device_or_host(pretrained_dir):
     no_ema, size = parts(sd_cfg(pretrained_dir, ema_decay=0))
     on_device, _ = parts(sd_cfg(pretrained_dir, ema_decay=0.9))
     offloaded, _ = parts(sd_cfg(pretrained_dir, ema_decay=0.9, ema_offload=True))
@@ -66,7 +65,7 @@ def test_ema_is_a_weights_copy_on_device_or_host(pretrained_dir):  # noqa: F811
     assert lora["EMA of the LoRA adapters (fp32)"].bytes == 4 * lora_size.trainable
 
 
-def test_frozen_parts_halve_under_bf16_unless_fp32(pretrained_dir):  # noqa: F811
+def test_frozen_parts_halve_under_bf16_unless_fp32(pretrained_dir):
     fp32 = one(parts(sd_cfg(pretrained_dir, ema_decay=0))[0], "frozen VAE+text encoder")
     auto = one(parts(sd_cfg(pretrained_dir, ema_decay=0), "bf16")[0], "frozen VAE+text encoder")
     kept = one(parts(sd_cfg(pretrained_dir, ema_decay=0, frozen_dtype="fp32"), "bf16")[0], "frozen VAE+text encoder")
@@ -76,7 +75,7 @@ def test_frozen_parts_halve_under_bf16_unless_fp32(pretrained_dir):  # noqa: F81
     assert trained[0] == trained[1]  # Accelerate keeps the trained weights fp32 under autocast
 
 
-def test_fsdp_shards_every_part(pretrained_dir):  # noqa: F811
+def test_fsdp_shards_every_part(pretrained_dir):
     from trainer.config import AccelerateSection
 
     cfg = sd_cfg(pretrained_dir, ema_decay=0.9)
@@ -87,7 +86,7 @@ def test_fsdp_shards_every_part(pretrained_dir):  # noqa: F811
     assert sum(p.bytes for p in two) == pytest.approx(sum(p.bytes for p in one_rank) / 2)
 
 
-def test_deepspeed_counts_frozen_and_ema_in_16_bit(pretrained_dir):  # noqa: F811
+def test_deepspeed_counts_frozen_and_ema_in_16_bit(pretrained_dir):
     from trainer.config import DeepSpeedSection
 
     cfg = sd_cfg(pretrained_dir, ema_decay=0.9)
@@ -116,7 +115,7 @@ def held_after_a_step(model) -> int:
 
 
 @pytest.mark.parametrize("keys", [dict(ema_decay=0.9), dict(ema_decay=0.9, lora_rank=4)], ids=["full", "lora"])
-def test_estimate_matches_a_real_model_after_an_adamw_step(pretrained_dir, keys):  # noqa: F811
+def test_estimate_matches_a_real_model_after_an_adamw_step(pretrained_dir, keys):
     from models.sd.workload import SDWorkload
 
     cfg = sd_cfg(pretrained_dir, **keys)
@@ -154,7 +153,7 @@ def real_peak(unet, inputs, checkpointing: bool, path) -> int:
     return max(sum(v for i, v in enumerate(row) if i not in skip) for row in sizes)
 
 
-def test_unet_activations_on_meta_agree_with_a_real_cpu_step(pretrained_dir, tmp_path):  # noqa: F811
+def test_unet_activations_on_meta_agree_with_a_real_cpu_step(pretrained_dir, tmp_path):
     """The meta count against the profiler's real peak, with and without checkpointing (fp32)."""
     from models.sd.memory import unet_activation_bytes
     from models.sd.workload import SDWorkload
@@ -179,7 +178,7 @@ def test_unet_activations_on_meta_agree_with_a_real_cpu_step(pretrained_dir, tmp
     assert not meta.unet.is_gradient_checkpointing  # left as it was
 
 
-def test_doctor_line_names_the_sd_parts(capsys, pretrained_dir, shapes_dir, tmp_path):  # noqa: F811
+def test_doctor_line_names_the_sd_parts(capsys, pretrained_dir, shapes_dir, tmp_path):
     argv = [
         "--config",
         str(doctor.Path(__file__).resolve().parents[1] / "configs" / "sd" / "lora_sd15.yaml"),

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kill_past_checkpoint
-from test_sd import pretrained_dir, shapes_dir, tiny_vae  # noqa: F401 - session fixtures
 
 from trainer.metrics import read_jsonl
 
@@ -74,7 +73,7 @@ def losses(run_dir):
     return [(r["step"], r["train/loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
 
 
-def test_fsdp_units_of_a_model_with_frozen_parts(pretrained_dir):  # noqa: F811
+def test_fsdp_units_of_a_model_with_frozen_parts(pretrained_dir):
     """Each library model inside ours is an FSDP2 unit of its own, beside the blocks it names;
     names of classes the model lacks (CLIP's vision tower) are left out, as fully_shard's
     policy would refuse them; the VAE's encode/decode gather like a forward."""
@@ -152,7 +151,7 @@ def check_layout(ckpt, backend):
 
 # make test: the full fine-tune under FSDP2 and a bf16 LoRA under ZeRO-2; the drills swap them
 @pytest.mark.parametrize("backend", ["fsdp", pytest.param("zero2", marks=pytest.mark.drill)])
-def test_finetune_resumes_exactly_and_exports_ema(tmp_path, backend, pretrained_dir, shapes_dir, cpu_env):  # noqa: F811
+def test_finetune_resumes_exactly_and_exports_ema(tmp_path, backend, pretrained_dir, shapes_dir, cpu_env):
     small = finetune(pretrained_dir, shapes_dir, steps=6, checkpoint_every=3)
     check_killed_resume_and_export(tmp_path, backend, small, cpu_env, 6, 3, 4, pretrained_dir)
 
@@ -161,7 +160,7 @@ LORA = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.dropout=0.1", "tr
 
 
 @pytest.mark.parametrize("backend", [pytest.param("fsdp", marks=pytest.mark.drill), "zero2"])
-def test_bf16_lora_resumes_exactly_and_exports(tmp_path, backend, pretrained_dir, shapes_dir, cpu_env):  # noqa: F811
+def test_bf16_lora_resumes_exactly_and_exports(tmp_path, backend, pretrained_dir, shapes_dir, cpu_env):
     """bf16 LoRA with an EMA of the adapters: under DeepSpeed the engine casts the whole module
     to bf16 (the VAE gets bf16 pixels); under FSDP2 the frozen base is bf16 beside fp32 adapters.
     Killed after a checkpoint, the resumed run has the unbroken run's losses and LoRA file, and
@@ -187,7 +186,7 @@ def test_bf16_lora_resumes_exactly_and_exports(tmp_path, backend, pretrained_dir
 
 @pytest.mark.drill
 @pytest.mark.parametrize("backend", ["fsdp", "zero2"])
-def test_finetune_long_with_accumulation(tmp_path, backend, pretrained_dir, shapes_dir, cpu_env):  # noqa: F811
+def test_finetune_long_with_accumulation(tmp_path, backend, pretrained_dir, shapes_dir, cpu_env):
     small = finetune(pretrained_dir, shapes_dir, steps=16, checkpoint_every=5) + [
         "trainer.grad_accum_steps=2",
         "model.activation_checkpointing=true",
@@ -216,7 +215,7 @@ def test_ema_update_refuses_zero3_placeholders():
 
 
 @pytest.mark.drill
-def test_zero3_refuses_the_ema(tmp_path, pretrained_dir, shapes_dir, cpu_env):  # noqa: F811
+def test_zero3_refuses_the_ema(tmp_path, pretrained_dir, shapes_dir, cpu_env):
     """ZeRO-3 leaves the UNet's parameters partitioned away from the module between steps: an
     EMA of them would stand still, so the run stops at its first step, saying what to use."""
     small = finetune(pretrained_dir, shapes_dir, steps=1, checkpoint_every=0)

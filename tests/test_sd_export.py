@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sd import pretrained_dir, shapes_dir, tiny_vae  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +29,7 @@ def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def finetune_run(tmp_path_factory, shapes_dir, pretrained_dir):  # noqa: F811
+def finetune_run(tmp_path_factory, shapes_dir, pretrained_dir):
     """A 6-step full fine-tune with EMA, one CPU rank, checkpoints at 3 and 6."""
     import os
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kill_past_checkpoint
-from test_sd import pretrained_dir, shapes_dir, tiny_vae  # noqa: F401 - fixtures
 
 from trainer.metrics import read_jsonl
 
@@ -29,7 +28,7 @@ def lora_workload(pretrained, **overrides):
     return SDWorkload(SDConfig(**cfg))
 
 
-def test_only_adapters_train_and_are_saved(pretrained_dir):  # noqa: F811
+def test_only_adapters_train_and_are_saved(pretrained_dir):
     torch.manual_seed(0)
     w = lora_workload(pretrained_dir)
     model = w.build_model().train()
@@ -74,7 +73,7 @@ def test_only_adapters_train_and_are_saved(pretrained_dir):  # noqa: F811
     assert torch.equal(live, kept)
 
 
-def test_lora_keys_refuse_bad_values(pretrained_dir, shapes_dir, tiny_vae):  # noqa: F811
+def test_lora_keys_refuse_bad_values(pretrained_dir, shapes_dir, tiny_vae):
     from models.sd.lora import LoRAConfig
     from models.sd.workload import SDConfig, SDWorkload
 
@@ -103,7 +102,7 @@ def latents_of(pipe, steps=3):
 
 
 @pytest.mark.parametrize("use_ema", [True, False])
-def test_lora_export_loads_with_load_lora_weights(pretrained_dir, tmp_path, use_ema):  # noqa: F811
+def test_lora_export_loads_with_load_lora_weights(pretrained_dir, tmp_path, use_ema):
     """pytorch_lora_weights.safetensors on the base pipeline samples what our pipeline samples
     with the (EMA) adapters; the fused export samples the same."""
     from diffusers import StableDiffusionPipeline
@@ -197,7 +196,7 @@ def small(pretrained, shapes):
     ]
 
 
-def test_lora_run_resumes_exactly_and_exports(tmp_path, shapes_dir, pretrained_dir, cpu_env):  # noqa: F811
+def test_lora_run_resumes_exactly_and_exports(tmp_path, shapes_dir, pretrained_dir, cpu_env):
     """2 CPU ranks: SIGKILL after a checkpoint, resume, the same losses and adapters as an
     unbroken run; checkpoints hold the adapters (no frozen base); the run's pipeline/ loads."""
     from diffusers import StableDiffusionPipeline
@@ -244,7 +243,7 @@ def test_lora_run_resumes_exactly_and_exports(tmp_path, shapes_dir, pretrained_d
     assert any(not torch.equal(a[k], early[k]) for k in a)
 
 
-def test_ema_every_n_steps_keeps_the_horizon(pretrained_dir):  # noqa: F811
+def test_ema_every_n_steps_keeps_the_horizon(pretrained_dir):
     """model.ema_every=2: the EMA stands still at odd steps and moves by 1 - decay**2 at even ones."""
     w = lora_workload(pretrained_dir, ema_every=2)
     model = w.build_model()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sd import pretrained_dir, shapes_dir, tiny_vae  # noqa: F401 - session fixtures
 
 from trainer.config import TrainerConfig
 
@@ -33,7 +32,7 @@ def batch_of(w, n=2):
 
 
 @pytest.mark.parametrize("rank", [0, 4])
-def test_frozen_parts_take_the_training_dtype(pretrained_dir, rank):  # noqa: F811
+def test_frozen_parts_take_the_training_dtype(pretrained_dir, rank):
     torch.manual_seed(0)
     lora = {"rank": rank}
     full = workload(pretrained_dir, frozen_dtype="fp32", lora=lora).build_model()
@@ -73,7 +72,7 @@ def test_frozen_parts_take_the_training_dtype(pretrained_dir, rank):  # noqa: F8
     assert images.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(images)).all()
 
 
-def test_frozen_dtype_fp32_and_refusals(pretrained_dir):  # noqa: F811
+def test_frozen_dtype_fp32_and_refusals(pretrained_dir):
     model = workload(pretrained_dir, frozen_dtype="fp32").build_model()
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     model = workload(pretrained_dir, precision="no").build_model()  # auto without mixed precision
@@ -86,7 +85,7 @@ def test_frozen_dtype_fp32_and_refusals(pretrained_dir):  # noqa: F811
         workload(pretrained_dir, ema_offload=True, ema_decay=0)
 
 
-def test_pipeline_export_takes_frozen_parts_from_the_folder(pretrained_dir, tmp_path):  # noqa: F811
+def test_pipeline_export_takes_frozen_parts_from_the_folder(pretrained_dir, tmp_path):
     """A 16-bit run's state exports a fp32 pipeline: VAE and text encoder bit-equal to the
     folder's, the UNet the trained one."""
     from diffusers import StableDiffusionPipeline
@@ -105,7 +104,7 @@ def test_pipeline_export_takes_frozen_parts_from_the_folder(pretrained_dir, tmp_
 
 
 @pytest.mark.parametrize("rank", [0, 4])
-def test_ema_offload_stays_on_the_host(pretrained_dir, rank):  # noqa: F811
+def test_ema_offload_stays_on_the_host(pretrained_dir, rank):
     torch.manual_seed(0)
     on = workload(pretrained_dir, ema_offload=True, lora={"rank": rank}).build_model()
     torch.manual_seed(0)
@@ -136,7 +135,7 @@ def test_ema_offload_stays_on_the_host(pretrained_dir, rank):  # noqa: F811
 
 
 @pytest.mark.parametrize("rank", [0, 4])
-def test_deepspeed_16_bit_keeps_the_ema_fp32(pretrained_dir, rank):  # noqa: F811
+def test_deepspeed_16_bit_keeps_the_ema_fp32(pretrained_dir, rank):
     """DeepSpeed's bf16 engine casts every parameter of the module it wraps; a bf16 EMA would
     round its small steps away. Under it the EMA is held as fp32 buffers, under the same names."""
     torch.manual_seed(0)
