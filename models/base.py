@@ -85,6 +85,13 @@ class Workload:
         """Tokens (or images) in one training sample, for `perf/<unit>_per_s`."""
         return 1
 
+    def flops_model(self) -> nn.Module:
+        """The model whose FLOPs are counted for MFU, on the meta device (models/flops.py):
+        `build_model()` built there. A workload that reads weights from disk (from_pretrained
+        refuses the meta device) overrides it to build the same architecture from its config."""
+        with torch.device("meta"):
+            return self.build_model()
+
     def flops_per_sample(self, batch: Any, batch_size: int) -> float:
         """Model FLOPs of one training step per sample, for MFU (models/flops.py says how)."""
         from models.flops import train_flops_per_sample

@@ -4,9 +4,16 @@ The formula, for every workload: model FLOPs per sample = the FLOPs of the matri
 multiplications, convolutions and attention products (2 per multiply-add) of one forward
 and one backward pass of a training step, divided by the micro-batch size. They are
 counted by torch.utils.flop_counter.FlopCounterMode on a copy of the model built on the
-meta device (no weights, no compute), once per run, from the first real batch:
-- frozen parts (a frozen text encoder) count their forward only, trained parts forward
-  and backward (about 3x the forward: PaLM appendix B, Kaplan et al. 2020);
+meta device (`Workload.flops_model()`: no weights, no compute), once per run, from the
+first real batch. The backward is not assumed to be 2x the forward: the counter runs
+`loss.backward()` too and counts the products autograd really does, so
+- a trained layer counts about 3x its forward (input and weight gradients: PaLM appendix B,
+  Kaplan et al. 2020);
+- a frozen part the gradient never reaches (the VAE encode and a frozen text encoder, run
+  under no_grad) counts its forward only;
+- a frozen layer the gradient passes through (a LoRA run's base UNet) counts its forward and
+  its input gradients (about 2x), not weight gradients; attention's score and value products
+  have no weights, so their backward stays 2x their forward;
 - activation recomputation is not counted (MFU, not hardware FLOPs utilization);
 - elementwise work (norms, activations, the optimizer) is not counted.
 For the transformer LM this is 6 N + 12 L d T per token (PaLM's formula; `lm_flops_per_token`
@@ -20,7 +27,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from accelerate.utils import send_to_device
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -28,8 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 def train_flops_per_sample(workload, batch: Any, batch_size: int) -> float:
     """Model FLOPs of one training step per sample (see the module doc); raises if the
     workload's loss cannot run on the meta device (e.g. it needs values on the host)."""
-    with torch.device("meta"):
-        model = workload.build_model()
+    model = workload.flops_model()
     model.eval()  # no dropout; our blocks recompute activations only in training mode
     for m in model.modules():  # diffusers/transformers recompute whenever grads are on
         if getattr(m, "gradient_checkpointing", False) is True:

@@ -281,7 +281,8 @@ def tensorboard_texts(run_dir, tag) -> list[tuple[int, str]]:
 def test_finetune_recipe_samples_its_own_prompts(tmp_path, shapes_dir, pretrained_dir, cpu_env):
     """configs/sd/finetune_sd15.yaml on the tiny local folder: the sample grid is of the
     recipe's prompts (logged beside it), and without model.sample_prompts of the val split's
-    first captions; no colour check runs unless the recipe asks for one."""
+    first captions; no colour check runs unless the recipe asks for one. perf/mfu is logged:
+    the folder's FLOPs are counted on a meta model built from its config files."""
     short = [
         f"model.pretrained={pretrained_dir}",
         "model.image_size=32",
@@ -298,7 +299,10 @@ def test_finetune_recipe_samples_its_own_prompts(tmp_path, shapes_dir, pretraine
         "trainer.checkpoint_every=0",
         "optim.warmup_steps=1",
     ]
-    run(torchrun(tmp_path / "recipe", *short, nproc=1), cpu_env)
+    said = run(torchrun(tmp_path / "recipe", *short, nproc=1), cpu_env)
+    assert "perf/mfu is not logged" not in said
+    (logged_perf,) = [r for r in read_jsonl(tmp_path / "recipe" / "metrics.jsonl") if "train/samples_per_s" in r]
+    assert logged_perf["perf/mfu"] > 0
     import yaml
 
     recipe = yaml.safe_load((ROOT / "configs/sd/finetune_sd15.yaml").read_text())["model"]["sample_prompts"]

@@ -213,6 +213,7 @@ def test_lora_run_resumes_exactly_and_exports(tmp_path, shapes_dir, pretrained_d
         return [(r["step"], r["train/loss"]) for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
 
     assert len(series(ref)) == 8 and series(killed) == series(ref)
+    assert all(r["perf/mfu"] > 0 for r in read_jsonl(ref / "metrics.jsonl") if "train/samples_per_s" in r)
     a = load_file(str(ref / "pipeline" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(killed / "pipeline" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -139,6 +139,11 @@ class ThroughputMeter:
         with self.paused():
             try:
                 self.flops_per_sample = float(self.workload.flops_per_sample(batch, batch_size))
+                if not self.flops_per_sample:
+                    self.say(
+                        "perf/mfu is not logged: the model has no matrix multiplications, convolutions "
+                        "or attention products to count (0 model FLOPs per sample, models/flops.py)"
+                    )
             except Exception as exc:  # noqa: BLE001 - MFU is a gauge
                 self.flops_per_sample = 0.0
                 self.say(

@@ -467,20 +467,34 @@ class SDWorkload(Workload):
         deepspeed_16 = t is not None and t.backend == "deepspeed" and t.mixed_precision != "no"
         return self._build(self.frozen_dtype(), ema_as_buffers=deepspeed_16)
 
-    def _build(self, frozen_dtype: torch.dtype, ema_as_buffers: bool = False) -> LatentDiffusion:
+    def flops_model(self) -> nn.Module:
+        """The run's model on the meta device for MFU's FLOPs: the folders' architectures from
+        their config files, no weights read (from_pretrained refuses the meta device); all in
+        fp32, as FLOPs do not depend on the dtype and the count runs outside the backend's
+        autocast (a LoRA run's 16-bit frozen base would meet fp32 inputs)."""
+        with torch.device("meta"):
+            return self._build(torch.float32, weights=False)
+
+    def _build(self, frozen_dtype: torch.dtype, ema_as_buffers: bool = False, weights: bool = True) -> LatentDiffusion:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
+
+        def load(cls, folder: Path):  # a diffusers model, or (weights=False) its architecture only
+            return cls.from_pretrained(folder) if weights else cls.from_config(cls.load_config(folder))
 
         c = self.cfg
         if c.pretrained:
             root = Path(c.pretrained)
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder")
+            unet = load(UNet2DConditionModel, root / "unet")
+            vae = load(AutoencoderKL, root / "vae")
+            text = root / "text_encoder"
+            text_encoder = (
+                CLIPTextModel.from_pretrained(text) if weights else CLIPTextModel(CLIPTextConfig.from_pretrained(text))
+            )
             override = {"prediction_type": c.prediction_type} if c.prediction_type else {}
             sched = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **override)
         else:
-            vae = AutoencoderKL.from_pretrained(c.vae)
+            vae = load(AutoencoderKL, Path(c.vae))
             tok = self.tokenizer
             text_encoder = CLIPTextModel(
                 CLIPTextConfig(
