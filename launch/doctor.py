@@ -260,18 +260,11 @@ def deepspeed_memory(
 
 
 def meta_model(model_cfg):
-    """The workload's model on the meta device: built there (no memory, no init time), or, for
-    one that reads its weights from disk (from_pretrained refuses the meta device), built for
-    real and then moved there."""
-    import torch
-
+    """The workload's model on the meta device (no memory, no init time): its `flops_model`,
+    which a workload that reads weights from disk builds from its folders' configs alone."""
     from models.registry import build_workload
 
-    try:
-        with torch.device("meta"):
-            return build_workload(model_cfg).build_model()
-    except Exception:  # a model that reads its init from disk or needs real tensors
-        return build_workload(model_cfg).build_model().to("meta")
+    return build_workload(model_cfg).flops_model()
 
 
 def count_params(model_cfg) -> ModelSize:
