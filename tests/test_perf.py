@@ -167,6 +167,17 @@ def test_optimizer_implementations_take_the_same_steps(impl):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_auto_picks_the_fused_kernel_where_torch_has_one():
+    from trainer.config import OptimConfig
+    from trainer.loop import build_optimizer, resolve_impl
+
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(model, OptimConfig(impl="auto"))
+    assert opt.defaults["fused"] is True and opt.defaults["foreach"] is None  # CPU has the fused kernel
+    assert resolve_impl("auto", [torch.zeros(2, dtype=torch.int64)]) == "auto"  # no fused kernel: torch decides
+    assert resolve_impl("for-loop", list(model.parameters())) == "for-loop"  # a chosen one is kept
+
+
 def test_windows_hold_one_log_step_each():
     from benchmarks.overhead import windows
 

@@ -100,8 +100,8 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.1
-    # torch AdamW's implementation: auto (torch picks: foreach on GPUs, a for-loop on CPU)
-    # | for-loop | foreach | fused (benchmarks/RESULTS.md: speed_features)
+    # torch AdamW's implementation: auto (the fused kernel where torch has one for the parameters'
+    # device and dtype, CUDA and CPU included; else torch's pick) | for-loop | foreach | fused
     impl: str = "auto"
 
 
