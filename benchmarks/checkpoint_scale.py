@@ -312,16 +312,12 @@ def worker(args) -> None:
 
 # ---------------------------------------------------------------- the driver
 def launch(
-    size: str, strategy: str, nproc: int, paths: str, folder: Path, threads: int, repeats: int = 3
+    size: str, strategy: str, nproc: int, paths: str, folder: Path, threads: int, repeats: int = 3, cpu: bool = True
 ) -> list[dict]:
-    env = dict(
-        os.environ,
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS=str(threads),
-        CUDA_VISIBLE_DEVICES="",
-        MALLOC_MMAP_THRESHOLD_=str(1 << 20),
-        PYTHONUNBUFFERED="1",
-    )
+    """One torchrun launch's rows; cpu=False leaves the GPUs visible (one per rank, NCCL)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20), PYTHONUNBUFFERED="1")
+    if cpu:
+        env.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
     cmd = [
         sys.executable,
         "-m",

@@ -46,16 +46,9 @@ RECIPES = {
 }
 
 
-def run(name: str, scale: float) -> dict:
-    from trainer.metrics import read_jsonl
-
-    recipe, steps, log_every, extra = RECIPES[name]
-    steps = max(3 * log_every, int(steps * scale) // log_every * log_every)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"tributary-mfu-{name}-"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "launch.train",
+def train_args(recipe: str, run_dir: Path, steps: int, log_every: int, extra: list[str]) -> list[str]:
+    """`launch.train`'s arguments for a timed run: eval, samples and checkpoints only at the end."""
+    return [
         "--config",
         recipe,
         f"run.dir={run_dir}",
@@ -68,35 +61,48 @@ def run(name: str, scale: float) -> dict:
         f"optim.warmup_steps={min(10, steps - 1)}",
         *extra,
     ]
+
+
+def read_run(run_dir: Path, stdout: str) -> dict:
+    """The peak the run measured against and the median of each rate over its log windows
+    after the first (which holds warm-up)."""
+    from trainer.metrics import read_jsonl
+
+    windows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/samples_per_s" in r][1:]
+    peak = re.search(r"MFU against (\S+) TFLOP/s per rank \((.*)\)\s*$", stdout, re.M)
+    row = {
+        "peak_tflops": float(peak.group(1)) if peak else None,
+        "peak_from": peak.group(2) if peak else None,
+        "windows": len(windows),
+    }
+    for key in (
+        "perf/mfu",
+        "perf/tflops_per_rank",
+        "train/samples_per_s",
+        "perf/tokens_per_s",
+        "perf/images_per_s",
+        "train/data_wait_frac",
+    ):
+        values = [r[key] for r in windows if key in r]
+        if values:
+            row[key] = statistics.median(values)
+    if "perf/mfu" not in row:
+        row["note"] = next((line for line in stdout.splitlines() if "perf/mfu is not logged" in line), "")
+    return row
+
+
+def run(name: str, scale: float) -> dict:
+    recipe, steps, log_every, extra = RECIPES[name]
+    steps = max(3 * log_every, int(steps * scale) // log_every * log_every)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"tributary-mfu-{name}-"))
+    cmd = [sys.executable, "-m", "launch.train", *train_args(recipe, run_dir, steps, log_every, extra)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     try:
         if out.returncode != 0:
             return {"recipe": name, "error": out.stderr.strip().splitlines()[-1][:300]}
-        windows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/samples_per_s" in r][
-            1:
-        ]  # the first holds warm-up
-        peak = re.search(r"MFU against (\S+) TFLOP/s per rank \((.*)\)\s*$", out.stdout, re.M)
-        row = {
-            "recipe": name,
-            "config": recipe + (" " + " ".join(extra) if extra else ""),
-            "steps": steps,
-            "peak_tflops": float(peak.group(1)) if peak else None,
-            "peak_from": peak.group(2) if peak else None,
-        }
-        for key in (
-            "perf/mfu",
-            "perf/tflops_per_rank",
-            "train/samples_per_s",
-            "perf/tokens_per_s",
-            "perf/images_per_s",
-            "train/data_wait_frac",
-        ):
-            values = [r[key] for r in windows if key in r]
-            if values:
-                row[key] = statistics.median(values)
-        if "perf/mfu" not in row:
-            row["note"] = next((line for line in out.stdout.splitlines() if "perf/mfu is not logged" in line), "")
+        row = {"recipe": name, "config": recipe + (" " + " ".join(extra) if extra else ""), "steps": steps}
+        row.update(read_run(run_dir, out.stdout))
         return row
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -59,7 +59,7 @@ WARMUP = {"made": 100, "lm": 10}
 
 
 # ---------------------------------------------------------------- the worker (one rank)
-def _config(recipe: str, backend: str, run_dir: Path, steps: int, log_every: int = 0):
+def _config(recipe: str, backend: str, run_dir: Path, steps: int, log_every: int = 0, overrides=()):
     from launch.recipes import load_recipe
 
     cfg = load_recipe(
@@ -73,6 +73,7 @@ def _config(recipe: str, backend: str, run_dir: Path, steps: int, log_every: int
             f"trainer.backend={backend}",
             "trainer.deepspeed.zero_stage=2",
             f"optim.warmup_steps={min(10, steps // 2)}",
+            *overrides,
         ],
     )
     cfg.trainer.log_every = log_every or type(cfg.trainer)().log_every  # default: the trainer's default
@@ -251,7 +252,7 @@ def worker(args) -> None:
     ours_w: list[float] = []
     bare_w: list[float] = []
     for r in range(args.rounds):
-        cfg = _config(args.recipe, args.backend, Path(args.scratch) / f"round{r}", steps, args.log_every)
+        cfg = _config(args.recipe, args.backend, Path(args.scratch) / f"round{r}", steps, args.log_every, args.set)
         dist.barrier()
         ours, bare = paired_run(cfg, args.backend, args.data)
         ours_w += windows(ours, WARMUP[args.recipe], width)
@@ -279,7 +280,11 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_one(recipe: str, backend: str, nproc: int, rounds: int, quick: bool, data: str, log_every: int = 0) -> dict:
+def run_one(
+    recipe: str, backend: str, nproc: int, rounds: int, quick: bool, data: str, log_every: int = 0, overrides=()
+) -> dict:
+    """One (recipe, backend, nprocs) measurement; `overrides` (`a.b=c`) change the recipe (its
+    data, its size) for both loops."""
     scratch = Path(tempfile.mkdtemp(prefix="tributary-overhead-"))
     out = scratch / "result.json"
     cmd = [
@@ -306,6 +311,7 @@ def run_one(recipe: str, backend: str, nproc: int, rounds: int, quick: bool, dat
         "--out",
         str(out),
     ] + (["--quick"] if quick else [])
+    cmd += [f"--set={o}" for o in overrides]
     env = dict(
         os.environ,
         ACCELERATE_USE_CPU=os.environ.get("ACCELERATE_USE_CPU", "0" if _has_cuda() else "1"),
@@ -355,6 +361,7 @@ def main(argv=None) -> None:
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)

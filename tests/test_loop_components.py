@@ -283,3 +283,25 @@ def test_tiny_sample_images_are_upscaled_for_tensorboard(tmp_path):
     acc.Reload()
     (event,) = acc.Images("samples")
     assert (event.width, event.height) == (4 * 65 + 1, 65 + 1)  # a row of four 64x64 tiles, 1 px padding
+
+
+def test_no_samples_when_none_are_asked_for():
+    """trainer.num_samples=0: the sample step asks the workload for nothing (an LM would
+    refuse an empty batch of prompts at the end of the run)."""
+    from types import SimpleNamespace
+
+    from trainer.loop import Trainer
+
+    class Refuses:
+        def sample_images(self, *a):
+            raise AssertionError("asked for images")
+
+        sample_text = sample_images
+
+    backend = SimpleNamespace(is_main=True, shards_params=False, unwrap=lambda m: m)
+    fake = SimpleNamespace(cfg=SimpleNamespace(trainer=SimpleNamespace(num_samples=0, seed=0)), backend=backend)
+    fake.workload, fake.model = Refuses(), torch.nn.Linear(1, 1)
+    Trainer._log_samples(fake, step=1)  # returns without a call
+    fake.cfg.trainer.num_samples = 1
+    with pytest.raises(AssertionError, match="asked for images"):
+        Trainer._log_samples(fake, step=1)

@@ -139,7 +139,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     sample_every: int = 0  # 0 = only at the end; images go to TensorBoard
-    num_samples: int = 64
+    num_samples: int = 64  # images or texts per sample step; 0: none
     checkpoint_every: int = 0  # 0 = only at the end
     keep_last_k: int = 3
     # stage the checkpoint to host memory and write it in a background thread while training

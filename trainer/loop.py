@@ -568,6 +568,8 @@ class Trainer:
             )
 
     def _log_samples(self, step: int) -> None:
+        if self.cfg.trainer.num_samples <= 0:  # no samples asked for
+            return
         if not (self.backend.is_main or self.backend.shards_params):  # sharded: all ranks sample
             return
         net = self.backend.unwrap(self.model)
