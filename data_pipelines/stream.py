@@ -41,6 +41,7 @@ per reader and epoch waits over several epochs.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ from urllib.parse import urlparse
 import braceexpand
 import numpy as np
 import torch
+import xxhash
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -340,11 +342,29 @@ def shard_samples(url: str, on_error: ErrorPolicy, expected: int | None = None) 
     except Exception as exc:
         on_error.shard_failed("missing_shards", url, f"cannot open: {open_failure(exc)}")
         return
-    n = 0
+    n, samples = 0, None
     try:
-        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-            n += 1
-            yield sample
+        if _small_local_tar(url):
+            data = stream.read(PLAIN_TAR_MAX_BYTES + 1)
+            if len(data) <= PLAIN_TAR_MAX_BYTES:
+                # keyed by the bytes' digest: a shard rewritten in place is parsed again however
+                # coarse the file system's timestamps
+                key = (url, xxhash.xxh3_128_digest(data))
+                samples = _parsed_shards.get(key)
+                if samples is None:
+                    samples = plain_tar_samples(data, url)
+                    if samples is not None:
+                        _parsed_shards.put(key, samples, len(data))
+            if samples is None:  # anything unusual: webdataset's reader, with its errors
+                stream = _Prefixed(data, stream)
+        if samples is not None:
+            for sample in samples:
+                n += 1
+                yield dict(sample)  # a copy: the stream annotates its samples for decode
+        else:
+            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                n += 1
+                yield sample
         if expected is not None and n < expected:
             cause = f"truncated: ends after {n} sample(s), its manifest lists {expected}"
         elif n == 0:
@@ -359,9 +379,128 @@ def shard_samples(url: str, on_error: ErrorPolicy, expected: int | None = None) 
         on_error.shard_failed("bad_shards", url, cause)
     finally:
         try:
-            stream.close()
+            if stream is not None:
+                stream.close()
         except Exception:  # a pipe whose command failed; already reported above
             pass
+
+
+class ParsedShards:
+    """Local shards already parsed in this process, by (url, digest of their bytes): a small
+    dataset's every epoch then costs a read and a hash, no tar parsing. Bounded by the shards'
+    bytes (least recently read dropped first)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: dict[tuple, tuple[list[dict], int]] = {}
+
+    def get(self, key: tuple) -> list[dict] | None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.entries[key] = entry  # most recent last
+        return entry[0] if entry is not None else None
+
+    def put(self, key: tuple, samples: list[dict], size: int) -> None:
+        if size > self.max_bytes:
+            return
+        while self.entries and self.bytes + size > self.max_bytes:
+            self.bytes -= self.entries.pop(next(iter(self.entries)))[1]
+        self.entries[key] = (samples, size)
+        self.bytes += size
+
+
+# local shards up to this size are read whole and indexed in memory (larger ones stream: their
+# samples are big, so tar parsing is a small part of their cost)
+PLAIN_TAR_MAX_BYTES = 64 << 20
+PARSED_SHARDS_MAX_BYTES = 64 << 20  # of them kept parsed, per process (loader worker)
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+_REGULAR, _DIRECTORY = (ord("0"), 0), ord("5")
+_ZERO_BLOCK = bytes(512)
+
+
+def _small_local_tar(url: str) -> bool:
+    if urlparse(url).scheme or not url.endswith(".tar"):
+        return False
+    try:
+        return os.path.getsize(url) <= PLAIN_TAR_MAX_BYTES
+    except OSError:
+        return False
+
+
+class _Prefixed:
+    """A stream whose first bytes were already read: `head`, then the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = memoryview(head), stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        n = len(self.head) if size < 0 else min(size, len(self.head))
+        out, self.head = bytes(self.head[:n]), self.head[n:]
+        return out if size < 0 or n == size else out + self.stream.read(size - n)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def plain_tar_samples(data: bytes, url: str) -> list[dict] | None:
+    """The samples of a whole uncompressed tar in memory, grouped as webdataset groups them;
+    None for anything but plain ustar/v7 members ending in an end-of-archive block (PAX or GNU
+    long-name headers, a bad checksum, truncation, a repeated field), which then go through
+    webdataset and tarfile (their errors name the damage). Ours because tarfile's header
+    parsing costs ~30 us a member: most of a small sample's cost (benchmarks/data_throughput.py)."""
+    starts, samples, current, pos, end = [], [], None, 0, len(data)
+    while True:
+        if pos + 512 > end:
+            return None  # no end-of-archive block: maybe cut at a member boundary
+        if data[pos] == 0 and data[pos : pos + 512] == _ZERO_BLOCK:
+            break
+        size_field = data[pos + 124 : pos + 136]
+        if size_field[0] >= 0x80 or data[pos + 345] != 0:
+            return None  # base-256 size, or a ustar name prefix
+        try:
+            size = int(size_field.strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            return None
+        type_flag = data[pos + 156]
+        if type_flag not in _REGULAR and type_flag != _DIRECTORY:
+            return None  # links, PAX and GNU headers: tarfile knows them
+        if pos + 512 + size > end:
+            return None
+        starts.append(pos)
+        body, pos = pos + 512, pos + 512 + (size + 511) // 512 * 512
+        if type_flag == _DIRECTORY:
+            continue
+        name = data[body - 512 : body - 412].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if not name or _SKIP_META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+            continue
+        match = _BASE_PLUS_EXT.match(name)
+        if match is None:
+            continue
+        prefix, suffix = match.groups()
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"]:
+            current = {"__key__": prefix, "__url__": url}
+            samples.append(current)
+        if suffix in current:
+            return None  # webdataset raises, naming it
+        current[suffix] = data[body : body + size]
+    if starts:  # every header's checksum at once: unsigned, the field counted as spaces
+        blocks = np.frombuffer(data, np.uint8, (end // 512) * 512).reshape(-1, 512)
+        rows = blocks[[p // 512 for p in starts]]
+        sums = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+        for start, total in zip(starts, sums.tolist()):
+            try:
+                if int(data[start + 148 : start + 156].strip(b"\0 ") or b"-1", 8) != total:
+                    return None
+            except ValueError:
+                return None
+    return samples
+
+
+_parsed_shards = ParsedShards(PARSED_SHARDS_MAX_BYTES)
 
 
 def decode_or_explain(decode: Callable[[dict], Any], sample: dict) -> Any:
@@ -468,7 +607,11 @@ class SourceReader:
         last = max(picks) if picks else None
         counts = self.source.shards.samples_per_shard
         expected = counts[shard] if counts is not None and picks is None else None
-        for offset, sample in enumerate(shard_samples(self.source.shards.urls[shard], self.policy, expected)):
+        samples = enumerate(shard_samples(self.source.shards.urls[shard], self.policy, expected))
+        if picks is None:  # the common case, without a test per sample
+            yield from itertools.islice(samples, start, None)
+            return
+        for offset, sample in samples:
             if offset < start or (wanted is not None and offset not in wanted):
                 continue
             yield offset, sample
@@ -529,7 +672,9 @@ class SourceReader:
             if self.buffer:
                 if self.policy.failed:
                     self.policy.forget_failures()  # only failures since the last sample explain
-                j = int(self.rng.integers(len(self.buffer)))
+                # a uniform index from 64 random bits: Generator.integers costs ~7x more a call,
+                # the largest part of a small sample's cost here
+                j = (self.rng.bit_generator.random_raw() * len(self.buffer)) >> 64
                 self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
                 return self.buffer.pop()
             if not self.queue:
@@ -547,12 +692,49 @@ class SourceReader:
 # ------------------------------------------------------------------ the dataset
 @dataclass
 class StreamBatch:
-    """What a loader worker sends: the batch, and where its reader stands after it."""
+    """What a loader worker sends: the batch, and where its reader stands after it.
+
+    Small CPU tensors of the batch travel by value through the loader's pipe: the
+    DataLoader's default puts every tensor in a shared-memory segment of its own, which
+    costs ~1 ms a batch on 2 cores (benchmarks/data_throughput.py), more than a small batch
+    takes to make; large ones still go through shared memory."""
 
     data: Any
     role: int
     state: dict
     keys: list | None = None
+
+    def __reduce__(self):
+        return StreamBatch, (_by_value(self.data), self.role, self.state, self.keys)
+
+
+INLINE_TENSOR_BYTES = 1 << 20  # tensors up to this size go through the pipe by value
+
+
+class _TensorByValue:
+    """Pickles as its tensor's numpy array and unpickles as a tensor again."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __reduce__(self):
+        return torch.from_numpy, (self.array,)
+
+
+def _by_value(data: Any) -> Any:
+    """`data` with its small plain CPU tensors (those numpy can hold) as _TensorByValue."""
+    if isinstance(data, torch.Tensor):
+        if data.nbytes > INLINE_TENSOR_BYTES or data.requires_grad or data.device.type != "cpu":
+            return data
+        try:
+            return _TensorByValue(np.ascontiguousarray(data.numpy()))
+        except (TypeError, RuntimeError):  # bfloat16, sparse, ...: the usual way
+            return data
+    if type(data) is dict:
+        return {k: _by_value(v) for k, v in data.items()}
+    if type(data) in (list, tuple):
+        return type(data)(_by_value(v) for v in data)
+    return data
 
 
 class ShardStream(IterableDataset):
@@ -576,6 +758,7 @@ class ShardStream(IterableDataset):
         key: str = "data.train.urls",
         buckets: Buckets | None = None,
         transforms: Any = None,
+        decode_batch: Callable[[list[dict]], Any] | None = None,
     ):
         self.sources = [Source(shards)] if isinstance(shards, ShardList) else list(shards)
         for src in self.sources:  # a mixture's sources are named by their config key
@@ -584,7 +767,9 @@ class ShardStream(IterableDataset):
             )
         total = sum(s.weight for s in self.sources)
         self.weights = np.array([s.weight / total for s in self.sources])
-        self.decode, self.collate = decode, collate
+        # decode_batch(raws) must equal collate([decode(r) for r in raws]); it makes a batch at
+        # once, and a batch it cannot make is made again sample by sample, naming each bad one
+        self.decode, self.collate, self.decode_batch = decode, collate, decode_batch
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.on_error, self.resampled, self.with_keys = on_error, resampled, with_keys
@@ -633,37 +818,89 @@ class ShardStream(IterableDataset):
             mix.bit_generator.state = state["mix_rng"]
         return readers, mix
 
-    def role_samples(
-        self, role: int, state: dict | None = None
-    ) -> tuple[Iterator[tuple[Any, list]], Callable[[], dict]]:
-        """(decoded sample, name) of one reader, endless; and a function giving its state."""
+    def _role_reader(self, role: int, state: dict | None):
+        """(draw, decode_one, snapshot) of one reader: draw() gives the next (raw sample, name);
+        decode_one(raw, name) its decoded sample, or None when it is skipped (on_error)."""
         readers, mix = self._readers(role, state)
         policy = ErrorPolicy(self.on_error, readers[0].stats)
         failing_since: dict[int, int] = {}  # source -> epoch of its first undecodable sample in a row
 
-        def samples():
-            while True:
-                i = int(mix.choice(len(readers), p=self.weights)) if len(readers) > 1 else 0
-                name, raw = readers[i].next_raw()
-                self._annotate(raw, name[0])
-                try:
-                    sample = decode_or_explain(self.decode, raw)
-                except DataError as exc:
-                    policy("missing_key" if "missing key" in str(exc) else "bad_samples", str(exc))
-                    if name[0] - failing_since.setdefault(i, name[0]) >= 2:
-                        raise DataError(
-                            f"rank {self.rank} worker {role}: no sample of source "
-                            f"'{readers[i].source.name}' decodes for two epochs in "
-                            f"a row; the last: {exc}"
-                        ) from None
-                    continue
-                failing_since.pop(i, None)
-                yield sample, [i, *name, raw.get("__key__")]
+        def draw() -> tuple[dict, list]:
+            i = int(mix.choice(len(readers), p=self.weights)) if len(readers) > 1 else 0
+            name, raw = readers[i].next_raw()
+            self._annotate(raw, name[0])
+            return raw, [i, *name, raw.get("__key__")]
+
+        def decoded(name: list) -> None:
+            if failing_since:
+                failing_since.pop(name[0], None)
+
+        def decode_one(raw: dict, name: list) -> Any:
+            i = name[0]
+            try:
+                sample = decode_or_explain(self.decode, raw)
+            except DataError as exc:
+                policy("missing_key" if "missing key" in str(exc) else "bad_samples", str(exc))
+                if name[1] - failing_since.setdefault(i, name[1]) >= 2:
+                    raise DataError(
+                        f"rank {self.rank} worker {role}: no sample of source "
+                        f"'{readers[i].source.name}' decodes for two epochs in "
+                        f"a row; the last: {exc}"
+                    ) from None
+                return None
+            decoded(name)
+            return sample
 
         def snapshot():
             return {"sources": [r.state_dict() for r in readers], "mix_rng": mix.bit_generator.state}
 
+        return draw, decode_one, decoded, snapshot
+
+    def role_samples(
+        self, role: int, state: dict | None = None
+    ) -> tuple[Iterator[tuple[Any, list]], Callable[[], dict]]:
+        """(decoded sample, name) of one reader, endless; and a function giving its state."""
+        draw, decode_one, _, snapshot = self._role_reader(role, state)
+
+        def samples():
+            while True:
+                raw, name = draw()
+                sample = decode_one(raw, name)
+                if sample is not None:
+                    yield sample, name
+
         return samples(), snapshot
+
+    def role_batches(
+        self, role: int, state: dict | None = None
+    ) -> tuple[Iterator[tuple[Any, list]], Callable[[], dict]]:
+        """(batch, names) of one reader through `decode_batch`, endless: the same samples in the
+        same batches as role_samples gives; a batch that `decode_batch` refuses is decoded
+        sample by sample (a bad sample skipped and named, the next one drawn in its place)."""
+        draw, decode_one, decoded, snapshot = self._role_reader(role, state)
+
+        def batches():
+            while True:
+                drawn = [draw() for _ in range(self.batch_size)]
+                try:
+                    batch = self.decode_batch([raw for raw, _ in drawn])
+                except Exception:
+                    batch = None
+                if batch is not None:
+                    for _, name in drawn:
+                        decoded(name)
+                    yield batch, [name for _, name in drawn]
+                    continue
+                samples, names = [], []
+                while len(samples) < self.batch_size:
+                    raw, name = drawn.pop(0) if drawn else draw()
+                    sample = decode_one(raw, name)
+                    if sample is not None:
+                        samples.append(sample)
+                        names.append(name)
+                yield self.collate(samples), names
+
+        return batches(), snapshot
 
     def _annotate(self, raw: dict, epoch: int) -> None:
         if self.transforms is not None:
@@ -764,6 +1001,11 @@ class ShardStream(IterableDataset):
             batches, snapshot = self.bucket_batches(role, self.reader_states.get(role))
             for samples, names in batches:
                 yield StreamBatch(self.collate(samples), role, snapshot(), names if self.with_keys else None)
+            return
+        if self.decode_batch is not None:
+            batches, snapshot = self.role_batches(role, self.reader_states.get(role))
+            for data, names in batches:
+                yield StreamBatch(data, role, snapshot(), names if self.with_keys else None)
             return
         samples, snapshot = self.role_samples(role, self.reader_states.get(role))
         batch, names = [], []

@@ -141,6 +141,7 @@ def build_loader(cfg: RunConfig, workload, rank: int, world_size: int, ledger: P
         with_keys=d.key_ledger,
         buckets=make_buckets(d.buckets),
         transforms=ImageTransforms(**asdict(d.transforms)),
+        decode_batch=getattr(workload, "decode_batch", None),  # absent from duck-typed workloads
     )
     return StreamLoader(stream, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, ledger=ledger)
 

@@ -1,7 +1,9 @@
 """Binarized 8x8 digits, from the copy scikit-learn ships (1,797 images, no download).
 
 Fixed split (permutation seed 0): 1,257 train / 180 validation / 360 test. Pixels are
-0..16; a pixel is on when >= 8. Each sample is a 0/255 PNG, its label and a JSON record.
+0..16; a pixel is on when >= 8. Each sample is the picture twice, as an (8, 8) uint8 0/255
+`.npy` (what the smoke models read: a header and 64 bytes, no image codec) and as a PNG (for
+image tools and workloads that read images), its label and a JSON record.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def build(out_dir: str | Path, *, min_shards: int = 0) -> dict[str, dict]:
         samples = (
             {
                 "__key__": f"digit{i:04d}",
+                "npy": images[i] * 255,
                 "png": images[i] * 255,
                 "cls": int(labels[i]),
                 "json": {"index": int(i), "label": int(labels[i]), "threshold": THRESHOLD},

@@ -14,16 +14,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+from data_pipelines.decode import npy_array
 from models.autoregressive.nets import FVSBN, MADE, NADE, ARNet, Factorized, bernoulli_nll
 from models.base import Workload
 from models.registry import register
 
-IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
+IMAGE_FIELDS = ("npy", "png", "jpg", "jpeg", "webp")  # the first a sample has is read
 
 
 class BinaryImageDensity(Workload):
-    """Shared workload for every net here: a grayscale image per sample (png, jpg or webp),
-    `model.image_size` square; a pixel is on above 127."""
+    """Shared workload for every net here: a grayscale image per sample, `model.image_size`
+    square: an (H, W) uint8 `.npy` (launch.make_shards digits writes one), else a png, jpg or
+    webp (older digit shards have only the png); a pixel is on above 127."""
 
     best_metric = "nll"
 
@@ -44,11 +46,32 @@ class BinaryImageDensity(Workload):
                 f"no image field ({'/'.join(IMAGE_FIELDS)}); the sample has "
                 f"{sorted(k for k in sample if not k.startswith('__'))}"
             )
-        img = np.asarray(Image.open(io.BytesIO(sample[field])).convert("L"))
+        if field == "npy":
+            img = npy_array(sample[field])
+            if img.dtype != np.uint8:
+                raise ValueError(f".npy image is {img.dtype}, not uint8")
+        else:
+            img = np.asarray(Image.open(io.BytesIO(sample[field])).convert("L"))
         size = self.cfg.image_size
         if img.shape != (size, size):
             raise ValueError(f"image is {img.shape}, model.image_size is {size}")
         return torch.from_numpy((img > 127).astype(np.float32).reshape(-1))
+
+    def decode_batch(self, samples: list[dict]) -> torch.Tensor:
+        """All-`.npy` batches as one array (a few us a sample, not tens); others as decode does."""
+        if not all("npy" in s for s in samples):
+            return super().decode_batch(samples)
+        fields = [s["npy"] for s in samples]
+        first, size = npy_array(fields[0]), self.cfg.image_size
+        if first.dtype != np.uint8 or first.shape != (size, size):
+            raise ValueError(f".npy image is {first.shape} {first.dtype}, model.image_size is {size}")
+        header = len(fields[0]) - first.nbytes
+        rows = np.frombuffer(b"".join(fields), np.uint8)
+        if rows.size == len(fields[0]) * len(fields) and first.flags.c_contiguous:
+            rows = rows.reshape(len(fields), -1)
+            if (rows[:, :header] == rows[0, :header]).all():  # one header: these dtype and shape
+                return torch.from_numpy((rows[:, header:] > 127).astype(np.float32))
+        return self.collate([self.decode(s) for s in samples])
 
     def training_loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return bernoulli_nll(model(x), x).mean()
