@@ -174,6 +174,9 @@ class Trainer:
         if t.compile:
             model.compile()  # in place: the state_dict keys stay those of the plain model
         optimizer = build_optimizer(model, cfg.optim)
+        # the kernel flags `auto` resolved to, put back after a resume (a backend may wrap the
+        # optimizer in one of its own, DeepSpeed's, which has no `defaults`)
+        self.optimizer_flags = {k: optimizer.defaults[k] for k in ("foreach", "fused")}
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             functools.partial(
@@ -227,9 +230,8 @@ class Trainer:
                 path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
             )
             state = TrainState(**trainer_state)
-            flags = {k: self.optimizer.defaults[k] for k in ("foreach", "fused")}
             for group in self.optimizer.param_groups:  # the checkpoint's flags are the old run's
-                group.update(flags)
+                group.update(self.optimizer_flags)
             self.resume_mode = self.loader.load_state_dict(data_states)
             if self.resume_mode == "elastic":
                 old = data_states[0]
