@@ -309,26 +309,13 @@ def build_unet(which: str, smoke: bool):
     from diffusers import UNet2DConditionModel
 
     from launch.recipes import load_recipe
+    from models.sd.workload import scratch_unet
 
     if which == "tiny":
         c = load_recipe(str(ROOT / "configs/sd/tiny.yaml")).model
         v = load_recipe(str(ROOT / "configs/sd/tiny_vae.yaml")).model
         channels, scale = v.latent_channels, 2 ** (len(v.block_out_channels) - 1)
-        levels = len(c.unet_channels)
-        unet = UNet2DConditionModel(
-            sample_size=c.image_size // scale,
-            in_channels=channels,
-            out_channels=channels,
-            block_out_channels=tuple(c.unet_channels),
-            layers_per_block=c.unet_layers_per_block,
-            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-            cross_attention_dim=c.text_hidden,
-            attention_head_dim=c.attention_head_dim,
-            norm_num_groups=c.norm_num_groups,
-            addition_embed_type="text" if c.text_time_embedding else None,
-            addition_embed_type_num_heads=c.text_heads,
-        )
+        unet = scratch_unet(c, channels, scale)  # as the workload builds it
         return unet, (channels, c.image_size // scale, c.image_size // scale), (c.max_length, c.text_hidden)
     if smoke:
         narrow = {"block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "attention_head_dim": 2}

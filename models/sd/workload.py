@@ -106,6 +106,28 @@ class SDConfig:
     color_match_samples: int = 0
 
 
+def scratch_unet(c: SDConfig, latent_channels: int, scale: int):
+    """The from-scratch UNet of these keys, for latents of `latent_channels` at 1/`scale` of
+    model.image_size."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(c.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=c.image_size // scale,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(c.unet_channels),
+        layers_per_block=c.unet_layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=c.text_hidden,
+        attention_head_dim=c.attention_head_dim,
+        norm_num_groups=c.norm_num_groups,
+        addition_embed_type="text" if c.text_time_embedding else None,
+        addition_embed_type_num_heads=c.text_heads,
+    )
+
+
 def prompt_list(value: Any) -> list[str]:
     """`model.sample_prompts` as a list: a list of strings, or a text file of one prompt a line."""
     if value is None or value == "" or value == []:
@@ -512,21 +534,7 @@ class SDWorkload(Workload):
             scale = 2 ** (len(vae.config.block_out_channels) - 1)
             if c.image_size % scale:
                 raise ValueError(f"model.image_size={c.image_size} is not a multiple of the VAE's factor {scale}")
-            levels = len(c.unet_channels)
-            unet = UNet2DConditionModel(
-                sample_size=c.image_size // scale,
-                in_channels=vae.config.latent_channels,
-                out_channels=vae.config.latent_channels,
-                block_out_channels=tuple(c.unet_channels),
-                layers_per_block=c.unet_layers_per_block,
-                down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-                cross_attention_dim=c.text_hidden,
-                attention_head_dim=c.attention_head_dim,
-                norm_num_groups=c.norm_num_groups,
-                addition_embed_type="text" if c.text_time_embedding else None,
-                addition_embed_type_num_heads=c.text_heads,
-            )
+            unet = scratch_unet(c, vae.config.latent_channels, scale)
             # Settings go in at construction: diffusers' from_config (used to derive the
             # sampling scheduler) drops keys set later by register_to_config that were
             # defaults at construction, so a v-prediction model would be sampled as epsilon.
