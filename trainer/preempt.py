@@ -82,6 +82,19 @@ def job_end_time(ask_slurm: bool = False) -> float | None:
         return None  # no limit ("UNLIMITED"/"N/A") or no answer
 
 
+def _kill_children() -> None:
+    """SIGKILL this process's multiprocessing children (the data-loader workers, which
+    ignore SIGINT) before an os._exit: left alone they outlive it until their watchdog
+    notices, holding its stdout open (a `| tee` or a caller reading the pipe waits on them)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        try:
+            child.kill()
+        except (OSError, ValueError):  # already gone, or closed
+            pass
+
+
 class StopAgreement:
     """Per-rank signal handlers plus the vote. `poll()` returns the agreed reason.
 
@@ -129,6 +142,7 @@ class StopAgreement:
             if self._interrupted:
                 # the second Ctrl-C: a save in flight stays a .partial folder, never chosen
                 os.write(2, b"second SIGINT: exiting now without saving\n")
+                _kill_children()
                 os._exit(EXIT_INTERRUPTED)
             self._interrupted = True
             if self.rank == 0:
