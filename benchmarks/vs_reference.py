@@ -10,7 +10,10 @@ here the way the field's one-file scripts are (our own code, in this file):
   torch Dataset (PIL decode, resize, center crop, CLIP tokenize) in a DataLoader, then VAE
   encode, text encode, noise, UNet forward and backward, grad clipping, AdamW. Ours reads the
   same pictures as shards (`make_shards from-folder`) with configs/sd/finetune_sd15.yaml, its
-  extras (EMA, min-SNR, noise offset, checkpointing) off so that both do the same work.
+  extras (EMA, min-SNR, noise offset, checkpointing) off so that both do the same work. A
+  third run, ours cached, trains on the same shards with their latents and text states
+  computed once (`make_shards latents`: the posterior mean, so the per-step VAE sampling
+  noise is gone), against the same reference.
 - lm: a GPT-2-style model (learned positions, pre-LN, GELU MLP, tied embeddings) trained
   from a memmapped byte file with random windows, beside our LM (configs/lm/causal_1k.yaml,
   classic blocks with RoPE, tied embeddings) at the same width, depth, heads and context, on
@@ -23,7 +26,8 @@ machine's speed drifts by 10-20% within minutes; the ratios are taken round by r
 torchrun and torch choose, for both.
 
 Prints one JSON line per measurement, then one object: `sd_step_ratio` (our step time over the
-reference's, 1 process: below 1 is faster), `lm_tokens_ratio` (our tokens/s over the
+reference's, 1 process: below 1 is faster), `sd_cached_step_ratio` (the same, ours
+cached), `lm_tokens_ratio` (our tokens/s over the
 reference's, 1 process: above 1 is faster) and `rows` (every pair's medians and ratios).
 """
 
@@ -67,7 +71,11 @@ def build_sd_inputs(out: Path, channels: list[int], images: int) -> dict:
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     shards = out / "sd_shards/train"
     run([sys.executable, "-m", "launch.make_shards", "from-folder", str(folder), "--out", str(shards)])
-    return {"pretrained": str(out / "sd"), "imagefolder": str(folder), "shards": str(shards)}
+    # the same pictures through the folder's VAE and frozen text encoder, once (`sd` cached)
+    latents = out / "sd_latents/train"
+    run([sys.executable, "-m", "launch.make_shards", "latents", str(shards), "--pretrained", str(out / "sd"),
+         "--image-size", "32", "--out", str(latents)])  # fmt: skip
+    return {"pretrained": str(out / "sd"), "imagefolder": str(folder), "shards": str(shards), "latents": str(latents)}
 
 
 def build_lm_inputs(out: Path, seq_len: int, megabytes: float) -> dict:
@@ -127,7 +135,7 @@ def windows(times: list[float], width: int = LOG_EVERY) -> list[float]:
 
 
 # ---------------------------------------------------------------------------- ours
-def ours(kind: str, inputs: dict, args, nproc: int, run_dir: Path) -> dict:
+def ours(kind: str, inputs: dict, args, nproc: int, run_dir: Path, cached: bool = False) -> dict:
     from trainer.metrics import read_jsonl
 
     common = [
@@ -154,7 +162,8 @@ def ours(kind: str, inputs: dict, args, nproc: int, run_dir: Path) -> dict:
             "model.activation_checkpointing=false",
             "model.sample_steps=1",
             "model.sample_prompts=[a red circle]",
-            f"data.train.urls={inputs['shards']}",
+            f"data.train.urls={inputs['latents' if cached else 'shards']}",
+            f"model.precomputed={str(cached).lower()}",
             f"data.batch_size={args.sd_batch}",
             "data.shuffle_buffer=64",
             "trainer.num_samples=1",
@@ -469,13 +478,15 @@ def main(argv=None) -> None:
         for r in range(args.rounds):
             for kind in kinds:
                 for nproc in nprocs:
-                    pair = results.setdefault((kind, nproc), {"ours": [], "reference": []})
-                    order = ("ours", "reference") if r % 2 == 0 else ("reference", "ours")
+                    who_all = ["ours", "reference"] + (["ours_cached"] if kind == "sd" else [])
+                    pair = results.setdefault((kind, nproc), {who: [] for who in who_all})
+                    order = who_all[r % len(who_all) :] + who_all[: r % len(who_all)]  # each goes first in turn
                     for who in order:
-                        if who == "ours":
-                            row = ours(kind, inputs[kind], args, nproc, tmp / f"run-{kind}-{nproc}-{r}")
-                        else:
+                        if who == "reference":
                             row = reference(kind, inputs[kind], args, nproc)
+                        else:
+                            run_dir = tmp / f"run-{kind}-{who}-{nproc}-{r}"
+                            row = ours(kind, inputs[kind], args, nproc, run_dir, cached=who == "ours_cached")
                         pair[who].append(row)
                         print(json.dumps({"round": r, "pair": kind, "nproc": nproc, "who": who, **row}), flush=True)
 
@@ -491,13 +502,21 @@ def main(argv=None) -> None:
             "samples_per_s_ratio": statistics.median(1 / x for x in step_ratios),
             "ours_data_wait_frac": statistics.median(o["data_wait_frac"] for o in pair["ours"]),
         }
+        if "ours_cached" in pair:  # ours on precomputed latents and text states, against the same reference
+            cached = [o["step_s"] / f["step_s"] for o, f in zip(pair["ours_cached"], pair["reference"], strict=True)]
+            row["ours_cached_step_s"] = statistics.median(o["step_s"] for o in pair["ours_cached"])
+            row["cached_step_ratio"] = statistics.median(cached)
         if kind == "lm":
             row["tokens_ratio"] = row["samples_per_s_ratio"]
             row["reference_params"] = pair["reference"][0].get("params")
             row["ours_params"] = our_lm_params(args)
         rows.append(row)
     summary = {"rows": rows, "config": {k: v for k, v in vars(args).items() if v is not None and k != "child"}}
-    for kind, key, field in (("sd", "sd_step_ratio", "step_ratio"), ("lm", "lm_tokens_ratio", "tokens_ratio")):
+    for kind, key, field in (
+        ("sd", "sd_step_ratio", "step_ratio"),
+        ("sd", "sd_cached_step_ratio", "cached_step_ratio"),
+        ("lm", "lm_tokens_ratio", "tokens_ratio"),
+    ):
         one = [r for r in rows if r["pair"] == kind and r["nproc"] == 1]
         summary[key] = one[0][field] if one else None
     print(json.dumps(summary))

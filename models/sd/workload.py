@@ -586,6 +586,12 @@ class SDWorkload(Workload):
         else:
             from data_pipelines.image_transforms import image_with_info
 
+            if "latent.npy" in sample and not any(k in sample for k in ("jpg", "jpeg", "png", "webp")):
+                raise KeyError(
+                    f"the sample holds precomputed latents (fields: {fields(sample)}), not images: "
+                    "set model.precomputed=true to train on them"
+                )
+
             # the bucket and data.transforms come with the sample from the stream
             out["images"], info = image_with_info(sample, c.image_size)
             out["original_size"] = torch.tensor(info.original_size)  # (height, width)
