@@ -340,11 +340,15 @@ def time_batches(batches: Iterable, n: int, warmup: int = 0) -> float:
     return elapsed
 
 
-def shard_stream(shards: ShardList, batch_size: int, num_workers: int) -> ShardStream:
+def shard_stream(shards: ShardList, batch_size: int, num_workers: int, workload: Workload | None = None) -> ShardStream:
+    """Our stream over `shards`: this file's image decode, or a smoke `workload`'s own
+    decode, collate and decode_batch."""
+    own = {"decode": decode, "collate": collate}
+    if workload is not None:
+        own = {"decode": workload.decode, "collate": workload.collate, "decode_batch": workload.decode_batch}
     return ShardStream(
         shards,
-        decode=decode,
-        collate=collate,
+        **own,
         batch_size=batch_size,
         seed=0,
         shuffle_buffer=SHUFFLE_BUFFER,
@@ -404,22 +408,6 @@ def build_digits(root: Path) -> dict[str, ShardList]:
     }
 
 
-def digits_stream(shards: ShardList, workload: Workload, batch_size: int, num_workers: int) -> ShardStream:
-    return ShardStream(
-        shards,
-        decode=workload.decode,
-        collate=workload.collate,
-        decode_batch=workload.decode_batch,
-        batch_size=batch_size,
-        seed=0,
-        shuffle_buffer=SHUFFLE_BUFFER,
-        rank=0,
-        world_size=1,
-        num_workers=num_workers,
-        on_error="fail",
-    )
-
-
 def smoke(root: Path, batch_size: int, repeats: int, n: int, train_threads: int) -> dict:
     """Each smoke model's digits stream and training step, interleaved repeat by repeat."""
     shards = build_digits(root)
@@ -430,7 +418,7 @@ def smoke(root: Path, batch_size: int, repeats: int, n: int, train_threads: int)
             workload = make()
             for fmt, sl in shards.items():
                 run[f"{name}/stream_{fmt}"] = (
-                    n * batch_size / time_batches(digits_stream(sl, workload, batch_size, 1), n, 1)
+                    n * batch_size / time_batches(shard_stream(sl, batch_size, 1, workload), n, 1)
                 )
             threads = torch.get_num_threads()
             torch.set_num_threads(train_threads)
@@ -441,7 +429,7 @@ def smoke(root: Path, batch_size: int, repeats: int, n: int, train_threads: int)
         workload = SMOKE_MODELS["made"]()
         for fmt, sl in shards.items():
             loader = StreamLoader(
-                digits_stream(sl, workload, batch_size, 1), num_workers=1, prefetch_factor=PREFETCH_FACTOR
+                shard_stream(sl, batch_size, 1, workload), num_workers=1, prefetch_factor=PREFETCH_FACTOR
             )
             run[f"loader_1w_{fmt}"] = n * batch_size / time_batches(loader, n, warmup=1)
             del loader
