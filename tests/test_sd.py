@@ -134,6 +134,10 @@ def test_precomputed_latents_and_text_states(shapes_dir, pretrained_dir, tmp_pat
     assert torch.isfinite(model(batch))
     with pytest.raises(KeyError, match="latent.npy"):
         w.decode(src)
+    # the other way round: latents given to an image recipe name the key to set
+    images = SDWorkload(SDConfig(pretrained=str(pretrained_dir), color_match_samples=0))
+    with pytest.raises(KeyError, match="set model.precomputed=true"):
+        images.decode(first)
 
 
 def noise_png(width, height, seed):
