@@ -2,6 +2,11 @@
 
 python -m launch.report runs/autoregressive/made runs/autoregressive/nade ...
 python -m launch.report --metrics frame_map,test/accuracy runs/oadtr/oadtr runs/oadtr/gru
+python -m launch.report --headline runs/demo/lm_softmax runs/demo/lm_flash runs/demo/sd
+
+--headline shows each run's own headline metrics, whatever its workload: held-out bits per
+byte for language models, the colour check for text-to-image, mAP for detection, NLL for
+density models.
 """
 
 from __future__ import annotations
@@ -11,7 +16,53 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from launch.cli import program
+
+# each workload's headline: the first group of (final_metrics key, label) a run has; a test/
+# key falls back to its val/ twin for a run without a test split
+HEADLINES = (
+    (("test/bits_per_byte", "bits/byte"),),
+    (("color_match_guided", "colour match guided"), ("color_match_unconditional", "unconditional")),
+    (("map50", "mAP50"), ("map50_95", "mAP50-95")),
+    (("frame_map", "frame mAP"),),
+    (("test/nll", "NLL (nats)"), ("test/bits_per_dim", "bits/dim")),
+)
+
+
+def describe(run: Path) -> str:
+    """The run's workload in a few words, from the config it was last saved with."""
+    path = run / "config.yaml"
+    if not path.exists():
+        return "?"
+    model = (yaml.safe_load(path.read_text()) or {}).get("model", {})
+    name = str(model.get("name", "?"))
+    if name == "lm":
+        return f"lm {model.get('attention', '?')}, {model.get('seq_len', '?')} ctx"
+    return name
+
+
+def headline(metrics: dict) -> list[str]:
+    for group in HEADLINES:
+        cells = []
+        for key, label in group:
+            value, where = metrics.get(key), ""
+            if value is None and key.startswith("test/"):
+                value, where = metrics.get("val/" + key.removeprefix("test/")), " (val)"
+            if isinstance(value, (int, float)):
+                cells.append(f"{label}{where} {value:.3f}")
+        if cells:
+            return cells
+    return []
+
+
+def headline_table(finals: dict[Path, dict]) -> str:
+    rows = [(run.name, describe(run), ", ".join(headline(m)) or "-", str(m["step"])) for run, m in finals.items()]
+    head = ("run", "workload", "headline", "steps")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def main(argv=None) -> int:
@@ -22,6 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--metrics", help="comma-separated final_metrics.json keys to show (default: test NLL and bits/dim, best step)"
     )
+    parser.add_argument("--headline", action="store_true", help="each run's headline metrics, any workload")
     args = parser.parse_args(argv)
     finals = {}
     for run in args.runs:
@@ -30,7 +82,9 @@ def main(argv=None) -> int:
             print(f"{run}: no final_metrics.json (run not finished?)", file=sys.stderr)
             return 1
         finals[run] = json.loads(path.read_text())
-    if args.metrics:
+    if args.headline:
+        print("\n" + headline_table(finals))
+    elif args.metrics:
         keys = args.metrics.split(",")
         print(f"\n{'run':<16}" + "".join(f"{k:>16}" for k in keys) + f"{'steps':>8}")
         for run, m in finals.items():
