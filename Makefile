@@ -15,7 +15,7 @@ MODELS := factorized fvsbn nade made
 LAUNCH := ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m launch.train
 
-.PHONY: venv data data-lm data-lm-bpe data-shapes data-detr data-oad smoke train train-sd train-detr train-oad test lint drills fault-drills \
+.PHONY: venv data data-lm data-lm-4k data-lm-bpe data-shapes data-detr data-oad smoke train train-sd train-detr train-oad test lint drills fault-drills \
         slurm-up slurm-down clean
 
 venv: $(STAMP)
@@ -36,7 +36,11 @@ $(TEST_STAMP): requirements-test.txt $(STAMP)
 data: venv
 	$(PY) -m launch.make_shards digits --out data/digits
 
-# byte windows of the Python standard library for configs/lm/ (1k, 4k, 16k, 64k contexts)
+# byte windows of the Python standard library for configs/lm/ (1k, 4k, 16k, 64k contexts);
+# data-lm-4k only those of 4k (make train)
+data-lm-4k: venv
+	$(PY) -m launch.make_shards text stdlib --seq-len 4096 --out data/lm/stdlib-4k
+
 data-lm: venv
 	@for n in 1024:1k 4096:4k 16384:16k 65536:64k; do \
 	  $(PY) -m launch.make_shards text stdlib --seq-len $${n%%:*} --out data/lm/stdlib-$${n##*:} || exit 1; \
@@ -70,8 +74,19 @@ smoke: data
 	done
 	$(PY) -m launch.report $(addprefix $(RUNS)/,$(MODELS))
 
-# the default job: for now the density models (`make smoke`)
-train: smoke
+# the default job: a long-range LM (FLASH beside softmax on 4k bytes of context, the same
+# training time each) and text-to-image latent diffusion (a short autoencoder stage, its
+# latents, then the UNet), each on 2 CPU ranks; then one table of their headline metrics.
+# Run again, each run resumes from its final checkpoint and only reports.
+DEMO := runs/demo
+train: data-lm-4k data-shapes
+	$(LAUNCH) --config configs/demo/lm_softmax.yaml
+	$(LAUNCH) --config configs/demo/lm_flash.yaml
+	$(LAUNCH) --config configs/demo/sd_vae.yaml
+	test -f $(DEMO)/sd_vae/latents/val/manifest.json || \
+	  $(PY) -m launch.make_shards latents data/shapes --vae $(DEMO)/sd_vae/vae --out $(DEMO)/sd_vae/latents
+	$(LAUNCH) --config configs/demo/sd.yaml
+	$(PY) -m launch.report --headline $(DEMO)/lm_softmax $(DEMO)/lm_flash $(DEMO)/sd
 
 # tiny Stable Diffusion from scratch: the autoencoder stage, its latents of the shapes
 # (once), then the UNet on them

@@ -199,6 +199,14 @@ def test_recipe_trains_on_two_ranks(tmp_path, lm_data, cpu_env, recipe):
         assert "[" in body  # filled spans are bracketed
     else:
         assert body.count("def ") >= 1  # every causal sample starts with the prompt
+    # the same samples as plain text, and the run's row of launch.report's headline table
+    assert (tmp_path / "samples.txt").read_text().startswith("step 3\n\n")
+    from launch import report
+
+    table = report.headline_table({tmp_path: final})
+    row = table.splitlines()[2]
+    assert row.split()[:2] == [tmp_path.name, "lm"] and f", {SEQ[recipe]} ctx" in row
+    assert f"bits/byte {final['test/bits_per_byte']:.3f}" in row and row.endswith("3")
 
 
 @pytest.mark.parametrize(

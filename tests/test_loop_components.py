@@ -260,6 +260,26 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path, cap
         + (f" eta 0m{30 - s:02d}s")
         for s in (10, 20, 30)
     ]
+    # under trainer.max_time the sooner end wins: here 60 s, 15 of them spent before this launch
+    timed = MetricsLogger(
+        tmp_path / "timed",
+        enabled=True,
+        resume_step=0,
+        total_steps=100000,
+        progress_bar=True,
+        progress_every_s=10,
+        terminal=False,
+        max_time=60,
+        trained_s=15,
+    )
+    for step in range(1, 21):
+        clock[0] += 1.0
+        timed.advance(step)
+    timed.close()
+    assert capsys.readouterr().err.splitlines() == [
+        f"timed: step {s}/100000 ({100 * (15 + s) // 60}% of trainer.max_time)  elapsed 0m{s:02d}s eta 0m{45 - s:02d}s"
+        for s in (10, 20)
+    ]
     on_tty = MetricsLogger(
         tmp_path / "tty", enabled=True, resume_step=0, total_steps=30, progress_bar=True, terminal=True
     )

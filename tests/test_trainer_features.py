@@ -78,6 +78,16 @@ def test_max_time_stops_saves_and_reports(tmp_path, digits_dir, cpu_env):
     assert f"trainer.max_time=3.0s reached at step {final['step']}" in out.stdout
     assert (run_dir / f"checkpoints/step-{final['step']}/COMPLETE.json").exists()
     assert math.isfinite(final["test/nll"])
+    # run again: the time is spent, so it resumes, trains no step and reports the same
+    logged = (run_dir / "metrics.jsonl").read_text()
+    again = train(
+        run_dir, digits_dir, cpu_env, "trainer.max_steps=1000000", "trainer.max_time=3", "trainer.log_every=100000"
+    )
+    step = final["step"]
+    assert f"resumed from {run_dir / f'checkpoints/step-{step}'} (step {step}, exact)" in again.stdout
+    assert json.loads((run_dir / "final_metrics.json").read_text()) == final
+    assert max(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")) == step
+    assert (run_dir / "metrics.jsonl").read_text() == logged
 
 
 def test_export_loads_into_a_plain_model(tmp_path, digits_dir, cpu_env):

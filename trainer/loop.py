@@ -266,6 +266,8 @@ class Trainer:
             total_steps=t.max_steps,
             progress_bar=t.progress_bar,
             progress_every_s=t.progress_every_s,
+            max_time=t.max_time,
+            trained_s=state.train_time_s,
         )
         if self.resumed_from is not None:
             how = self.resume_note if self.resume_mode == "elastic" else "exact"
@@ -278,12 +280,14 @@ class Trainer:
             self.checkpointer.restore_rng(self.resumed_from)  # last: nothing may draw after
         last_saved = state.step if self.resumed_from is not None else -1
         self._last_val: tuple[int, dict] = (-1, {})
-        if state.step >= t.max_steps:  # finished before: report again, log nothing new
+        # finished before (at max_steps, or with trainer.max_time spent): report again, log nothing new
+        finished = state.step >= t.max_steps or 0 < t.max_time <= state.train_time_s
+        if finished:
             self.log.enabled = False
 
         # MFU's denominator (every rank at once: a CPU probe then shares the cores as training does)
         peak, peak_source = peak_tflops(b.device, t.mixed_precision, t.peak_tflops)
-        if state.step < t.max_steps:
+        if not finished:
             self.log.text(
                 f"MFU against {peak} TFLOP/s per rank ({peak_source})"
                 if peak
@@ -351,6 +355,8 @@ class Trainer:
             rank=b.rank,
             say=self.log.text,
         )
+        if 0 < t.max_time <= state.train_time_s:  # resumed after trainer.max_time was spent
+            return 0, last_saved
         with profiler:
             while state.step < t.max_steps:
                 step = state.step + 1
@@ -588,6 +594,8 @@ class Trainer:
                 self.log.tb_text("samples/prompts", "\n\n".join(prompts), step)
         if texts is not None and self.backend.is_main:
             self.log.samples_text("samples/text", texts, step)
+            # the latest samples as plain text too, for launch.report and a quick look
+            (self.run_dir / "samples.txt").write_text(f"step {step}\n\n" + "\n\n".join(texts) + "\n")
 
     def _finish(self, state: TrainState, session_start: float, last_saved: int) -> dict:
         b, step = self.backend, state.step

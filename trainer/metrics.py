@@ -62,8 +62,13 @@ class MetricsLogger:
         progress_bar: bool,
         progress_every_s: float = 30.0,
         terminal: bool | None = None,
+        max_time: float = 0.0,
+        trained_s: float = 0.0,
     ):
         self.enabled = enabled
+        # trainer.max_time, and the training seconds spent before this launch: the line's
+        # share and eta then count the time too (whichever ends the run first)
+        self.max_time, self.trained_s = max_time, trained_s
         self.jsonl = run_dir / "metrics.jsonl"
         self.tb = None
         self.bar = None
@@ -137,10 +142,15 @@ class MetricsLogger:
         elapsed = now - self._started
         done = step - self._first_step
         eta = elapsed / done * (self.total - step) if done > 0 else None
+        share = f"{100 * step // max(1, self.total)}%"
+        if self.max_time > 0:
+            spent = self.trained_s + elapsed
+            left = max(0.0, self.max_time - spent)
+            if eta is None or left < eta:
+                eta, share = left, f"{int(100 * min(1.0, spent / self.max_time))}% of trainer.max_time"
         figures = " ".join(f"{k}={v}" for k, v in self.figures.items())
-        return (
-            f"{self.name}: step {step}/{self.total} ({100 * step // max(1, self.total)}%) {figures} "
-            f"elapsed {_duration(elapsed)}" + (f" eta {_duration(eta)}" if eta is not None else "")
+        return f"{self.name}: step {step}/{self.total} ({share}) {figures} elapsed {_duration(elapsed)}" + (
+            f" eta {_duration(eta)}" if eta is not None else ""
         )
 
     def image(self, tag: str, images: torch.Tensor, step: int) -> None:
