@@ -333,7 +333,7 @@ class Trainer:
             elapsed=lambda: trained_before + time.perf_counter() - session_start,
         )
         try:
-            stopped, last_saved = self._loop(state, session_start, last_saved)
+            stopped, last_saved = (0, last_saved) if finished else self._loop(state, session_start, last_saved)
         finally:
             self.stopper.close()  # a signal from here on acts as it normally would
         if stopped:
@@ -355,8 +355,6 @@ class Trainer:
             rank=b.rank,
             say=self.log.text,
         )
-        if 0 < t.max_time <= state.train_time_s:  # resumed after trainer.max_time was spent
-            return 0, last_saved
         with profiler:
             while state.step < t.max_steps:
                 step = state.step + 1
